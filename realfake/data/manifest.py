@@ -1,0 +1,105 @@
+"""The tables of the data contract (DESIGN.md) and their schemas.
+
+Every stage exchanges data through these Parquet tables inside a dataset version; the schemas live here
+once so writers and readers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from realfake.data.storage import Store
+
+__all__ = [
+    "CAPTIONS",
+    "CAPTIONS_SCHEMA",
+    "GUIDANCE",
+    "GUIDANCE_SCHEMA",
+    "MANIFEST",
+    "MANIFEST_SCHEMA",
+    "REJECTS",
+    "REJECTS_SCHEMA",
+    "RealSample",
+    "guidance_table",
+    "manifest_hash",
+    "read_guidance",
+    "read_manifest",
+]
+
+MANIFEST = ("real", "manifest.parquet")
+REJECTS = ("real", "rejects.parquet")
+CAPTIONS = ("features", "captions.parquet")
+GUIDANCE = ("features", "guidance.parquet")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("uri", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("class_name", pa.string()), ("split", pa.string()), ("reason", pa.string())]
+)
+CAPTIONS_SCHEMA = pa.schema([("sample_id", pa.string()), ("caption", pa.string()), ("model", pa.string())])
+GUIDANCE_SCHEMA = pa.schema(
+    [("sample_id", pa.string()), ("embedding", pa.list_(pa.float16())), ("model", pa.string())]
+)
+
+
+@dataclass(frozen=True)
+class RealSample:
+    """One row of the manifest."""
+
+    sample_id: str
+    split: str
+    label: int
+    class_name: str
+    uri: str
+    sha256: str
+    width: int
+    height: int
+
+
+def read_manifest(store: Store, split: str | None = None) -> list[RealSample]:
+    """Rows of ``real/manifest.parquet`` (optionally one split), sorted by sample_id for determinism."""
+    if not store.exists(*MANIFEST):
+        raise FileNotFoundError(f"{store.uri(*MANIFEST)} does not exist: run the prepare stage first")
+    rows = store.read_table(*MANIFEST).to_pylist()
+    out = [RealSample(**r) for r in rows if split is None or r["split"] == split]
+    return sorted(out, key=lambda s: s.sample_id)
+
+
+def manifest_hash(store: Store) -> str:
+    """Content hash of the manifest rows: the cache key of every stage derived from the real data."""
+    h = hashlib.sha256()
+    for s in read_manifest(store):
+        h.update(f"{s.sample_id}\t{s.split}\t{s.label}\t{s.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def guidance_table(sample_ids: list[str], embeddings: np.ndarray, model: str) -> pa.Table:
+    emb = pa.array([row.astype(np.float16) for row in embeddings], type=pa.list_(pa.float16()))
+    return pa.table(
+        {"sample_id": sample_ids, "embedding": emb, "model": [model] * len(sample_ids)}, schema=GUIDANCE_SCHEMA
+    )
+
+
+def read_guidance(store: Store) -> dict[str, np.ndarray]:
+    """sample_id -> float32 guidance vector."""
+    t = store.read_table(*GUIDANCE)
+    ids = t.column("sample_id").to_pylist()
+    flat = t.column("embedding").combine_chunks()
+    values = np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    dim = len(values) // max(len(ids), 1)
+    mat = values.reshape(len(ids), dim)
+    return dict(zip(ids, mat, strict=True))
