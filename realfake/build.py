@@ -1,0 +1,250 @@
+"""The stages of a build as plain functions, and the end-to-end build without Prefect.
+
+Each stage takes a validated :class:`~realfake.config.BuildConfig`, reads and writes only through the
+version's store, and returns a small JSON-able dict; the Prefect tasks in ``tasks/`` wrap exactly these
+functions, and the CLI calls :func:`run_build`. Stages are idempotent: a re-run skips what the version
+already holds (manifest, embeddings, adapters, committed shards).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from realfake.config import BuildConfig
+from realfake.data.storage import Store, version_store
+
+__all__ = [
+    "ablation_config",
+    "baseline_config",
+    "finalize",
+    "finetune",
+    "finetune_scopes",
+    "plan_synthesis",
+    "prepare",
+    "report_markdown",
+    "run_build",
+    "store_of",
+    "synthesize",
+    "train_eval",
+]
+
+log = logging.getLogger(__name__)
+
+
+def report_markdown(report: dict) -> str:
+    """The comparison table of a :func:`run_build` report, as markdown."""
+    from realfake.report import format_table
+
+    return format_table(report)
+
+
+def store_of(cfg: BuildConfig, storage_options: dict | None = None) -> Store:
+    return version_store(cfg.root, cfg.dataset, cfg.version, storage_options)
+
+
+def baseline_config(cfg: BuildConfig) -> BuildConfig:
+    """The paper's baseline for the same data: plain text-to-image from the base generator, class-name prompt."""
+    return ablation_config(cfg, latent_prior=False, lora=False, mmd=False, guidance=False,
+                           version=f"{cfg.version}-baseline")
+
+
+def ablation_config(cfg: BuildConfig, *, latent_prior: bool, lora: bool, mmd: bool, guidance: bool,
+                    version: str) -> BuildConfig:
+    """A copy of ``cfg`` with the method's parts switched on or off (the rows of the paper's ablation)."""
+    data = cfg.model_dump()
+    data["version"] = version
+    data["synthesis"]["latent_prior"] = latent_prior
+    data["finetune"]["enabled"] = lora
+    if not mmd:
+        data["finetune"]["mmd_weight"] = 0.0
+    data["guidance"]["enabled"] = guidance
+    if not (latent_prior or lora or guidance):
+        data["caption"]["enabled"] = False
+    return BuildConfig.model_validate(data)
+
+
+def prepare(cfg: BuildConfig, progress: bool = False, storage_options: dict | None = None) -> dict:
+    """Ingest the source (manifest + rejects), then captions and guidance embeddings where enabled."""
+    from realfake.data.ingest import ingest
+
+    store = store_of(cfg, storage_options)
+    t0 = time.time()
+    res = ingest(cfg.source, store, storage_options, progress=progress)
+    out: dict[str, Any] = {"train": res.train, "test": res.test, "rejects": res.rejects, "classes": res.classes,
+                           "reject_reasons": res.reject_reasons, "ingest_s": round(time.time() - t0, 2)}
+    if cfg.caption.enabled:
+        from realfake.caption import compute_captions
+
+        out["captions"] = compute_captions(cfg, store, progress=progress)
+    if cfg.guidance.enabled:
+        from realfake.guidance import compute_guidance
+
+        out["guidance"] = compute_guidance(cfg, store, progress=progress, storage_options=storage_options)
+    out["seconds"] = round(time.time() - t0, 2)
+    return out
+
+
+def finetune_scopes(cfg: BuildConfig, storage_options: dict | None = None) -> list[str]:
+    """``["all"]``, or one scope per class label for per-class adapters (none when fine-tuning is off)."""
+    if not cfg.finetune.enabled:
+        return []
+    if cfg.finetune.scope == "all":
+        return ["all"]
+    from realfake.data.manifest import read_manifest
+
+    return sorted({str(s.label) for s in read_manifest(store_of(cfg, storage_options), "train")}, key=int)
+
+
+def finetune(cfg: BuildConfig, scope: str = "all", progress: bool = False, components: dict | None = None,
+             storage_options: dict | None = None) -> dict:
+    """Train one adapter unless the version already holds one trained with this exact recipe."""
+    from realfake.finetune import adapter_dir
+    from realfake.finetune import finetune as train_adapter
+
+    store = store_of(cfg, storage_options)
+    folder = adapter_dir(scope)
+    if store.exists(*folder, "train_log.json") and store.exists(*folder, "pytorch_lora_weights.safetensors"):
+        logged = store.read_json(*folder, "train_log.json")
+        if logged.get("config") == cfg.finetune.model_dump():
+            return {"scope": scope, "adapter": store.uri(*folder), "skipped": True, "seconds": 0.0}
+    res = train_adapter(cfg, store, scope, components=components, progress=progress, storage_options=storage_options)
+    return {"scope": scope, "adapter": res.uri, "steps": res.steps, "seconds": round(res.seconds, 2),
+            "final_loss": res.final_loss, "resumed_from": res.resumed_from, "skipped": False}
+
+
+def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> list[str]:
+    """Names of every shard of the version, in order (deterministic from the manifest and config)."""
+    from realfake.data.shards import plan_shards
+    from realfake.synthesize import plan_work
+
+    items = plan_work(cfg, store_of(cfg, storage_options))
+    return [p.name for p in plan_shards(items, cfg.shards.max_count)]
+
+
+def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress: bool = False,
+               engine=None, on_shard: Callable | None = None, storage_options: dict | None = None) -> dict:
+    """Write and commit the named shards (default: all still missing); committed shards are skipped."""
+    from realfake.synthesize import synthesize as run
+
+    return run(cfg, store_of(cfg, storage_options), shard_names, engine=engine, on_shard=on_shard,
+               progress=progress, storage_options=storage_options)
+
+
+def finalize(cfg: BuildConfig, stats: dict | None = None, storage_options: dict | None = None) -> dict:
+    """Index, WebDataset ``_info.json`` and the card (``dataset.json``); then verify the whole version."""
+    from realfake.data.card import verify_version, write_card
+    from realfake.data.shards import write_wds_info
+
+    store = store_of(cfg, storage_options)
+    if cfg.shards.format == "webdataset":
+        write_wds_info(store)
+    card = write_card(store, cfg.model_dump(mode="json"), stats or {})
+    problems = verify_version(store)
+    if problems:
+        raise RuntimeError(f"version {store.uri()} failed verification:\n  " + "\n  ".join(problems[:20]))
+    return card
+
+
+def _synthetic_set(store: Store):
+    from realfake.data.loaders import LabelledImages
+    from realfake.data.shards import iter_synthetic
+
+    return LabelledImages((img, label) for img, label, _ in iter_synthetic(store))
+
+
+def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None, progress: bool = False,
+               storage_options: dict | None = None, return_model: bool = False) -> dict:
+    """Train ``cfg.classifier`` on real, synthetic or real+synthetic data; evaluate on the real test split.
+
+    Writes ``runs/{run}/metrics.json`` (config, data version, seed, metrics) and returns the metrics.
+    """
+    import torch.utils.data
+
+    from realfake.classify import evaluate, train_classifier
+    from realfake.data.loaders import RealImages
+    from realfake.data.manifest import read_manifest
+    from realfake.models.loading import resolve_device
+
+    if data not in ("real", "synthetic", "real+synthetic"):
+        raise ValueError(f"data must be real, synthetic or real+synthetic, got {data!r}")
+    store = store_of(cfg, storage_options)
+    device = resolve_device(cfg.device)
+    num_classes = len({s.label for s in read_manifest(store)})
+    parts = []
+    if data in ("real", "real+synthetic"):
+        parts.append(RealImages(store, "train"))
+    if data in ("synthetic", "real+synthetic"):
+        parts.append(_synthetic_set(store))
+    train_set = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    t0 = time.time()
+    model = train_classifier(train_set, num_classes, cfg.classifier, device=device, progress=progress)
+    train_s = time.time() - t0
+    metrics = evaluate(model, RealImages(store, "test"), num_classes, device=device)
+    out = {"data": data, "train_images": len(train_set), "top1": metrics["top1"], "top5": metrics["top5"],
+           "per_class": metrics["per_class"], "confusion": metrics["confusion"], "train_s": round(train_s, 2),
+           "seed": cfg.classifier.seed}
+    run = run or f"{data.replace('+', '-')}-{cfg.classifier.model}-s{cfg.classifier.seed}"
+    store.write_json({"config": cfg.model_dump(mode="json"), "version": store.uri(), "metrics": out,
+                      "git_revision": _git_revision()}, "runs", run, "metrics.json")
+    if return_model:
+        out["model"] = model
+    return out
+
+
+def _git_revision() -> str | None:
+    import subprocess
+    from pathlib import Path
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def build_version(cfg: BuildConfig, progress: bool = False, storage_options: dict | None = None,
+                  components: dict | None = None) -> dict:
+    """prepare -> finetune (every scope) -> synthesize -> finalize for one version, under its lease."""
+    from realfake.data.shards import VersionLease
+
+    store = store_of(cfg, storage_options)
+    timings: dict[str, float] = {}
+    with VersionLease(store).acquire(wait_s=0):
+        t = time.time()
+        prep = prepare(cfg, progress, storage_options)
+        timings["prepare"] = time.time() - t
+        t = time.time()
+        adapters = [finetune(cfg, s, progress, components, storage_options) for s in finetune_scopes(cfg)]
+        timings["finetune"] = time.time() - t
+        t = time.time()
+        syn = synthesize(cfg, progress=progress, storage_options=storage_options)
+        timings["synthesize"] = time.time() - t
+        t = time.time()
+        card = finalize(cfg, {"prepare": prep, "adapters": adapters, "synthesis": syn,
+                              "timings_s": {k: round(v, 2) for k, v in timings.items()}}, storage_options)
+        timings["finalize"] = time.time() - t
+    return {"uri": store.uri(), "prepare": prep, "adapters": adapters, "synthesis": syn, "card": card,
+            "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+
+
+def run_build(cfg: BuildConfig, compare_baseline: bool = False, measure: bool = True, progress: bool = False,
+              storage_options: dict | None = None) -> dict:
+    """Build the Real-Fake version (and the baseline), then measure them; returns the report."""
+    from realfake.report import measure_versions, write_report
+
+    t0 = time.time()
+    versions = {"realfake": build_version(cfg, progress, storage_options)}
+    configs = {"realfake": cfg}
+    if compare_baseline:
+        base = baseline_config(cfg)
+        versions["baseline"] = build_version(base, progress, storage_options)
+        configs["baseline"] = base
+    report: dict[str, Any] = {"dataset": cfg.dataset, "version": cfg.version, "versions": versions}
+    if measure:
+        report["measures"] = measure_versions(configs, progress=progress, storage_options=storage_options)
+    report["total_s"] = round(time.time() - t0, 2)
+    report.update(write_report(cfg, report, configs, storage_options))
+    return report

@@ -1,0 +1,257 @@
+"""LoRA fine-tuning of the UNet under the Real-Fake objective (distribution matching).
+
+An explicit, linear training loop in the shape of diffusers' ``train_text_to_image_lora`` example: LoRA
+adapters on the UNet's attention projections (peft), epsilon-prediction with min-SNR weights, plus the MMD
+term of :mod:`realfake.losses`. Every sample is conditioned on its prompt with its CLIP guidance vector in
+the last text slot. VAE latents (with their flipped twin) and text states are computed once per dataset
+instead of every step. Checkpoints (adapter + optimiser + step) are written every ``checkpoint_every``
+steps and a re-run resumes from the last one. The adapter is saved in the diffusers/peft LoRA format
+(``pytorch_lora_weights.safetensors``) that ``load_lora_weights`` reads.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from realfake.conditioning import build_prompt, encode_prompts, inject_guidance
+from realfake.config import BuildConfig
+from realfake.data.manifest import CAPTIONS, RealSample, read_guidance, read_manifest
+from realfake.data.storage import Store
+from realfake.losses import min_snr_weights, realfake_loss
+
+__all__ = [
+    "LORA_TARGETS",
+    "AdapterResult",
+    "adapter_dir",
+    "adapter_hash",
+    "add_lora",
+    "finetune",
+    "load_real_image",
+    "local_adapter",
+    "read_captions",
+]
+
+log = logging.getLogger(__name__)
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class AdapterResult:
+    scope: str
+    uri: str
+    steps: int
+    seconds: float
+    final_loss: float
+    resumed_from: int = 0
+
+
+def adapter_dir(scope: str) -> tuple[str, str]:
+    return ("adapters", scope)
+
+
+def add_lora(unet, rank: int, alpha: float | None = None) -> None:
+    """Attach a LoRA adapter (peft) to the UNet's attention projections, as diffusers' LoRA script does."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    )
+
+
+def load_real_image(sample: RealSample, resolution: int, storage_options: dict | None = None) -> Image.Image:
+    """Read a manifest image through fsspec, RGB, resized (bicubic) to a square of ``resolution``."""
+    import fsspec
+
+    from realfake.data.ingest import decode_image
+
+    with fsspec.open(sample.uri, "rb", **(storage_options or {})) as f:
+        img = decode_image(f.read())
+    if img.size != (resolution, resolution):
+        # center crop to square, then resize: the SD training transform
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
+    return img
+
+
+def _pixels(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def read_captions(store: Store) -> dict[str, str]:
+    if not store.exists(*CAPTIONS):
+        return {}
+    t = store.read_table(*CAPTIONS)
+    return dict(zip(t.column("sample_id").to_pylist(), t.column("caption").to_pylist(), strict=True))
+
+
+def _save_adapter(unet, folder: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(folder), unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
+    )
+
+
+def _upload_folder(store: Store, local: Path, *parts: str) -> None:
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            store.write_bytes(f.read_bytes(), *parts, *f.relative_to(local).parts)
+
+
+def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dict | None = None,
+             progress: bool = False, storage_options: dict | None = None) -> AdapterResult:
+    """Train (or resume) one LoRA adapter and save it under ``adapters/{scope}/``.
+
+    Args:
+        cfg: the build configuration (``finetune``, ``guidance``, ``synthesis.prompt_template`` are read).
+        store: the dataset version store (manifest and guidance must exist).
+        scope: ``all`` or a class label (as a string) for per-class adapters.
+        components: already-loaded SD components (vae, unet, text_encoder, tokenizer, scheduler); loaded
+            from ``cfg.models.base`` when omitted. The UNet passed in gets the adapter attached.
+    """
+    from diffusers import DDPMScheduler
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from realfake.models.loading import load_sd_components, resolve_device
+
+    ft = cfg.finetune
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+    if components is None:
+        components = load_sd_components(cfg.models.base, cfg.models.base_revision, device)
+    vae, unet, text_encoder, tokenizer = (components[k] for k in ("vae", "unet", "text_encoder", "tokenizer"))
+    noise_sched = DDPMScheduler.from_config(components["scheduler"].config)
+    samples = read_manifest(store, "train")
+    if scope != "all":
+        samples = [s for s in samples if str(s.label) == scope]
+    if not samples:
+        raise ValueError(f"finetune scope {scope!r} has no training images in {store.uri('real', 'manifest.parquet')}")
+    guidance = read_guidance(store) if cfg.guidance.enabled else {}
+    captions = read_captions(store) if cfg.caption.enabled else {}
+
+    # Cache: latents of each image and its mirror, text states per distinct prompt (once per dataset)
+    res = ft.resolution
+    dtype = torch.float32
+    latents, flipped, prompts = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(samples), 32):
+            chunk = samples[i : i + 32]
+            px = torch.stack([_pixels(load_real_image(s, res, storage_options)) for s in chunk]).to(device, dtype)
+            enc = vae.encode(px).latent_dist
+            latents.append(enc.mean.cpu())
+            flipped.append(vae.encode(torch.flip(px, dims=[3])).latent_dist.mean.cpu() if ft.random_flip else None)
+            prompts += [build_prompt(cfg.synthesis.prompt_template, s.class_name, captions.get(s.sample_id))
+                        for s in chunk]
+        sf = vae.config.scaling_factor
+        lat = torch.cat(latents) * sf
+        lat_flip = torch.cat(flipped) * sf if ft.random_flip else None
+        uniq = sorted(set(prompts))
+        text = encode_prompts(tokenizer, text_encoder, uniq, device).cpu()
+        prompt_idx = torch.tensor([uniq.index(p) for p in prompts])
+        guide = None
+        if cfg.guidance.enabled:
+            missing = [s.sample_id for s in samples if s.sample_id not in guidance]
+            if missing:
+                raise ValueError(f"{len(missing)} training images have no guidance embedding (e.g. {missing[0]}); "
+                                 "re-run the prepare stage")
+            guide = torch.from_numpy(np.stack([guidance[s.sample_id] for s in samples]))
+
+    add_lora(unet, ft.rank, ft.alpha)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ft.learning_rate)
+    folder = adapter_dir(scope)
+    start = 0
+    ckpt = (*folder, "checkpoint")
+    if store.exists(*ckpt, "state.json"):
+        state = store.read_json(*ckpt, "state.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "a.safetensors").write_bytes(store.read_bytes(*ckpt, "adapter.safetensors"))
+            set_peft_model_state_dict(unet, load_file(Path(tmp, "a.safetensors")))
+        opt.load_state_dict(torch.load(io.BytesIO(store.read_bytes(*ckpt, "optimizer.pt")), weights_only=True))
+        start = int(state["step"])
+        log.info("resuming adapter %s from step %d", scope, start)
+    gen = torch.Generator().manual_seed(ft.seed * 1_000_003 + start)
+    history: list[dict] = []
+    unet.train()
+    n = len(samples)
+    micro = max(1, ft.batch_size)
+    loss_value = float("nan")
+    steps = range(start, ft.max_steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"finetune[{scope}]", initial=start, total=ft.max_steps)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if ft.mixed_precision == "bf16" else torch.float16,
+                              enabled=device.type == "cuda" and ft.mixed_precision != "no")
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        parts: dict[str, float] = {}
+        for _ in range(ft.gradient_accumulation):
+            idx = torch.randint(0, n, (micro,), generator=gen)
+            z0 = lat[idx]
+            if lat_flip is not None:
+                flip = torch.rand(micro, generator=gen) < 0.5
+                z0 = torch.where(flip[:, None, None, None], lat_flip[idx], z0)
+            noise = torch.randn(z0.shape, generator=gen)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (micro,), generator=gen)
+            zt = noise_sched.add_noise(z0, noise, t).to(device)
+            states = inject_guidance(text[prompt_idx[idx]], guide[idx] if guide is not None else None,
+                                     cfg.guidance.slot).to(device)
+            with autocast:
+                pred = unet(zt, t.to(device), states).sample
+            w = min_snr_weights(noise_sched.alphas_cumprod, t, ft.snr_gamma).to(device)
+            loss, parts = realfake_loss(pred, noise.to(device), w, ft.mmd_weight, ft.mmd_kernel)
+            (loss / ft.gradient_accumulation).backward()
+        opt.step()
+        loss_value = float(loss.detach())
+        history.append({"step": step + 1, "loss": loss_value, **parts})
+        if (step + 1) % ft.checkpoint_every == 0 and step + 1 < ft.max_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_file(get_peft_model_state_dict(unet), Path(tmp, "a.safetensors"))
+                store.write_bytes(Path(tmp, "a.safetensors").read_bytes(), *ckpt, "adapter.safetensors")
+            buf = io.BytesIO()
+            torch.save(opt.state_dict(), buf)
+            store.write_bytes(buf.getvalue(), *ckpt, "optimizer.pt")
+            store.write_json({"step": step + 1}, *ckpt, "state.json")  # written last: the checkpoint's commit
+    unet.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        _save_adapter(unet, Path(tmp))
+        _upload_folder(store, Path(tmp), *folder)
+    prev = store.read_json(*folder, "train_log.json")["history"] if start and store.exists(*folder, "train_log.json") \
+        else []
+    store.write_json({"scope": scope, "config": ft.model_dump(), "images": n, "history": prev + history,
+                      "seconds": round(time.time() - t0, 2)}, *folder, "train_log.json")
+    store.remove(*ckpt, recursive=True)
+    unet.delete_adapters(unet.active_adapters())  # leave shared components as they came
+    return AdapterResult(scope, store.uri(*folder), ft.max_steps, time.time() - t0, loss_value, start)
+
+
+def adapter_hash(store: Store, scope: str) -> str:
+    """sha256 (first 16 hex) of an adapter's weights: recorded in every synthetic image's provenance."""
+    import hashlib
+
+    return hashlib.sha256(store.read_bytes(*adapter_dir(scope), WEIGHTS_NAME)).hexdigest()[:16]
+
+
+def local_adapter(store: Store, scope: str) -> str:
+    """A local folder holding the adapter (the store's own folder, or a temporary copy of a remote one)."""
+    if store.local:
+        return store.path(*adapter_dir(scope))
+    tmp = tempfile.mkdtemp(prefix="realfake-adapter-")
+    Path(tmp, WEIGHTS_NAME).write_bytes(store.read_bytes(*adapter_dir(scope), WEIGHTS_NAME))
+    return tmp
+

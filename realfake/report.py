@@ -1,0 +1,156 @@
+"""Measuring versions and reporting: the comparison table and the sample grid.
+
+Three measures per synthetic dataset, because one number hides why: the accuracy on the real test split
+of a classifier trained on it (the paper's measure); label fidelity, the accuracy of the real-trained
+classifier on the synthetic images (are they recognisably their class?); and the distance the method
+minimises, an MMD and a Frechet distance between real-test and synthetic features, both taken from one
+fixed feature extractor (the real-trained classifier's penultimate layer).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from realfake.config import BuildConfig
+from realfake.data.storage import Store
+
+__all__ = ["format_table", "measure_versions", "report_markdown", "sample_grid", "write_report"]
+
+
+def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
+                     storage_options: dict | None = None) -> dict[str, Any]:
+    """Train on real data once, then on each version's synthetic data; all evaluated on the real test split."""
+    from realfake.build import _synthetic_set, store_of, train_eval
+    from realfake.classify import extract_features
+    from realfake.data.loaders import RealImages
+    from realfake.measure import feature_mmd, frechet_distance, label_fidelity
+    from realfake.models.loading import resolve_device
+
+    first = next(iter(configs.values()))
+    device = resolve_device(first.device)
+    t0 = time.time()
+    real = train_eval(first, "real", progress=progress, storage_options=storage_options, return_model=True)
+    real_model = real.pop("model")
+    test = RealImages(store_of(first, storage_options), "test")
+    test_feats = extract_features(real_model, test, device)
+    out: dict[str, Any] = {"real": {**_row(real), "seconds": round(time.time() - t0, 2)}}
+    for name, cfg in configs.items():
+        t = time.time()
+        m = train_eval(cfg, "synthetic", progress=progress, storage_options=storage_options)
+        syn = _synthetic_set(store_of(cfg, storage_options))
+        n_classes = len(m["per_class"])
+        feats = extract_features(real_model, syn, device)
+        out[name] = {
+            **_row(m),
+            "label_fidelity": float(label_fidelity(real_model, syn, n_classes, device)),
+            "mmd": float(feature_mmd(test_feats, feats)),
+            "frechet": float(frechet_distance(test_feats, feats)),
+            "seconds": round(time.time() - t, 2),
+        }
+    return out
+
+
+def _row(m: dict) -> dict:
+    return {"top1": float(m["top1"]), "top5": float(m["top5"]), "train_images": int(m["train_images"]),
+            "train_s": m["train_s"], "per_class": m["per_class"]}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Markdown table of the measures, image counts and stage times."""
+    meas = report.get("measures", {})
+    lines = [
+        "| data | train images | real-test top-1 | label fidelity | MMD to real test | Frechet to real test |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = {"real": "(a) real train", "baseline": "(b) baseline synthetic", "realfake": "(c) Real-Fake synthetic"}
+    for key in ("real", "baseline", "realfake"):
+        if key not in meas:
+            continue
+        m = meas[key]
+        fid = f"{m['label_fidelity']:.1%}" if "label_fidelity" in m else "-"
+        mmd = f"{m['mmd']:.4f}" if "mmd" in m else "-"
+        fd = f"{m['frechet']:.2f}" if "frechet" in m else "-"
+        lines.append(f"| {names[key]} | {m['train_images']} | {m['top1']:.1%} | {fid} | {mmd} | {fd} |")
+    lines += ["", "| stage | " + " | ".join(report["versions"]) + " |", "|---|" + "---|" * len(report["versions"])]
+    stages = ["prepare", "finetune", "synthesize", "finalize"]
+    for st in stages:
+        cells = [f"{v['timings_s'].get(st, 0):.1f} s" for v in report["versions"].values()]
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    if meas:
+        cells = [f"{meas[k]['seconds']:.1f} s" for k in report["versions"] if k in meas]
+        lines.append("| train + measure | " + " | ".join(cells) + f" |  (real classifier: {meas['real']['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def sample_grid(stores: dict[str, Store], per_class: int = 4, scale: int = 2) -> Image.Image:
+    """Rows = classes; columns = real sources | each version's images made from those same sources."""
+    from realfake.data.manifest import read_manifest
+    from realfake.data.shards import iter_synthetic
+    from realfake.finetune import load_real_image
+
+    first = next(iter(stores.values()))
+    train = read_manifest(first, "train")
+    labels = sorted({s.label for s in train})
+    chosen = {lab: [s for s in train if s.label == lab][:per_class] for lab in labels}
+    wanted = {s.sample_id for ss in chosen.values() for s in ss}
+    synth: dict[str, dict[str, Image.Image]] = {}
+    for name, store in stores.items():
+        synth[name] = {}
+        for img, _, meta in iter_synthetic(store, check=False):
+            sid = meta.get("source_sample_id")
+            if sid in wanted and meta.get("replica", 0) == 0:
+                synth[name][sid] = img.convert("RGB")
+    size = max(64, next(iter(chosen.values()))[0].width * scale) if chosen else 64
+    cols = ["real"] + list(stores)
+    gap, head = 6, 18
+    w = len(cols) * per_class * size + (len(cols) - 1) * gap
+    h = head + len(labels) * size
+    grid = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(cols):
+        draw.text((c * (per_class * size + gap) + 4, 3), name, fill=(0, 0, 0))
+    for r, lab in enumerate(labels):
+        for k, s in enumerate(chosen[lab]):
+            tiles = [load_real_image(s, size)] + [synth[n].get(s.sample_id) for n in stores]
+            for c, tile in enumerate(tiles):
+                if tile is None:
+                    continue
+                x = c * (per_class * size + gap) + k * size
+                grid.paste(tile.resize((size, size), Image.NEAREST), (x, head + r * size))
+    return grid
+
+
+def write_report(cfg: BuildConfig, report: dict[str, Any], configs: dict[str, BuildConfig],
+                 storage_options: dict | None = None) -> dict[str, str]:
+    """Write ``report/report.md``, ``report/report.json`` and ``report/grid.png`` into the Real-Fake version."""
+    import json
+
+    from realfake.build import store_of
+
+    store = store_of(cfg, storage_options)
+    stores = {name: store_of(c, storage_options) for name, c in configs.items()}
+    order = [n for n in ("baseline", "realfake") if n in stores]
+    grid = sample_grid({n: stores[n] for n in order})
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    store.write_bytes(buf.getvalue(), "report", "grid.png")
+    table = format_table(report)
+    locations = {
+        "shards": {n: s.uri("synthetic") for n, s in stores.items()},
+        "card": {n: s.uri("dataset.json") for n, s in stores.items()},
+        "grid": store.uri("report", "grid.png"),
+    }
+    md = f"# realfake report: {cfg.dataset} {cfg.version}\n\n{table}\n\n" + "\n".join(
+        f"- {k}: {json.dumps(v)}" for k, v in locations.items()
+    )
+    store.write_bytes(md.encode(), "report", "report.md")
+    slim = {k: v for k, v in report.items() if k != "versions"}
+    store.write_json({**slim, "locations": locations}, "report", "report.json")
+    return {"table": table, "grid": locations["grid"], "locations": locations, "report": store.uri("report")}
+
+
+report_markdown = format_table

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny models of the production architectures, saved and loaded back like real ones."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """A random-weight tiny SD pipeline folder (diffusers layout) with a tiny CLIP vision tower in clip/."""
+    from realfake.models.tiny import TinySpec, build_clip_tokenizer, build_tiny_clip_vision, build_tiny_sd, save_tiny_sd
+
+    root = tmp_path_factory.mktemp("tiny-base")
+    spec = TinySpec()
+    tok = build_clip_tokenizer(root / "tokenizer-src")
+    save_tiny_sd(root / "sd", build_tiny_sd(spec, tok), build_tiny_clip_vision(spec))
+    return str(root / "sd")
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> str:
+    """scikit-learn's real handwritten digits written as a 32 px RGB image folder."""
+    from realfake.data.sources import write_demo_folder
+
+    return str(write_demo_folder("demo_digits", tmp_path_factory.mktemp("digits"), 32))
+
+
+def mini_config(root: str, base: str, source_uri: str, **over):
+    """A miniature build config: a few images per class, few steps, tiny classifier."""
+    from realfake.config import load_config
+
+    data = {
+        "dataset": "mini",
+        "version": "v1",
+        "root": root,
+        "device": "cpu",
+        "source": {"kind": "image_folder", "uri": source_uri, "max_per_class": 4, "test_fraction": 0.25},
+        "models": {"base": base, "clip": base},
+        "finetune": {"max_steps": 3, "batch_size": 4, "resolution": 32, "mixed_precision": "no",
+                     "checkpoint_every": 2, "random_flip": False, "rank": 4},
+        "synthesis": {"steps": 4, "resolution": 32, "batch_size": 8},
+        "shards": {"format": "webdataset", "image_format": "png", "max_count": 16},
+        "classifier": {"model": "resnet10t", "image_size": 32, "epochs": 1, "batch_size": 16, "lr": 0.05,
+                       "decay_milestones": [100]},
+    }
+    for k, v in over.items():
+        section, _, field = k.partition("__")
+        if field:
+            data.setdefault(section, {})[field] = v
+        else:
+            data[section] = v
+    return load_config(data=data)
