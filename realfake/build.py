@@ -28,6 +28,7 @@ __all__ = [
     "run_build",
     "store_of",
     "synthesize",
+    "synthetic_dataset",
     "train_eval",
 ]
 
@@ -148,7 +149,8 @@ def finalize(cfg: BuildConfig, stats: dict | None = None, storage_options: dict 
     return card
 
 
-def _synthetic_set(store: Store):
+def synthetic_dataset(store: Store):
+    """The committed synthetic images of a version as an in-memory ``(image, label)`` dataset."""
     from realfake.data.loaders import LabelledImages
     from realfake.data.shards import iter_synthetic
 
@@ -177,7 +179,7 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
     if data in ("real", "real+synthetic"):
         parts.append(RealImages(store, "train"))
     if data in ("synthetic", "real+synthetic"):
-        parts.append(_synthetic_set(store))
+        parts.append(synthetic_dataset(store))
     train_set = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     t0 = time.time()
     model = train_classifier(train_set, num_classes, cfg.classifier, device=device, progress=progress)

@@ -24,7 +24,7 @@ __all__ = ["format_table", "measure_versions", "report_markdown", "sample_grid",
 def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
                      storage_options: dict | None = None) -> dict[str, Any]:
     """Train on real data once, then on each version's synthetic data; all evaluated on the real test split."""
-    from realfake.build import _synthetic_set, store_of, train_eval
+    from realfake.build import store_of, synthetic_dataset, train_eval
     from realfake.classify import extract_features
     from realfake.data.loaders import RealImages
     from realfake.measure import feature_mmd, frechet_distance, label_fidelity
@@ -41,7 +41,7 @@ def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
     for name, cfg in configs.items():
         t = time.time()
         m = train_eval(cfg, "synthetic", progress=progress, storage_options=storage_options)
-        syn = _synthetic_set(store_of(cfg, storage_options))
+        syn = synthetic_dataset(store_of(cfg, storage_options))
         n_classes = len(m["per_class"])
         feats = extract_features(real_model, syn, device)
         out[name] = {
@@ -82,7 +82,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {st} | " + " | ".join(cells) + " |")
     if meas:
         cells = [f"{meas[k]['seconds']:.1f} s" for k in report["versions"] if k in meas]
-        lines.append("| train + measure | " + " | ".join(cells) + f" |  (real classifier: {meas['real']['seconds']:.1f} s)")
+        real_s = meas["real"]["seconds"]
+        lines.append("| train + measure | " + " | ".join(cells) + f" |  (real classifier: {real_s:.1f} s)")
     return "\n".join(lines)
 
 
