@@ -1,0 +1,279 @@
+"""Shard I/O benchmark: realfake's shard writer and readers against the raw baseline of the same bytes.
+
+Both sides move identical pre-encoded JPEG images (and identical label / JSON payloads) so the ratio isolates
+what the storage layer adds: per-sample bookkeeping, checksums, the commit record and index part, the local
+spool plus whole-object upload on S3, and on reads the size / sha256 / count checks. The raw baseline is a
+plain ``tarfile`` stream or one ``pyarrow.parquet.write_table`` / ``read_table`` per shard, written straight to
+the same filesystem. Targets: a local folder and a moto S3 server on loopback (through s3fs). Each cell is the
+median of ``--repeats`` interleaved runs; all ratios come from one run of this script.
+
+    .venv/bin/python benchmarks/shard_io.py --images 512 --size 256 --repeats 3 --out benchmarks/results/shard_io.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from realfake.config import ShardConfig  # noqa: E402
+from realfake.data.shards import (  # noqa: E402
+    ShardWriter,
+    SyntheticRecord,
+    committed_shards,
+    iter_shard,
+    make_key,
+    plan_shards,
+    write_index,
+)
+from realfake.data.storage import Store  # noqa: E402
+
+
+def make_images(n: int, size: int, quality: int) -> list[tuple[str, int, bytes, dict[str, Any]]]:
+    """``n`` photo-like images (smooth gradients + noise), JPEG-encoded once: (key, label, jpeg, meta)."""
+    rng = np.random.default_rng(0)
+    xx = np.mgrid[0:size, 0:size][1] / size
+    out = []
+    for i in range(n):
+        base = np.stack([np.sin(xx * rng.uniform(2, 9) + rng.uniform(0, 6)) for _ in range(3)], -1)
+        arr = ((base * 0.5 + 0.5) * 200 + rng.normal(0, 12, (size, size, 3))).clip(0, 255).astype("uint8")
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        label = i % 10
+        meta = {
+            "source_sample_id": f"s{i:06d}",
+            "replica": 0,
+            "seed": i,
+            "prompt": f"photo of class {label}",
+            "negative_prompt": "distorted, unrealistic, blurry, out of frame",
+            "sampler": {"scheduler": "unipc", "steps": 30},
+        }
+        out.append((make_key(label, f"s{i:06d}", 0), label, buf.getvalue(), meta))
+    return out
+
+
+# ---- raw baselines --------------------------------------------------------------------------------------
+def raw_write_tar(fs: Any, path: str, samples: list) -> None:
+    with fs.open(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
+        for key, label, img, meta in samples:
+            js = {**meta, "key": key, "label": label, "class_name": f"c{label}"}
+            for name, data in (
+                (f"{key}.jpg", img),
+                (f"{key}.cls", str(label).encode()),
+                (f"{key}.json", json.dumps(js, sort_keys=True).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def raw_write_parquet(fs: Any, path: str, samples: list) -> None:
+    table = pa.table(
+        {
+            "image": [{"bytes": img, "path": f"{key}.jpg"} for key, _, img, _ in samples],
+            "label": [label for _, label, _, _ in samples],
+            "key": [key for key, _, _, _ in samples],
+            "meta": [json.dumps(meta, sort_keys=True) for _, _, _, meta in samples],
+        }
+    )
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f, row_group_size=64)
+
+
+def raw_read_tar(fs: Any, path: str) -> tuple[int, int]:
+    n = nbytes = 0
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for m in tar:
+            data = tar.extractfile(m).read()
+            if m.name.endswith(".jpg"):
+                n += 1
+                nbytes += len(data)
+    return n, nbytes
+
+
+def raw_read_parquet(fs: Any, path: str) -> tuple[int, int]:
+    with fs.open(path, "rb") as f:
+        t = pq.read_table(f)
+    imgs = t.column("image").combine_chunks().field("bytes").to_pylist()
+    return len(imgs), sum(len(b) for b in imgs)
+
+
+# ---- ours -----------------------------------------------------------------------------------------------
+def ours_write(store: Store, fmt: str, plans: list, durable: bool) -> None:
+    writer = ShardWriter(store, ShardConfig(format=fmt, image_format="jpg", max_count=10**6), durable=durable)
+    for plan in plans:
+        records = (SyntheticRecord(k, lab, f"c{lab}", img, meta) for k, lab, img, meta in plan.items)
+        writer.write_shard(plan.name, records)
+    write_index(store)
+
+
+def ours_read(store: Store) -> tuple[int, int]:
+    n = nbytes = 0
+    s = store.child("synthetic")
+    for commit in committed_shards(store):
+        for sample in iter_shard(s, commit, check=True):
+            n += 1
+            nbytes += len(sample.image)
+    return n, nbytes
+
+
+def raw_write_all(raw_w: Callable, fs: Any, paths: list[str], plans: list) -> None:
+    for path, plan in zip(paths, plans, strict=True):
+        raw_w(fs, path, plan.items)
+
+
+def raw_read_all(raw_r: Callable, fs: Any, paths: list[str]) -> list[tuple[int, int]]:
+    return [raw_r(fs, path) for path in paths]
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
+
+
+def bench_target(
+    name: str, store_factory: Callable[[str], Store], samples: list, shard_size: int, repeats: int, durable: bool
+) -> list[dict[str, Any]]:
+    rows = []
+    plans = plan_shards(samples, shard_size)
+    payload = sum(len(img) for _, _, img, _ in samples)
+    for fmt, ext, raw_w, raw_r in (
+        ("webdataset", "tar", raw_write_tar, raw_read_tar),
+        ("parquet", "parquet", raw_write_parquet, raw_read_parquet),
+    ):
+        times: dict[str, list[float]] = {"raw_write": [], "ours_write": [], "raw_read": [], "ours_read": []}
+        for r in range(repeats):
+            raw_store, our_store = store_factory(f"raw-{fmt}-{r}"), store_factory(f"ours-{fmt}-{r}")
+            raw_dir = raw_store.path("synthetic")
+            raw_store.fs.makedirs(raw_dir, exist_ok=True)
+            # Open both connections before timing: client start-up is not shard I/O.
+            raw_store.exists("warm-up"), our_store.exists("warm-up")
+            # Interleave raw and ours so machine noise hits both alike.
+            paths = [f"{raw_dir}/{p.name}.{ext}" for p in plans]
+            t, _ = timed(raw_write_all, raw_w, raw_store.fs, paths, plans)
+            times["raw_write"].append(t)
+            t, _ = timed(ours_write, our_store, fmt, plans, durable)
+            times["ours_write"].append(t)
+            t, got_raw = timed(raw_read_all, raw_r, raw_store.fs, paths)
+            times["raw_read"].append(t)
+            t, got = timed(ours_read, our_store)
+            times["ours_read"].append(t)
+            got_ours = [got]
+            assert sum(n for n, _ in got_raw) == got_ours[0][0] == len(samples)
+            assert sum(b for _, b in got_raw) == got_ours[0][1] == payload
+        for op in ("write", "read"):
+            raw_t, our_t = statistics.median(times[f"raw_{op}"]), statistics.median(times[f"ours_{op}"])
+            rows.append(
+                {
+                    "target": name,
+                    "format": fmt,
+                    "op": op,
+                    "raw_img_s": len(samples) / raw_t,
+                    "raw_mb_s": payload / raw_t / 1e6,
+                    "ours_img_s": len(samples) / our_t,
+                    "ours_mb_s": payload / our_t / 1e6,
+                    "overhead_pct": (our_t / raw_t - 1) * 100,
+                }
+            )
+            print(
+                f"{name:6s} {fmt:10s} {op:5s} raw {len(samples) / raw_t:8.0f} img/s  ours {len(samples) / our_t:8.0f}"
+                f" img/s  overhead {rows[-1]['overhead_pct']:+6.1f}%",
+                flush=True,
+            )
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, payload_mb: float) -> str:
+    lines = [
+        "| target | format | op | raw img/s | raw MB/s | ours img/s | ours MB/s | overhead |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['target']} | {r['format']} | {r['op']} | {r['raw_img_s']:.0f} | {r['raw_mb_s']:.1f} | "
+            f"{r['ours_img_s']:.0f} | {r['ours_mb_s']:.1f} | {r['overhead_pct']:+.1f}% |"
+        )
+    head = (
+        f"{args.images} JPEG images ({args.size}px, q{args.quality}, {payload_mb:.1f} MB of image payload), "
+        f"shards of {args.shard_size}, median of {args.repeats} interleaved runs, durable={args.durable}; "
+        f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs"
+    )
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--quality", type=int, default=95)
+    ap.add_argument("--shard-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--durable",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fsync local shards before commit (the library default)",
+    )
+    ap.add_argument("--targets", default="local,s3")
+    ap.add_argument("--out", default=None, help="append the markdown table to this file")
+    args = ap.parse_args()
+
+    samples = make_images(args.images, args.size, args.quality)
+    payload_mb = sum(len(s[2]) for s in samples) / 1e6
+    rows: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="realfake-bench-"))
+    try:
+        if "local" in args.targets:
+            rows += bench_target(
+                "local", lambda n: Store(str(work / n)), samples, args.shard_size, args.repeats, args.durable
+            )
+        if "s3" in args.targets:
+            import s3fs
+            from support.s3 import MotoServer, s3_options
+
+            server = MotoServer().start()
+            try:
+                opts = s3_options(server.endpoint_url)
+                s3fs.S3FileSystem(**opts).mkdir("bench-bucket")
+                rows += bench_target(
+                    "s3",
+                    lambda n: Store(f"s3://bench-bucket/{n}", opts),
+                    samples,
+                    args.shard_size,
+                    args.repeats,
+                    args.durable,
+                )
+            finally:
+                server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = markdown(rows, args, payload_mb)
+    print(table)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""The dataset card (``dataset.json``) and the end-to-end checks of a dataset version.
+
+:func:`write_card` records what a version is (its configuration, the package versions that built it, the
+per-class counts of real and synthetic images, every shard's checksum, the build statistics and how many
+inputs were rejected). :func:`verify_version` re-reads a version from any fsspec URI and lists every way it
+disagrees with itself: a shard that does not match its commit record, an index row without an image or an
+image without one, duplicate keys, counts that differ from the card, uncommitted leftovers. An empty list
+means the version is whole. :func:`inspect_version` renders the card for a person.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+from collections import Counter
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from realfake.data.shards import (
+    COMMITS_DIR,
+    INDEX_FILE,
+    LEASE_FILE,
+    WDS_INFO_FILE,
+    WDS_SPLIT,
+    CommitRecord,
+    ShardIntegrityError,
+    committed_shards,
+    io_retry,
+    iter_shard,
+    partial_shards,
+    write_index,
+)
+from realfake.data.storage import Store
+
+__all__ = ["CARD_FILE", "CARD_FORMAT", "inspect_version", "read_card", "verify_version", "write_card"]
+
+CARD_FILE = "dataset.json"
+CARD_FORMAT = "realfake-dataset/1"
+_PACKAGES = (
+    "realfake",
+    "torch",
+    "diffusers",
+    "peft",
+    "transformers",
+    "timm",
+    "pyarrow",
+    "fsspec",
+    "s3fs",
+    "webdataset",
+    "pillow",
+)
+_MANIFEST = ("real", "manifest.parquet")
+_REJECTS = ("real", "rejects.parquet")
+
+
+def _call(store: Store, method: str, *args: Any) -> Any:
+    """``store.<method>(*args)`` with the storage layer's retries on transient errors."""
+    parts = [a for a in args if isinstance(a, str)]
+    return io_retry(lambda: getattr(store, method)(*args), f"{method} {store.uri(*parts)}")
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _as_store(uri_or_store: str | Store, storage_options: dict[str, Any] | None) -> Store:
+    return uri_or_store if isinstance(uri_or_store, Store) else Store(uri_or_store, storage_options)
+
+
+def _real_counts(store: Store) -> dict[str, Any] | None:
+    if not _call(store, "exists", *_MANIFEST):
+        return None
+    t = _call(store, "read_table", *_MANIFEST).select(["split", "label", "class_name"]).to_pylist()
+    splits: dict[str, Counter[int]] = {}
+    names: dict[int, str] = {}
+    for r in t:
+        splits.setdefault(r["split"], Counter())[int(r["label"])] += 1
+        names[int(r["label"])] = r["class_name"]
+    return {
+        "num_images": len(t),
+        "class_names": {str(k): names[k] for k in sorted(names)},
+        "splits": {s: {str(k): c[k] for k in sorted(c)} for s, c in sorted(splits.items())},
+    }
+
+
+def _rejects(store: Store) -> dict[str, Any]:
+    if not _call(store, "exists", *_REJECTS):
+        return {"total": 0, "by_reason": {}}
+    reasons = Counter(_call(store, "read_table", *_REJECTS).column("reason").to_pylist())
+    return {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))}
+
+
+def _shard_entry(c: CommitRecord) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "count": c.count,
+        "bytes": c.bytes,
+        "sha256": c.sha256,
+        "files": [{"path": f.path, "count": f.count, "bytes": f.bytes, "sha256": f.sha256} for f in c.files],
+    }
+
+
+def read_card(uri_or_store: str | Store, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The parsed ``dataset.json`` of a version."""
+    store = _as_store(uri_or_store, storage_options)
+    if not _call(store, "exists", CARD_FILE):
+        raise FileNotFoundError(f"{store.uri(CARD_FILE)} does not exist: the build has not finished (write_card)")
+    return _call(store, "read_json", CARD_FILE)
+
+
+def write_card(
+    store: Store, config: dict[str, Any], stats: dict[str, Any], folder: str = "synthetic"
+) -> dict[str, Any]:
+    """Write ``dataset.json`` for the version in ``store`` and return it.
+
+    The synthetic index is rewritten from the committed shards first, so the card, the index and the shards
+    describe the same set of images.
+
+    Args:
+        store: The version store.
+        config: The build configuration (``BuildConfig.model_dump(mode="json")``).
+        stats: Build statistics worth keeping (timings, throughput, rejected generations, ...).
+        folder: The shard folder.
+    """
+    commits = committed_shards(store, folder)
+    index = write_index(store, folder)
+    index_bytes = _call(store, "read_bytes", folder, INDEX_FILE)
+    labels = index.column("label").to_pylist()
+    names = dict(zip(labels, index.column("class_name").to_pylist(), strict=True))
+    per_class = Counter(labels)
+    fmt = commits[0].format if commits else config.get("shards", {}).get("format")
+    card = {
+        "format": CARD_FORMAT,
+        "dataset": config.get("dataset"),
+        "version": config.get("version"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": config,
+        "versions": _versions(),
+        "synthetic": {
+            "folder": folder,
+            "format": fmt,
+            "image_format": commits[0].image_format if commits else None,
+            "num_images": index.num_rows,
+            "num_shards": len(commits),
+            "bytes": sum(c.bytes for c in commits),
+            "classes": {str(k): {"class_name": names[k], "count": per_class[k]} for k in sorted(per_class)},
+            "index": {
+                "path": f"{folder}/{INDEX_FILE}",
+                "rows": index.num_rows,
+                "sha256": hashlib.sha256(index_bytes).hexdigest(),
+            },
+            "load_with": _load_hint(fmt, folder),
+        },
+        "shards": [_shard_entry(c) for c in commits],
+        "real": _real_counts(store),
+        "rejects": _rejects(store),
+        "stats": stats,
+    }
+    _call(store, "write_json", card, CARD_FILE)
+    return card
+
+
+def _load_hint(fmt: str | None, folder: str) -> str:
+    if fmt == "webdataset":
+        return f"timm.data.create_dataset('wds/synthetic', root='<version>/{folder}', split='{WDS_SPLIT}')"
+    if fmt == "parquet":
+        return f"datasets.load_dataset('parquet', data_files='<version>/{folder}/shard-*.parquet')"
+    return ""
+
+
+def verify_version(
+    uri_or_store: str | Store, storage_options: dict[str, Any] | None = None, folder: str = "synthetic"
+) -> list[str]:
+    """Check a dataset version end to end; returns its problems (an empty list means it is whole).
+
+    Every committed shard is read in full: size and sha256 against its commit record, every sample present
+    with image, label and provenance, keys against the index part. Then the index against the shards
+    (rows, keys, image checksums, labels), the card against both (counts per class, shard checksums, index
+    checksum), the WebDataset ``_info.json`` against the commits, and the folder for uncommitted leftovers.
+    """
+    store = _as_store(uri_or_store, storage_options)
+    problems: list[str] = []
+    try:
+        card = read_card(store)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        problems.append(f"card: {e}")
+        card = None
+    if _call(store, "exists", LEASE_FILE):
+        problems.append(f"lease {store.uri(LEASE_FILE)} present: a build is running or died; resume it first")
+    try:
+        commits = committed_shards(store, folder)
+    except ShardIntegrityError as e:
+        return [*problems, str(e)]
+    shard_store = store.child(folder)
+
+    # Shards: read every byte, collect (key -> shard, label, image sha).
+    seen: dict[str, tuple[str, int, str]] = {}
+    for c in commits:
+        try:
+            for s in iter_shard(shard_store, c, check=True):
+                if s.key in seen:
+                    problems.append(f"key {s.key!r} appears in shard {seen[s.key][0]} and in shard {c.name}")
+                seen[s.key] = (c.name, s.label, hashlib.sha256(s.image).hexdigest())
+                if s.meta.get("label") != s.label or s.meta.get("key") != s.key:
+                    problems.append(f"shard {c.name}, key {s.key}: provenance record disagrees with key/label")
+        except FileNotFoundError as e:
+            problems.append(f"shard {c.name}: file missing ({e})")
+        except Exception as e:  # any unreadable shard is a finding, not a crash of the checker
+            problems.append(f"shard {c.name}: unreadable ({type(e).__name__}: {e})")
+
+    # Index against the shards.
+    index_rows: list[dict[str, Any]] = []
+    if not _call(shard_store, "exists", INDEX_FILE):
+        problems.append(f"index {shard_store.uri(INDEX_FILE)} missing")
+    else:
+        index_bytes = _call(shard_store, "read_bytes", INDEX_FILE)
+        columns = ["key", "shard", "label", "image_sha256"]
+        index_rows = pq.read_table(io.BytesIO(index_bytes), columns=columns).to_pylist()
+        keys = [r["key"] for r in index_rows]
+        dup = [k for k, n in Counter(keys).items() if n > 1]
+        if dup:
+            problems.append(f"index: {len(dup)} duplicate key(s), e.g. {dup[:3]}")
+        missing = sorted(set(seen) - set(keys))
+        extra = sorted(set(keys) - set(seen))
+        if missing:
+            problems.append(f"index: {len(missing)} image(s) in shards have no index row, e.g. {missing[:3]}")
+        if extra:
+            problems.append(f"index: {len(extra)} row(s) point to no committed image, e.g. {extra[:3]}")
+        bad = [
+            r["key"]
+            for r in index_rows
+            if r["key"] in seen and seen[r["key"]] != (r["shard"], r["label"], r["image_sha256"])
+        ]
+        if bad:
+            problems.append(f"index: {len(bad)} row(s) disagree with their shard (shard/label/sha256), e.g. {bad[:3]}")
+        if card is not None:
+            want = card.get("synthetic", {}).get("index", {}).get("sha256")
+            if want != hashlib.sha256(index_bytes).hexdigest():
+                problems.append("card: index sha256 differs from synthetic/index.parquet")
+
+    # Card against shards and index.
+    if card is not None:
+        syn = card.get("synthetic", {})
+        if syn.get("num_images") != len(seen):
+            problems.append(f"card: num_images {syn.get('num_images')} but committed shards hold {len(seen)}")
+        per_class = Counter(label for _, label, _ in seen.values())
+        card_counts = {int(k): v.get("count") for k, v in syn.get("classes", {}).items()}
+        if card_counts != dict(per_class):
+            diff = {
+                k: (card_counts.get(k), per_class.get(k))
+                for k in set(card_counts) | set(per_class)
+                if card_counts.get(k) != per_class.get(k)
+            }
+            problems.append(f"card: per-class counts differ from the shards (class: card, shards): {diff}")
+        card_shards = {s["name"]: (s["sha256"], s["count"]) for s in card.get("shards", [])}
+        actual = {c.name: (c.sha256, c.count) for c in commits}
+        for name in sorted(set(card_shards) | set(actual)):
+            if card_shards.get(name) != actual.get(name):
+                problems.append(
+                    f"card: shard {name} is {card_shards.get(name)} in the card, {actual.get(name)} "
+                    "in its commit record"
+                )
+
+    # timm's split description against the commits.
+    if commits and commits[0].format == "webdataset":
+        if not _call(shard_store, "exists", WDS_INFO_FILE):
+            problems.append(f"{shard_store.uri(WDS_INFO_FILE)} missing (timm's wds reader needs it)")
+        else:
+            split = _call(shard_store, "read_json", WDS_INFO_FILE).get("splits", {}).get(WDS_SPLIT, {})
+            want = [(f.path, f.count) for c in commits for f in c.files]
+            got = list(zip(split.get("filenames", []), split.get("shard_lengths", []), strict=False))
+            if got != want or split.get("num_samples") != sum(n for _, n in want):
+                problems.append(f"{WDS_INFO_FILE}: split '{WDS_SPLIT}' does not list the committed shards")
+
+    leftovers = [p for p in partial_shards(store, folder) if not p.startswith(COMMITS_DIR)]
+    if leftovers:
+        problems.append(
+            f"{len(leftovers)} uncommitted file(s) in {shard_store.uri()} (interrupted writes; resume "
+            f"the build to finish or remove them): {leftovers[:5]}"
+        )
+    return problems
+
+
+def inspect_version(uri_or_store: str | Store, storage_options: dict[str, Any] | None = None) -> str:
+    """A readable summary of the card: identity, versions, sizes and the per-class counts."""
+    store = _as_store(uri_or_store, storage_options)
+    card = read_card(store)
+    syn = card.get("synthetic", {})
+    real = card.get("real") or {}
+    real_train = real.get("splits", {}).get("train", {})
+    lines = [
+        f"dataset {card.get('dataset')} version {card.get('version')}  ({store.uri()})",
+        f"created {card.get('created_at')}  realfake {card.get('versions', {}).get('realfake')}  "
+        f"torch {card.get('versions', {}).get('torch')}",
+        f"synthetic: {syn.get('num_images')} images in {syn.get('num_shards')} {syn.get('format')} shard(s), "
+        f"{syn.get('image_format')}, {syn.get('bytes', 0) / 1e6:.1f} MB",
+        f"real: {real.get('num_images', 0)} images; rejected inputs: {card.get('rejects', {}).get('total', 0)}",
+        f"load with: {syn.get('load_with', '')}",
+        "",
+        f"{'label':>5}  {'class':<24} {'synthetic':>9} {'real train':>10}",
+    ]
+    classes = syn.get("classes", {})
+    for k in sorted({*classes, *real_train}, key=int):
+        name = classes.get(k, {}).get("class_name") or real.get("class_names", {}).get(k, "")
+        lines.append(f"{k:>5}  {name[:24]:<24} {classes.get(k, {}).get('count', 0):>9} {real_train.get(k, 0):>10}")
+    if card.get("stats"):
+        lines += ["", "stats: " + json.dumps(card["stats"], sort_keys=True)[:400]]
+    return "\n".join(lines)

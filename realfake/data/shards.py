@@ -1,0 +1,1283 @@
+"""Synthetic-image shards: writers, readers, the commit protocol, the version lease and the index.
+
+A shard is the unit of work, retry and resume. :class:`ShardWriter` encodes the images of one
+:class:`ShardPlan`, writes them as a WebDataset tar (``{key}.jpg|png|webp`` + ``{key}.cls`` + ``{key}.json``)
+or a Parquet file (the Hugging Face ``Image`` struct plus provenance columns and the ``huggingface`` schema
+metadata), checks the object landed whole, writes the shard's index rows, and only then writes its commit
+record (``_commits/{name}.json``: count, bytes, sha256 of every file). Readers look only at committed
+shards, so a shard truncated by a crash is never read as data; a re-run skips committed shards and rewrites
+the rest, which costs a killed worker at most its open shard. Object stores have no atomic rename, so remote
+shards are spooled to a local file first and uploaded whole (with retries), and a :class:`VersionLease`
+(exclusive create, heartbeat, stale detection) keeps two builds of one version from clobbering each other.
+Every byte written derives from the records alone (fixed tar headers, sorted JSON), so the same plan gives
+the same files whatever the number or order of workers.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import socket
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from realfake.config import ShardConfig
+from realfake.data.storage import StorageError, Store
+
+__all__ = [
+    "COMMITS_DIR",
+    "INDEX_FILE",
+    "INDEX_PARTS_DIR",
+    "INDEX_SCHEMA",
+    "LEASE_FILE",
+    "WDS_INFO_FILE",
+    "WDS_SPLIT",
+    "CommitRecord",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "ShardExistsError",
+    "ShardFile",
+    "ShardIntegrityError",
+    "ShardPlan",
+    "ShardSample",
+    "ShardWriter",
+    "SyntheticRecord",
+    "VersionLease",
+    "committed_keys",
+    "committed_shards",
+    "encode_image",
+    "iter_shard",
+    "io_retry",
+    "iter_synthetic",
+    "make_key",
+    "partial_shards",
+    "plan_pending",
+    "plan_shards",
+    "read_index",
+    "remove_partial_shards",
+    "verify_shard",
+    "write_index",
+    "write_wds_info",
+]
+
+log = logging.getLogger(__name__)
+
+COMMITS_DIR = "_commits"
+INDEX_PARTS_DIR = "_index"
+INDEX_FILE = "index.parquet"
+WDS_INFO_FILE = "_info.json"
+LEASE_FILE = "_lease.json"
+WDS_SPLIT = "train"  # synthetic data is training data; timm's `wds/` reader defaults to split "train"
+_EXT = {"webdataset": "tar", "parquet": "parquet"}
+_IMAGE_EXTS = ("jpg", "png", "webp")
+_PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_TAR_MTIME = 946684800  # 2000-01-01: fixed so that identical records give byte-identical tars
+_CHUNK = 1 << 20
+_PARQUET_ROW_GROUP = 64  # images per row group: small groups keep `datasets` streaming reads light
+
+# Provenance fields pulled out of ``SyntheticRecord.meta`` into typed columns; the whole dict is kept too.
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("file", pa.string()),
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("source_sample_id", pa.string()),
+        ("replica", pa.int32()),
+        ("seed", pa.int64()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("sampler", pa.string()),
+        ("base_model", pa.string()),
+        ("base_model_hash", pa.string()),
+        ("adapter_hash", pa.string()),
+        ("image_format", pa.string()),
+        ("image_bytes", pa.int64()),
+        ("image_sha256", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Records, plans, commit records
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class SyntheticRecord:
+    """One synthetic image ready to be written.
+
+    Attributes:
+        key: Unique sample key without dots or slashes (see :func:`make_key`).
+        label: Class index.
+        class_name: Human-readable class name.
+        image: The image, or bytes already encoded in the writer's ``image_format``.
+        meta: JSON-serialisable provenance: ``source_sample_id``, ``replica``, ``prompt``, ``negative_prompt``,
+            ``seed``, ``sampler`` (settings dict), ``base_model``, ``base_model_hash``, ``adapter_hash`` and
+            anything else worth keeping.
+    """
+
+    key: str
+    label: int
+    class_name: str
+    image: Image.Image | bytes
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard to produce: its name, its position and the caller's opaque work items."""
+
+    name: str
+    index: int
+    items: tuple
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One file of a committed shard (a shard spans several files only when ``max_bytes`` splits it)."""
+
+    path: str
+    count: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """The commit record of a shard: it exists only once every file and the index part are written."""
+
+    name: str
+    format: str
+    image_format: str
+    files: tuple[ShardFile, ...]
+    class_counts: dict[int, int]
+    index_part: str
+    index_sha256: str
+    committed_at: str = ""
+    writer: str = ""
+
+    @property
+    def count(self) -> int:
+        return sum(f.count for f in self.files)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    @property
+    def sha256(self) -> str:
+        """The file's sha256, or for a multi-file shard the sha256 of its files' digests in order."""
+        if len(self.files) == 1:
+            return self.files[0].sha256
+        return hashlib.sha256("".join(f.sha256 for f in self.files).encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["files"] = [asdict(f) for f in self.files]
+        d["class_counts"] = {str(k): v for k, v in sorted(self.class_counts.items())}
+        d.update(count=self.count, bytes=self.bytes, sha256=self.sha256)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CommitRecord:
+        return cls(
+            name=d["name"],
+            format=d["format"],
+            image_format=d["image_format"],
+            files=tuple(ShardFile(**f) for f in d["files"]),
+            class_counts={int(k): int(v) for k, v in d["class_counts"].items()},
+            index_part=d["index_part"],
+            index_sha256=d["index_sha256"],
+            committed_at=d.get("committed_at", ""),
+            writer=d.get("writer", ""),
+        )
+
+
+@dataclass
+class ShardSample:
+    """One sample read back from a shard, image still encoded."""
+
+    key: str
+    label: int
+    image: bytes
+    image_format: str
+    meta: dict[str, Any]
+
+
+class ShardIntegrityError(StorageError):
+    """A committed shard does not match its commit record (size, checksum, count or content)."""
+
+
+class ShardExistsError(StorageError):
+    """A shard is already committed and the write would replace it."""
+
+
+class LeaseHeldError(RuntimeError):
+    """Another build holds the version's lease."""
+
+
+class LeaseLostError(RuntimeError):
+    """This build's lease was taken over (it expired or was broken); stop writing."""
+
+
+def make_key(label: int, source_sample_id: str, replica: int) -> str:
+    """A WebDataset-safe sample key ``{label:04d}_{source}_{replica}``.
+
+    Characters other than letters, digits, ``_`` and ``-`` become ``-``; when that changes the source id a short
+    hash of the original is appended, so two distinct ids never collide after sanitising.
+    """
+    clean = re.sub(r"[^A-Za-z0-9_-]", "-", str(source_sample_id))
+    if clean != str(source_sample_id):
+        clean = f"{clean}-{hashlib.sha256(str(source_sample_id).encode()).hexdigest()[:8]}"
+    return f"{int(label):04d}_{clean}_{int(replica)}"
+
+
+def plan_shards(items: Sequence, max_count: int, prefix: str = "shard", start: int = 0) -> list[ShardPlan]:
+    """Cut ``items`` (in the given order) into consecutive shards of at most ``max_count`` items.
+
+    Deterministic: the plan depends on the items and ``max_count`` only, never on workers. ``start`` numbers the
+    first shard (used when extending a version after its last shard).
+    """
+    if max_count < 1:
+        raise ValueError(f"max_count must be >= 1, got {max_count}")
+    if not _NAME_OK.match(prefix):
+        raise ValueError(f"shard prefix {prefix!r} must be letters, digits, '_' or '-' (no dots)")
+    items = tuple(items)
+    return [
+        ShardPlan(name=f"{prefix}-{start + i:06d}", index=start + i, items=items[j : j + max_count])
+        for i, j in enumerate(range(0, len(items), max_count))
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Encoding and the container writers
+# --------------------------------------------------------------------------------------------------------
+_MAGIC = {"jpg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",), "webp": (b"RIFF",)}
+
+
+def encode_image(image: Image.Image | bytes, image_format: str, quality: int = 95) -> bytes:
+    """Encode an image as ``jpg`` / ``png`` / ``webp``; bytes are checked to already be in that format."""
+    if image_format not in _PIL_FORMAT:
+        raise ValueError(f"image_format must be one of {list(_PIL_FORMAT)}, got {image_format!r}")
+    if isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+        if not data.startswith(_MAGIC[image_format]) or (image_format == "webp" and data[8:12] != b"WEBP"):
+            raise ValueError(f"pre-encoded image bytes are not {image_format} (check ShardConfig.image_format)")
+        return data
+    img = image
+    if image_format == "jpg" and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    elif image_format == "webp" and img.mode not in ("RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in img.mode else "RGB")
+    buf = io.BytesIO()
+    if image_format == "png":
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format=_PIL_FORMAT[image_format], quality=quality)
+    return buf.getvalue()
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file wrapper that counts and hashes every byte on its way to disk."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        n = self.raw.write(b)
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return n if n is not None else len(b)
+
+    def tell(self) -> int:
+        return self.nbytes
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _sample_json(rec: SyntheticRecord) -> dict[str, Any]:
+    return {**rec.meta, "key": rec.key, "label": int(rec.label), "class_name": rec.class_name}
+
+
+class _TarPart:
+    """One WebDataset tar being written to a local file.
+
+    tarfile emits a dozen small writes per member; they land in an in-memory buffer that goes to the file and
+    the running checksum once per sample, which keeps the per-byte work in C.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.out = _HashingFile(self._f)
+        self._buf = io.BytesIO()
+        self.tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self.count = 0
+
+    def _drain(self) -> None:
+        self.out.write(self._buf.getbuffer())
+        self._buf.seek(0)
+        self._buf.truncate()
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def add(self, rec: SyntheticRecord, image: bytes, ext: str, sha: str, meta_json: bytes) -> None:
+        self._member(f"{rec.key}.{ext}", image)
+        self._member(f"{rec.key}.cls", str(int(rec.label)).encode())
+        self._member(f"{rec.key}.json", meta_json)
+        self._drain()
+        self.count += 1
+
+    @staticmethod
+    def cost(image: bytes, meta_json: bytes) -> int:
+        """Bytes a sample adds: three 512-byte headers (+ PAX slack) and padded payloads."""
+        pad = lambda n: (n + 511) // 512 * 512  # noqa: E731
+        return 3 * 512 + pad(len(image)) + 512 + pad(len(meta_json)) + 1024
+
+    def close(self, sync: bool) -> tuple[int, str]:
+        self.tar.close()
+        self._drain()
+        self._f.flush()
+        if sync:
+            os.fsync(self._f.fileno())
+        self._f.close()
+        return self.out.nbytes, self.out.sha.hexdigest()
+
+
+def _hf_features(class_names: Sequence[str] | None) -> dict[str, Any]:
+    label: dict[str, Any] = (
+        {"_type": "ClassLabel", "names": list(class_names)} if class_names else {"_type": "Value", "dtype": "int64"}
+    )
+    string = {"_type": "Value", "dtype": "string"}
+    return {
+        "image": {"_type": "Image"},
+        "label": label,
+        "key": string,
+        "class_name": string,
+        "source_sample_id": string,
+        "replica": {"_type": "Value", "dtype": "int32"},
+        "seed": {"_type": "Value", "dtype": "int64"},
+        "prompt": string,
+        "negative_prompt": string,
+        "image_sha256": string,
+        "meta": string,
+    }
+
+
+def _parquet_schema(class_names: Sequence[str] | None) -> pa.Schema:
+    schema = pa.schema(
+        [
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("label", pa.int64()),
+            ("key", pa.string()),
+            ("class_name", pa.string()),
+            ("source_sample_id", pa.string()),
+            ("replica", pa.int32()),
+            ("seed", pa.int64()),
+            ("prompt", pa.string()),
+            ("negative_prompt", pa.string()),
+            ("image_sha256", pa.string()),
+            ("meta", pa.string()),
+        ]
+    )
+    # `datasets` restores typed features (Image, ClassLabel) from this exact metadata key.
+    hf = {"info": {"features": _hf_features(class_names)}}
+    return schema.with_metadata({b"huggingface": json.dumps(hf).encode()})
+
+
+def _int_or_none(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _str_or_none(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+class _ParquetPart:
+    """One Parquet shard being written to a local file, in small row groups."""
+
+    def __init__(self, path: str, class_names: Sequence[str] | None) -> None:
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.out = _HashingFile(self._f)
+        self.schema = _parquet_schema(class_names)
+        # Images are already compressed: compressing them again costs CPU and saves nothing.
+        compression = {name: "zstd" for name in self.schema.names}
+        compression.update({"image.bytes": "none", "image.path": "zstd"})
+        self.writer = pq.ParquetWriter(self.out, self.schema, compression=compression, write_statistics=False)
+        self.rows: list[dict[str, Any]] = []
+        self.count = 0
+
+    def add(self, rec: SyntheticRecord, image: bytes, ext: str, sha: str, meta_json: bytes) -> None:
+        m = rec.meta
+        self.rows.append(
+            {
+                "image": {"bytes": image, "path": f"{rec.key}.{ext}"},
+                "label": int(rec.label),
+                "key": rec.key,
+                "class_name": rec.class_name,
+                "source_sample_id": _str_or_none(m.get("source_sample_id")),
+                "replica": _int_or_none(m.get("replica")),
+                "seed": _int_or_none(m.get("seed")),
+                "prompt": _str_or_none(m.get("prompt")),
+                "negative_prompt": _str_or_none(m.get("negative_prompt")),
+                "image_sha256": sha,
+                "meta": meta_json.decode(),
+            }
+        )
+        self.count += 1
+        if len(self.rows) >= _PARQUET_ROW_GROUP:
+            self._flush()
+
+    @staticmethod
+    def cost(image: bytes, meta_json: bytes) -> int:
+        return len(image) + len(meta_json) + 256
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def close(self, sync: bool) -> tuple[int, str]:
+        self._flush()
+        self.writer.close()
+        self._f.flush()
+        if sync:
+            os.fsync(self._f.fileno())
+        self._f.close()
+        return self.out.nbytes, self.out.sha.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Retries
+# --------------------------------------------------------------------------------------------------------
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, FileNotFoundError | FileExistsError | PermissionError | IsADirectoryError):
+        return False
+    if isinstance(e, OSError) and e.errno == errno.EINVAL and "recondition" in str(e):
+        return False  # a failed conditional write is an answer, not a fault
+    return isinstance(e, OSError | TimeoutError | ConnectionError)
+
+
+def _retry(fn: Callable[[], Any], what: str, attempts: int, backoff_s: float) -> Any:
+    """Run ``fn``, retrying transient storage errors with exponential backoff.
+
+    Non-transient errors (missing file, exists, permission) propagate unchanged; when the attempts run out the
+    last error is raised as :class:`StorageError` naming ``what``.
+    """
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if not _transient(e):
+                raise
+            if i == attempts - 1:
+                raise StorageError(f"{what} failed after {attempts} attempts: {e}") from e
+            log.warning("%s failed (%s), retry %d/%d", what, e, i + 1, attempts - 1)
+            time.sleep(backoff_s * (2**i))
+    raise AssertionError("unreachable")
+
+
+# Every storage call of this module goes through `io_retry`: object stores fail single requests now and then (a 503
+# on a HEAD carries no body, so s3fs cannot tell it is retryable), and a build must ride that out.
+IO_ATTEMPTS = 6
+IO_BACKOFF_S = 0.1
+
+
+def io_retry(fn: Callable[[], Any], what: str) -> Any:
+    """Run a storage call, retrying transient errors (IO_ATTEMPTS attempts, exponential backoff from IO_BACKOFF_S)."""
+    return _retry(fn, what, IO_ATTEMPTS, IO_BACKOFF_S)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Version lease
+# --------------------------------------------------------------------------------------------------------
+def _now() -> float:
+    return time.time()
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _create_exclusive(store: Store, data: bytes, *parts: str) -> bool:
+    """Create an object only if absent; False if it exists. Local: O_EXCL; S3: ``If-None-Match: *``."""
+    target = store.path(*parts)
+    if store.local:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    try:
+        io_retry(lambda: store.fs.pipe_file(target, data, mode="create"), f"create {store.uri(*parts)}")
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno == errno.EINVAL and "recondition" in str(e):
+            return False
+        raise
+    except TypeError:
+        # A filesystem without exclusive create: check, write, then confirm our token survived.
+        if io_retry(lambda: store.fs.exists(target), f"stat {store.uri(*parts)}"):
+            return False
+        io_retry(lambda: store.fs.pipe_file(target, data), f"write {store.uri(*parts)}")
+        return io_retry(lambda: store.fs.cat_file(target), f"read {store.uri(*parts)}") == data
+
+
+class VersionLease:
+    """An exclusive, expiring lease on a dataset version, held by one build (all of its workers).
+
+    Workers of the same build pass the same ``owner`` and share the lease; any other owner gets
+    :class:`LeaseHeldError` (after waiting up to ``wait_s``) naming who holds it. A background thread renews the
+    lease every ``ttl_s / 3``; a lease is stale when it has expired, or when it was taken on this host by a
+    process that no longer exists (a killed build), and a stale lease is taken over.
+
+    Args:
+        store: The version store.
+        owner: Build id shared by the workers of one build; defaults to a fresh id.
+        ttl_s: Seconds a lease stays valid without renewal.
+        heartbeat: Renew in a background thread while held.
+    """
+
+    def __init__(self, store: Store, owner: str | None = None, ttl_s: float = 300.0, heartbeat: bool = True) -> None:
+        self.store = store
+        self.owner = owner or f"build-{uuid.uuid4().hex[:12]}"
+        self.ttl_s = float(ttl_s)
+        self.heartbeat = heartbeat
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.held = False
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri(LEASE_FILE)
+
+    def _record(self) -> bytes:
+        now = _now()
+        return _json_bytes(
+            {"owner": self.owner, "host": self.host, "pid": self.pid, "renewed_at": now, "expires_at": now + self.ttl_s}
+        )
+
+    def read(self) -> dict[str, Any] | None:
+        """The current lease record, or None when the version is free."""
+        try:
+            return json.loads(io_retry(lambda: self.store.fs.cat_file(self.store.path(LEASE_FILE)), f"read {self.uri}"))
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return {"owner": "?", "host": "?", "pid": -1, "expires_at": 0.0}  # torn local write: treat as stale
+
+    def _stale(self, rec: dict[str, Any]) -> bool:
+        if float(rec.get("expires_at", 0)) < _now():
+            return True
+        return rec.get("host") == self.host and rec.get("owner") != self.owner and not _pid_alive(int(rec["pid"]))
+
+    def acquire(self, wait_s: float = 0.0, poll_s: float = 1.0) -> VersionLease:
+        """Take (or join) the lease; wait up to ``wait_s`` for another build to release it."""
+        deadline = _now() + wait_s
+        while True:
+            if _create_exclusive(self.store, self._record(), LEASE_FILE):
+                break
+            rec = self.read()
+            if rec is None:
+                continue
+            if rec.get("owner") == self.owner:
+                io_retry(lambda: self.store.write_bytes(self._record(), LEASE_FILE), f"renew {self.uri}")
+                break
+            if self._stale(rec):
+                log.warning(
+                    "taking over stale lease %s of %s (host %s, pid %s)",
+                    self.uri,
+                    rec.get("owner"),
+                    rec.get("host"),
+                    rec.get("pid"),
+                )
+                io_retry(lambda: self.store.remove(LEASE_FILE), f"remove {self.uri}")
+                continue
+            if _now() >= deadline:
+                raise LeaseHeldError(
+                    f"dataset version {self.store.uri()} is being written by build {rec.get('owner')!r} "
+                    f"(host {rec.get('host')}, pid {rec.get('pid')}, lease valid until "
+                    f"{_iso(float(rec.get('expires_at', 0)))}). Wait for that build to finish, or, if it is dead "
+                    f"on another host, delete {self.uri} and re-run."
+                )
+            time.sleep(poll_s)
+        # Exclusive create plus a re-read closes most of the race between two builds breaking one stale lease.
+        time.sleep(0.05)
+        rec = self.read()
+        if rec is None or rec.get("owner") != self.owner:
+            raise LeaseHeldError(f"lost the race for {self.uri} to build {rec and rec.get('owner')!r}; re-run later")
+        self.held, self._lost = True, None
+        if self.heartbeat:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._renew_loop, name="realfake-lease", daemon=True)
+            self._thread.start()
+        return self
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.renew()
+            except Exception as e:  # a failed renewal is retried at the next beat; check() reports a loss
+                log.warning("lease renewal of %s failed: %s", self.uri, e)
+
+    def renew(self) -> None:
+        """Extend the lease; marks it lost if another build took it over."""
+        rec = self.read()
+        if rec is None or rec.get("owner") != self.owner:
+            self._lost = f"lease {self.uri} now held by {rec and rec.get('owner')!r}"
+            self._stop.set()
+            return
+        io_retry(lambda: self.store.write_bytes(self._record(), LEASE_FILE), f"renew {self.uri}")
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` unless this build still holds the lease (called before each commit)."""
+        if not self.held:
+            raise LeaseLostError(f"lease {self.uri} is not held: acquire it before writing")
+        if self._lost:
+            raise LeaseLostError(self._lost)
+        rec = self.read()
+        if rec is None or rec.get("owner") != self.owner:
+            self._lost = f"lease {self.uri} now held by {rec and rec.get('owner')!r}"
+            raise LeaseLostError(self._lost)
+
+    def release(self) -> None:
+        """Give the lease back (only if still ours)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.held:
+            rec = self.read()
+            if rec is not None and rec.get("owner") == self.owner:
+                io_retry(lambda: self.store.remove(LEASE_FILE), f"remove {self.uri}")
+        self.held = False
+
+    def __enter__(self) -> VersionLease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------------------
+def _index_row(
+    rec: SyntheticRecord, shard: str, file: str, fmt: str, image: bytes, sha: str, meta_json: bytes
+) -> dict[str, Any]:
+    m = rec.meta
+    sampler = m.get("sampler")
+    return {
+        "key": rec.key,
+        "shard": shard,
+        "file": file,
+        "label": int(rec.label),
+        "class_name": rec.class_name,
+        "source_sample_id": _str_or_none(m.get("source_sample_id")),
+        "replica": _int_or_none(m.get("replica")),
+        "seed": _int_or_none(m.get("seed")),
+        "prompt": _str_or_none(m.get("prompt")),
+        "negative_prompt": _str_or_none(m.get("negative_prompt")),
+        "sampler": None if sampler is None else _json_bytes(sampler).decode(),
+        "base_model": _str_or_none(m.get("base_model")),
+        "base_model_hash": _str_or_none(m.get("base_model_hash")),
+        "adapter_hash": _str_or_none(m.get("adapter_hash")),
+        "image_format": fmt,
+        "image_bytes": len(image),
+        "image_sha256": sha,
+        "meta": meta_json.decode(),
+    }
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Writes shards into ``{store}/{folder}`` under the commit protocol.
+
+    Args:
+        store: The version store.
+        cfg: Container, image encoding and size limits.
+        folder: Sub-folder of the version holding the shards.
+        lease: When given, checked before every commit so a build that lost its lease stops writing.
+        class_names: Class names by label; Parquet shards then type ``label`` as a ``ClassLabel``.
+        retries: Attempts per storage operation (upload, index part, commit) on transient errors.
+        backoff_s: First retry delay; doubles per attempt.
+        spool_dir: Local folder for remote shards before upload (default: the system temp folder).
+        durable: fsync local shard files before their commit (survives power loss, not only process death).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        cfg: ShardConfig,
+        folder: str = "synthetic",
+        *,
+        lease: VersionLease | None = None,
+        class_names: Sequence[str] | None = None,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+        spool_dir: str | None = None,
+        durable: bool = True,
+    ) -> None:
+        self.store = store.child(folder)
+        self.cfg = cfg
+        self.folder = folder
+        self.lease = lease
+        self.class_names = list(class_names) if class_names else None
+        self.retries = max(1, retries)
+        self.backoff_s = backoff_s
+        self.spool_dir = spool_dir
+        self.durable = durable
+        self.writer_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _commit_path(self, name: str) -> tuple[str, str]:
+        return COMMITS_DIR, f"{name}.json"
+
+    def read_commit(self, name: str) -> CommitRecord | None:
+        """The commit record of a shard, or None when it is not committed."""
+        rel = self._commit_path(name)
+        try:
+            raw = io_retry(lambda: self.store.read_bytes(*rel), self.store.uri(*rel))
+            return CommitRecord.from_json(json.loads(raw))
+        except FileNotFoundError:
+            return None
+
+    def is_committed(self, name: str, verify: bool = False) -> bool:
+        """Whether ``name`` is committed; with ``verify`` its files are re-read and checked against the record."""
+        commit = self.read_commit(name)
+        if commit is None:
+            return False
+        if verify:
+            problems = verify_shard(self.store, commit)
+            if problems:
+                log.warning("committed shard %s fails verification: %s", self.store.uri(name), "; ".join(problems))
+                return False
+        return True
+
+    def _part_path(self, name: str, part: int) -> str:
+        return f"{name}.{_EXT[self.cfg.format]}" if part == 0 else f"{name}-{part}.{_EXT[self.cfg.format]}"
+
+    def _open_part(self, local_path: str) -> _TarPart | _ParquetPart:
+        if self.cfg.format == "webdataset":
+            return _TarPart(local_path)
+        return _ParquetPart(local_path, self.class_names)
+
+    def _local_target(self, rel: str) -> str:
+        if self.store.local:
+            target = self.store.path(rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            return f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        fd, tmp = tempfile.mkstemp(prefix="realfake-shard-", suffix=f"-{os.path.basename(rel)}", dir=self.spool_dir)
+        os.close(fd)
+        return tmp
+
+    def _publish(self, tmp: str, rel: str, nbytes: int) -> None:
+        """Move a finished local file to its place in the store and check it landed whole."""
+        if self.store.local:
+            os.replace(tmp, self.store.path(rel))
+            size = os.path.getsize(self.store.path(rel))
+        else:
+            _retry(
+                lambda: self.store.fs.put_file(tmp, self.store.path(rel)),
+                f"upload {self.store.uri(rel)}",
+                self.retries,
+                self.backoff_s,
+            )
+            self.store.fs.invalidate_cache(self.store.path(rel))
+            size = _retry(lambda: self.store.size(rel), f"stat {self.store.uri(rel)}", self.retries, self.backoff_s)
+        if size != nbytes:
+            raise ShardIntegrityError(f"{self.store.uri(rel)} has {size} bytes after writing {nbytes}; not committed")
+
+    def write_shard(self, name: str, records: Iterable[SyntheticRecord], replace: bool = False) -> CommitRecord:
+        """Write one shard and commit it (commit record last).
+
+        Args:
+            name: Shard name (a :class:`ShardPlan` name); letters, digits, '_' and '-'.
+            records: The shard's records, consumed once (a generator is fine: retries never re-read it).
+            replace: Rewrite a shard that is already committed (only for a shard that failed verification).
+
+        Returns:
+            The commit record.
+
+        Raises:
+            ShardExistsError: The shard is committed and ``replace`` is False.
+            LeaseLostError: The writer's lease was taken over by another build.
+            StorageError: Storage kept failing after the retries.
+        """
+        if not _NAME_OK.match(name):
+            raise ValueError(f"shard name {name!r} must be letters, digits, '_' or '-' (no dots)")
+        if not replace and self.read_commit(name) is not None:
+            raise ShardExistsError(f"shard {self.store.uri(name)} is already committed; skip it or pass replace=True")
+        if self.lease is not None:
+            self.lease.check()
+        fmt, ext = self.cfg.format, self.cfg.image_format
+        files: list[ShardFile] = []
+        rows: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        labels: Counter[int] = Counter()
+        part_no, part, part_bytes, tmp = 0, None, 0, ""
+        # A tar ends with zero blocks padded to tarfile's 10 KiB record; reserve them so files stay under max_bytes.
+        trailer = tarfile.RECORDSIZE if fmt == "webdataset" else 1024
+
+        def close_part() -> None:
+            nonlocal part, part_no
+            assert part is not None
+            done, part = part, None  # closed below whatever happens: the error path must not close it twice
+            rel = self._part_path(name, part_no)
+            nbytes, sha = done.close(sync=self.durable and self.store.local)
+            try:
+                self._publish(tmp, rel, nbytes)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            files.append(ShardFile(path=rel, count=done.count, bytes=nbytes, sha256=sha))
+            part_no += 1
+
+        try:
+            for rec in records:
+                if not _KEY_OK.match(rec.key):
+                    raise ValueError(
+                        f"record key {rec.key!r} in shard {name} must be letters, digits, '_' or '-' "
+                        "(no dots: WebDataset splits keys at the first dot); use make_key()"
+                    )
+                if rec.key in seen:
+                    raise ValueError(f"duplicate record key {rec.key!r} in shard {name}")
+                seen.add(rec.key)
+                image = encode_image(rec.image, ext, self.cfg.jpeg_quality)
+                meta_json = _json_bytes(_sample_json(rec))
+                cost = (_TarPart if fmt == "webdataset" else _ParquetPart).cost(image, meta_json)
+                if part is not None and part.count and part_bytes + cost + trailer > self.cfg.max_bytes:
+                    close_part()
+                if part is None:
+                    tmp = self._local_target(self._part_path(name, part_no))
+                    part, part_bytes = self._open_part(tmp), 0
+                sha = hashlib.sha256(image).hexdigest()
+                part.add(rec, image, ext, sha, meta_json)
+                part_bytes += cost
+                labels[int(rec.label)] += 1
+                rows.append(_index_row(rec, name, self._part_path(name, part_no), ext, image, sha, meta_json))
+            if part is None:
+                raise ValueError(f"shard {name} has no records; plan_shards never makes an empty shard")
+            close_part()
+        except BaseException:
+            if part is not None:
+                try:
+                    part.close(sync=False)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            raise
+
+        index_rel = f"{INDEX_PARTS_DIR}/{name}.parquet"
+        index_data = _table_bytes(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+        _retry(
+            lambda: self.store.write_bytes(index_data, index_rel),
+            f"write {self.store.uri(index_rel)}",
+            self.retries,
+            self.backoff_s,
+        )
+        commit = CommitRecord(
+            name=name,
+            format=fmt,
+            image_format=ext,
+            files=tuple(files),
+            class_counts=dict(sorted(labels.items())),
+            index_part=index_rel,
+            index_sha256=hashlib.sha256(index_data).hexdigest(),
+            committed_at=_iso(_now()),
+            writer=self.writer_id,
+        )
+        if self.lease is not None:
+            self.lease.check()  # fencing: a build that lost the version must not publish a commit
+        payload = json.dumps(commit.to_json(), indent=1, sort_keys=True).encode()
+        _retry(
+            lambda: self.store.write_bytes(payload, *self._commit_path(name)),
+            f"commit {self.store.uri(COMMITS_DIR, name + '.json')}",
+            self.retries,
+            self.backoff_s,
+        )
+        return commit
+
+
+# --------------------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------------------
+def committed_shards(store: Store, folder: str = "synthetic") -> list[CommitRecord]:
+    """Commit records of every committed shard, sorted by name."""
+    s = store.child(folder)
+    io_retry(lambda: s.fs.invalidate_cache(s.path(COMMITS_DIR)), "invalidate listing cache")  # other workers commit too
+    names = [n for n in io_retry(lambda: s.listdir(COMMITS_DIR), f"list {s.uri(COMMITS_DIR)}") if n.endswith(".json")]
+    if not names:
+        return []
+    paths = [s.path(COMMITS_DIR, n) for n in names]
+    blobs = _cat(s, paths)
+    out = []
+    for p in paths:
+        try:
+            out.append(CommitRecord.from_json(json.loads(blobs[p])))
+        except (KeyError, ValueError, TypeError) as e:
+            rel = s.uri(COMMITS_DIR, os.path.basename(p))
+            raise ShardIntegrityError(f"commit record {rel} is unreadable: {e}") from e
+    return sorted(out, key=lambda c: c.name)
+
+
+def partial_shards(store: Store, folder: str = "synthetic") -> list[str]:
+    """Files in the shard folder that belong to no committed shard (crash leftovers, temp files)."""
+    s = store.child(folder)
+    committed = committed_shards(store, folder)
+    owned = {f.path for c in committed for f in c.files} | {INDEX_FILE, WDS_INFO_FILE}
+    parts = {os.path.basename(c.index_part) for c in committed}
+    io_retry(lambda: s.fs.invalidate_cache(s.path()), "invalidate listing cache")
+    ls = lambda *p: io_retry(lambda: s.listdir(*p), f"list {s.uri(*p)}")  # noqa: E731
+    out = [n for n in ls() if n not in owned and n not in (COMMITS_DIR, INDEX_PARTS_DIR)]
+    out += [f"{INDEX_PARTS_DIR}/{n}" for n in ls(INDEX_PARTS_DIR) if n not in parts]
+    out += [f"{COMMITS_DIR}/{n}" for n in ls(COMMITS_DIR) if not n.endswith(".json")]
+    return sorted(out)
+
+
+def remove_partial_shards(store: Store, folder: str = "synthetic") -> list[str]:
+    """Delete crash leftovers (see :func:`partial_shards`); call under the lease, before workers start."""
+    s = store.child(folder)
+    leftovers = partial_shards(store, folder)
+    for rel in leftovers:
+        io_retry(lambda rel=rel: s.remove(rel), f"remove {s.uri(rel)}")
+    if leftovers:
+        log.info("removed %d uncommitted file(s) from %s", len(leftovers), s.uri())
+    return leftovers
+
+
+def _cat(s: Store, paths: list[str]) -> dict[str, bytes]:
+    """Whole objects by path; one batched call so s3fs fetches them concurrently."""
+    out = s.fs.cat(paths, on_error="return") if len(paths) > 1 else {}
+    for p in paths:
+        # Objects that failed in the batch are fetched again one by one, each with its own retries.
+        if not isinstance(out.get(p), bytes):
+            if isinstance(out.get(p), FileNotFoundError):
+                raise out[p]
+            out[p] = io_retry(lambda p=p: s.fs.cat_file(p), f"read {p}")
+    return out
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only wrapper that hashes and counts everything read through it, for checks while streaming."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha.update(data)
+        self.nbytes += n
+        return n
+
+    def drain(self) -> None:
+        while self.readinto(bytearray(_CHUNK)):
+            pass
+
+
+def _iter_tar(f: IO[bytes], path: str, image_format: str) -> Iterator[ShardSample]:
+    current: dict[str, bytes] = {}
+    key = None
+
+    def emit() -> ShardSample:
+        missing = [e for e in (image_format, "cls", "json") if e not in current]
+        if missing:
+            raise ShardIntegrityError(f"{path}: sample {key!r} lacks member(s) {missing}")
+        return ShardSample(
+            key=key,
+            label=int(current["cls"]),
+            image=current[image_format],
+            image_format=image_format,
+            meta=json.loads(current["json"]),
+        )
+
+    with tarfile.open(fileobj=f, mode="r|") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            k, _, ext = m.name.partition(".")
+            if k != key and key is not None:
+                yield emit()
+                current = {}
+            key = k
+            data = tar.extractfile(m)
+            current[ext] = data.read() if data else b""
+    if key is not None:
+        yield emit()
+
+
+def _iter_parquet(f: IO[bytes], path: str, image_format: str) -> Iterator[ShardSample]:
+    pf = pq.ParquetFile(f)
+    for i in range(pf.num_row_groups):
+        for row in pf.read_row_group(i).to_pylist():
+            yield ShardSample(
+                key=row["key"],
+                label=int(row["label"]),
+                image=row["image"]["bytes"],
+                image_format=image_format,
+                meta=json.loads(row["meta"]),
+            )
+
+
+def iter_shard(store: Store, commit: CommitRecord, check: bool = True) -> Iterator[ShardSample]:
+    """Samples of one committed shard (store rooted at the shard folder), images still encoded.
+
+    With ``check``, each file's size is compared before reading (a truncated shard yields nothing) and its
+    sha256 and sample count after; a mismatch raises :class:`ShardIntegrityError`.
+    """
+    for sf in commit.files:
+        uri = store.uri(sf.path)
+        if check:
+            size = io_retry(lambda sf=sf: store.size(sf.path), f"stat {uri}")
+            if size != sf.bytes:
+                raise ShardIntegrityError(f"{uri} has {size} bytes, its commit record says {sf.bytes}")
+        with store.open(sf.path) as raw:
+            f = _HashingReader(raw) if check else raw
+            if commit.format == "webdataset":
+                reader = _iter_tar(io.BufferedReader(f, _CHUNK) if check else f, uri, commit.image_format)
+                n = 0
+                for n, sample in enumerate(reader, 1):  # noqa: B007 - n counts samples
+                    yield sample
+            else:
+                # Parquet needs random access: read the (verified-size) object whole, hash it in one pass.
+                data = raw.read()
+                if check:
+                    f.sha.update(data)
+                    f.nbytes = len(data)
+                n = 0
+                for n, sample in enumerate(_iter_parquet(io.BytesIO(data), uri, commit.image_format), 1):  # noqa: B007
+                    yield sample
+            if check:
+                if commit.format == "webdataset":
+                    f.drain()  # the tar end-of-archive blocks count towards the checksum
+                if f.sha.hexdigest() != sf.sha256:
+                    raise ShardIntegrityError(f"{uri}: sha256 {f.sha.hexdigest()} does not match its commit record")
+                if n != sf.count:
+                    raise ShardIntegrityError(f"{uri}: {n} samples, its commit record says {sf.count}")
+
+
+def verify_shard(store: Store, commit: CommitRecord) -> list[str]:
+    """Problems with one committed shard (store rooted at the shard folder); empty when it is intact."""
+    problems: list[str] = []
+    try:
+        keys = [s.key for s in iter_shard(store, commit, check=True)]
+    except FileNotFoundError as e:
+        return [f"shard {commit.name}: file missing ({e})"]
+    except (ShardIntegrityError, tarfile.TarError, OSError, ValueError, KeyError) as e:
+        return [f"shard {commit.name}: {e}"]
+    if len(set(keys)) != len(keys):
+        problems.append(f"shard {commit.name}: duplicate keys inside the shard")
+    try:
+        part = store.read_bytes(commit.index_part)
+    except FileNotFoundError:
+        return [*problems, f"shard {commit.name}: index part {store.uri(commit.index_part)} missing"]
+    if hashlib.sha256(part).hexdigest() != commit.index_sha256:
+        problems.append(f"shard {commit.name}: index part {store.uri(commit.index_part)} checksum mismatch")
+    else:
+        idx_keys = pq.read_table(io.BytesIO(part), columns=["key"]).column("key").to_pylist()
+        if idx_keys != keys:
+            problems.append(f"shard {commit.name}: keys in the shard differ from its index part")
+    return problems
+
+
+def iter_synthetic(
+    store: Store, folder: str = "synthetic", check: bool = True
+) -> Iterator[tuple[Image.Image, int, dict[str, Any]]]:
+    """Decoded ``(image, label, meta)`` of every committed shard, in shard-name order; uncommitted files are ignored."""
+    s = store.child(folder)
+    for commit in committed_shards(store, folder):
+        for sample in iter_shard(s, commit, check=check):
+            img = Image.open(io.BytesIO(sample.image))
+            img.load()
+            yield img, sample.label, sample.meta
+
+
+def committed_keys(store: Store, folder: str = "synthetic") -> dict[str, list[str]]:
+    """Shard name -> keys (in shard order) of every committed shard, read from the index parts."""
+    s = store.child(folder)
+    commits = committed_shards(store, folder)
+    if not commits:
+        return {}
+    paths = [s.path(c.index_part) for c in commits]
+    blobs = _cat(s, paths)
+    return {
+        c.name: pq.read_table(io.BytesIO(blobs[p]), columns=["key"]).column("key").to_pylist()
+        for c, p in zip(commits, paths, strict=True)
+    }
+
+
+def read_index(store: Store, folder: str = "synthetic") -> pa.Table:
+    """``{folder}/index.parquet``."""
+    return io_retry(lambda: store.read_table(folder, INDEX_FILE), store.uri(folder, INDEX_FILE))
+
+
+def write_index(store: Store, folder: str = "synthetic") -> pa.Table:
+    """Write ``{folder}/index.parquet`` (one row per image of every committed shard) and, for WebDataset
+    shards, the ``_info.json`` split description; returns the index table."""
+    s = store.child(folder)
+    commits = committed_shards(store, folder)
+    if commits:
+        paths = [s.path(c.index_part) for c in commits]
+        blobs = _cat(s, paths)
+        tables = []
+        for c, p in zip(commits, paths, strict=True):
+            if hashlib.sha256(blobs[p]).hexdigest() != c.index_sha256:
+                raise ShardIntegrityError(f"index part {s.uri(c.index_part)} does not match its commit record")
+            tables.append(pq.read_table(io.BytesIO(blobs[p])).cast(INDEX_SCHEMA))
+        table = pa.concat_tables(tables)
+    else:
+        table = INDEX_SCHEMA.empty_table()
+    io_retry(lambda: s.write_table(table, INDEX_FILE), f"write {s.uri(INDEX_FILE)}")
+    if any(c.format == "webdataset" for c in commits):
+        write_wds_info(store, folder, commits)
+    return table
+
+
+def write_wds_info(store: Store, folder: str = "synthetic", commits: list[CommitRecord] | None = None) -> dict:
+    """Write the ``_info.json`` that timm's ``wds/`` reader loads: one ``train`` split listing the committed tars
+    (paths relative to the folder) with their sample counts."""
+    commits = committed_shards(store, folder) if commits is None else commits
+    files = [f for c in commits if c.format == "webdataset" for f in c.files]
+    class_counts: Counter[int] = Counter()
+    for c in commits:
+        class_counts.update(c.class_counts)
+    info = {
+        "name": f"{store.root.rstrip('/').split('/')[-2] if '/' in store.root else store.root}-synthetic",
+        "num_classes": len(class_counts),
+        "splits": {
+            WDS_SPLIT: {
+                "name": WDS_SPLIT,
+                "num_samples": sum(f.count for f in files),
+                "filenames": [f.path for f in files],
+                "shard_lengths": [f.count for f in files],
+            }
+        },
+    }
+    s = store.child(folder)
+    io_retry(lambda: s.write_json(info, WDS_INFO_FILE), f"write {s.uri(WDS_INFO_FILE)}")
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------
+# Planning across runs: resume, extend, overwrite
+# --------------------------------------------------------------------------------------------------------
+def plan_pending(
+    store: Store,
+    items: Sequence,
+    key: Callable[[Any], str],
+    max_count: int,
+    mode: Literal["resume", "extend", "overwrite"] = "resume",
+    prefix: str = "shard",
+    folder: str = "synthetic",
+    lease: VersionLease | None = None,
+) -> list[ShardPlan]:
+    """The shards still to write for ``items``, given what the version already holds.
+
+    Call once per run, under the lease, before the workers start; it also removes crash leftovers.
+
+    - ``resume``: the committed shards must be exactly shards of ``plan_shards(items)``; returns the others,
+      with the same names, so a resumed build ends byte-identical to an uninterrupted one.
+    - ``extend``: as resume when nothing changed; when items were added (more images per class, new classes),
+      returns new shards numbered after the last one holding only the items not yet committed. Committed
+      shards are never touched.
+    - ``overwrite``: deletes every shard, the index and the card, then plans everything.
+
+    Raises:
+        ValueError: With the fix in the message, when committed items are missing from ``items`` or (resume)
+            when ``items`` changed since the version was written.
+    """
+    if lease is not None:
+        lease.check()
+    if mode not in ("resume", "extend", "overwrite"):
+        raise ValueError(f"mode must be resume, extend or overwrite, got {mode!r}")
+    full = plan_shards(items, max_count, prefix)
+    if mode == "overwrite":
+        io_retry(lambda: store.remove(folder, recursive=True), f"remove {store.uri(folder)}")
+        io_retry(lambda: store.remove("dataset.json"), f"remove {store.uri('dataset.json')}")
+        return full
+    remove_partial_shards(store, folder)
+    done = committed_keys(store, folder)
+    if not done:
+        return full
+    by_name = {p.name: p for p in full}
+    consistent = all(n in by_name and [key(i) for i in by_name[n].items] == ks for n, ks in done.items())
+    if consistent:
+        return [p for p in full if p.name not in done]
+    done_keys = {k for ks in done.values() for k in ks}
+    item_keys = {key(i) for i in items}
+    missing = done_keys - item_keys
+    if missing:
+        raise ValueError(
+            f"{len(missing)} committed image(s) of {store.uri(folder)} are not among the planned items "
+            f"(e.g. {sorted(missing)[:3]}): the configuration changed; use mode='overwrite' or a new version"
+        )
+    if mode == "resume":
+        raise ValueError(
+            f"the planned items of {store.uri(folder)} differ from its committed shards (images were added or "
+            "max_count changed): use mode='extend' to add the new images, or mode='overwrite' to rebuild"
+        )
+    pending = [i for i in items if key(i) not in done_keys]
+    start = max(int(n.rsplit("-", 1)[1]) for n in done if n.rsplit("-", 1)[-1].isdigit()) + 1
+    return plan_shards(pending, max_count, prefix, start=start)

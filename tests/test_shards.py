@@ -1,0 +1,519 @@
+"""Tests of realfake.data.shards on the local filesystem: formats, commit protocol, planning modes, lease.
+
+The helpers at the top (``record_for``, ``mini_build``) are a miniature synthesis build: deterministic
+drawings stand in for generated images (the generator is not under test). Run as a script, this module is
+the writer process that the crash tests kill with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from realfake.config import ShardConfig
+from realfake.data.card import verify_version, write_card
+from realfake.data.shards import (
+    COMMITS_DIR,
+    LEASE_FILE,
+    CommitRecord,
+    LeaseHeldError,
+    LeaseLostError,
+    ShardExistsError,
+    ShardWriter,
+    SyntheticRecord,
+    VersionLease,
+    committed_shards,
+    encode_image,
+    iter_synthetic,
+    make_key,
+    partial_shards,
+    plan_pending,
+    plan_shards,
+    read_index,
+)
+from realfake.data.storage import Store, version_store
+
+CLASSES = ["circle", "square", "triangle"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A miniature build
+# ---------------------------------------------------------------------------------------------------------
+def items_for(n_per_class: int, classes: int = 3, replicas: int = 1) -> list[tuple[int, str, int]]:
+    """(label, source_sample_id, replica) work items, sorted by key like the synthesis stage sorts them."""
+    items = [(c, f"real.{c}/{j:03d}", r) for c in range(classes) for j in range(n_per_class) for r in range(replicas)]
+    return sorted(items, key=lambda it: make_key(*it))
+
+
+def item_key(it: tuple[int, str, int]) -> str:
+    return make_key(*it)
+
+
+def record_for(it: tuple[int, str, int], size: int = 32) -> SyntheticRecord:
+    """A deterministic drawing for one work item: its class's shape on a seeded background."""
+    label, source, replica = it
+    seed = int(hashlib.sha256(f"{source}:{replica}".encode()).hexdigest()[:8], 16)
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray((rng.random((size, size, 3)) * 80).astype("uint8"))
+    d = ImageDraw.Draw(img)
+    color = tuple(int(x) for x in rng.integers(120, 255, 3))
+    a, b = size // 5, size - size // 5
+    if label % 3 == 0:
+        d.ellipse([a, a, b, b], fill=color)
+    elif label % 3 == 1:
+        d.rectangle([a, a, b, b], fill=color)
+    else:
+        d.polygon([(size // 2, a), (a, b), (b, b)], fill=color)
+    meta = {
+        "source_sample_id": source,
+        "replica": replica,
+        "prompt": f"photo of {CLASSES[label % 3]}",
+        "negative_prompt": "distorted, unrealistic, blurry, out of frame",
+        "seed": seed,
+        "sampler": {"scheduler": "unipc", "steps": 30, "strength": 0.75, "guidance_scale": 2.0},
+        "base_model": "tiny-sd",
+        "base_model_hash": "0" * 64,
+        "adapter_hash": "1" * 64,
+    }
+    return SyntheticRecord(make_key(*it), label, CLASSES[label % 3], img, meta)
+
+
+def mini_build(
+    store: Store,
+    items: Sequence[tuple[int, str, int]],
+    cfg: ShardConfig,
+    mode: str = "resume",
+    workers: int = 1,
+    reverse: bool = False,
+    delay_s: float = 0.0,
+    owner: str | None = None,
+) -> list[CommitRecord]:
+    """Plan, write every pending shard with ``workers`` threads, then write the index and the card."""
+    with VersionLease(store, owner=owner, ttl_s=60) as lease:
+        plans = plan_pending(store, items, item_key, cfg.max_count, mode=mode, lease=lease)
+        if reverse:
+            plans = plans[::-1]
+        writer = ShardWriter(store, cfg, lease=lease, class_names=CLASSES, backoff_s=0.05)
+
+        def records(plan):
+            for it in plan.items:
+                if delay_s:
+                    time.sleep(delay_s)
+                yield record_for(it)
+
+        with ThreadPoolExecutor(workers) as ex:
+            commits = list(ex.map(lambda p: writer.write_shard(p.name, records(p)), plans))
+        write_card(store, {"dataset": "toy", "version": "v1", "shards": cfg.model_dump()}, {"written": len(commits)})
+    return commits
+
+
+def index_signature(store: Store) -> list[tuple]:
+    t = read_index(store).select(["key", "shard", "label", "image_sha256", "meta"])
+    return [tuple(r.values()) for r in t.to_pylist()]
+
+
+def shard_hashes(store: Store) -> dict[str, str]:
+    return {c.name: c.sha256 for c in committed_shards(store)}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return version_store(str(tmp_path / "out"), "toy", "v1")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keys, plans, encoding
+# ---------------------------------------------------------------------------------------------------------
+def test_make_key_has_no_dots_and_keeps_distinct_ids_distinct() -> None:
+    a, b = make_key(3, "img.001/x", 0), make_key(3, "img-001-x", 0)
+    assert "." not in a and "/" not in a and a.startswith("0003_")
+    assert a != b
+    assert make_key(3, "plain_id", 2) == "0003_plain_id_2"
+
+
+def test_plan_shards_is_deterministic_and_complete() -> None:
+    items = list(range(23))
+    plans = plan_shards(items, 5)
+    assert [p.name for p in plans] == [f"shard-{i:06d}" for i in range(5)]
+    assert [len(p.items) for p in plans] == [5, 5, 5, 5, 3]
+    assert [x for p in plans for x in p.items] == items
+    assert plan_shards(items, 5) == plans
+    assert plan_shards(items, 5, start=7)[0].name == "shard-000007"
+    with pytest.raises(ValueError, match="max_count"):
+        plan_shards(items, 0)
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png", "webp"])
+def test_encode_image_formats_round_trip(fmt: str) -> None:
+    img = record_for((1, "a", 0)).image
+    data = encode_image(img, fmt, 90)
+    back = Image.open(io.BytesIO(data))
+    assert back.format == {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt] and back.size == img.size
+    assert encode_image(data, fmt) == data  # pre-encoded bytes pass through unchanged
+    with pytest.raises(ValueError, match="not"):
+        encode_image(data, "png" if fmt != "png" else "jpg")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formats and standard readers
+# ---------------------------------------------------------------------------------------------------------
+def test_webdataset_layout_is_read_by_webdataset_unchanged(store: Store) -> None:
+    import webdataset as wds
+
+    cfg = ShardConfig(format="webdataset", image_format="png", max_count=4)
+    items = items_for(3)
+    mini_build(store, items, cfg)
+    folder = store.path("synthetic")
+    first = sorted(Path(folder).glob("shard-*.tar"))[0]
+    with tarfile.open(first) as tar:
+        names = tar.getnames()
+    key = item_key(items[0])
+    assert names[:3] == [f"{key}.png", f"{key}.cls", f"{key}.json"]
+
+    info = json.loads(Path(folder, "_info.json").read_text())
+    split = info["splits"]["train"]
+    assert split["num_samples"] == len(items) and sum(split["shard_lengths"]) == len(items)
+    urls = [os.path.join(folder, f) for f in split["filenames"]]
+    got = {s["__key__"]: (int(s["cls"]), json.loads(s["json"])) for s in wds.WebDataset(urls, shardshuffle=False)}
+    assert set(got) == {item_key(i) for i in items}
+    for it in items:
+        label, meta = got[item_key(it)]
+        assert label == it[0] and meta["source_sample_id"] == it[1] and meta["sampler"]["steps"] == 30
+
+
+def test_parquet_shards_load_with_datasets_typed_features(store: Store, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    cfg = ShardConfig(format="parquet", image_format="webp", max_count=4)
+    items = items_for(3)
+    mini_build(store, items, cfg)
+    ds = datasets.load_dataset(
+        "parquet", data_files=store.path("synthetic", "shard-*.parquet"), split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert isinstance(ds.features["label"], datasets.ClassLabel) and ds.features["label"].names == CLASSES
+    assert ds.num_rows == len(items)
+    row = ds[0]
+    assert isinstance(row["image"], Image.Image) and row["image"].size == (32, 32)
+    by_key = {item_key(i): i for i in items}
+    assert {r["key"] for r in ds} == set(by_key)
+    assert all(r["label"] == by_key[r["key"]][0] and r["source_sample_id"] == by_key[r["key"]][1] for r in ds)
+
+
+@pytest.mark.slow
+def test_timm_trains_one_step_through_its_own_wds_reader(store: Store) -> None:
+    import timm
+    import torch
+    from timm.data import create_dataset
+    from torchvision import transforms
+
+    torch.set_num_threads(1)
+    cfg = ShardConfig(format="webdataset", image_format="jpg", max_count=5)
+    items = items_for(4)
+    mini_build(store, items, cfg)
+    ds = create_dataset("wds/synthetic", root=store.path("synthetic"), split="train", is_training=True, batch_size=4)
+    assert len(ds) == len(items)  # num_samples came from our _info.json
+    ds.transform = transforms.ToTensor()
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=0)
+    x, y = next(iter(loader))
+    assert x.shape == (4, 3, 32, 32) and set(y.tolist()) <= {0, 1, 2}
+    model = timm.create_model("resnet10t", num_classes=len(CLASSES))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_iter_synthetic_returns_every_committed_image(store: Store) -> None:
+    cfg = ShardConfig(format="parquet", max_count=4)
+    items = items_for(3)
+    mini_build(store, items, cfg)
+    got = [(meta["key"], label, img.size) for img, label, meta in iter_synthetic(store)]
+    assert sorted(got) == sorted((item_key(i), i[0], (32, 32)) for i in items)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_max_bytes_splits_a_shard_into_files_that_respect_it(store: Store, fmt: str) -> None:
+    limit = 24_000
+    cfg = ShardConfig(format=fmt, image_format="png", max_count=12, max_bytes=limit)
+    items = items_for(4)
+    commits = mini_build(store, items, cfg)
+    assert sum(c.count for c in commits) == len(items)
+    files = [f for c in commits for f in c.files]
+    assert len(files) > len(commits)  # the limit forced extra files
+    assert all(f.bytes <= limit for f in files)
+    assert verify_version(store) == []
+    assert sorted(m["key"] for _, _, m in iter_synthetic(store)) == sorted(item_key(i) for i in items)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_one_worker_and_three_workers_in_any_order_give_identical_results(tmp_path: Path, fmt: str) -> None:
+    cfg = ShardConfig(format=fmt, max_count=3)
+    items = items_for(4)
+    a = version_store(str(tmp_path / "a"), "toy", "v1")
+    b = version_store(str(tmp_path / "b"), "toy", "v1")
+    mini_build(a, items, cfg, workers=1)
+    mini_build(b, items, cfg, workers=3, reverse=True)
+    assert index_signature(a) == index_signature(b)
+    assert shard_hashes(a) == shard_hashes(b)  # byte-identical shard files
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commit protocol
+# ---------------------------------------------------------------------------------------------------------
+def test_uncommitted_and_truncated_shards_are_never_read(store: Store) -> None:
+    cfg = ShardConfig(format="webdataset", max_count=3)
+    items = items_for(2)
+    mini_build(store, items, cfg)
+    plans = plan_shards(items, 3)
+    victim = plans[-1].name
+    tar = Path(store.path("synthetic", f"{victim}.tar"))
+    data = tar.read_bytes()
+    # Simulate a crash between writing the data and the commit: drop the commit, truncate the file.
+    Path(store.path("synthetic", COMMITS_DIR, f"{victim}.json")).unlink()
+    tar.write_bytes(data[: len(data) // 2])
+    keys = {m["key"] for _, _, m in iter_synthetic(store)}
+    assert keys == {item_key(i) for p in plans[:-1] for i in p.items}
+    assert f"{victim}.tar" in partial_shards(store)
+    problems = verify_version(store)
+    assert any("uncommitted" in p for p in problems) and any("num_images" in p for p in problems)
+    # Resume redoes only the victim and leaves the other shards untouched.
+    before = {c.name: c.committed_at for c in committed_shards(store)}
+    commits = mini_build(store, items, cfg)
+    assert [c.name for c in commits] == [victim]
+    assert {c.name: c.committed_at for c in committed_shards(store) if c.name != victim} == before
+    assert tar.read_bytes() == data
+    assert verify_version(store) == []
+
+
+def test_committed_shard_is_not_rewritten_and_corruption_is_detected(store: Store) -> None:
+    cfg = ShardConfig(format="webdataset", max_count=10)
+    items = items_for(2)
+    mini_build(store, items, cfg)
+    writer = ShardWriter(store, cfg)
+    assert writer.is_committed("shard-000000", verify=True)
+    with pytest.raises(ShardExistsError, match="already committed"):
+        writer.write_shard("shard-000000", [record_for(items[0])])
+    tar = Path(store.path("synthetic", "shard-000000.tar"))
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF  # same size, one flipped byte inside the first image
+    tar.write_bytes(bytes(data))
+    assert writer.is_committed("shard-000000") and not writer.is_committed("shard-000000", verify=True)
+    assert any("sha256" in p for p in verify_version(store))
+    writer.write_shard("shard-000000", (record_for(i) for i in items), replace=True)
+    assert verify_version(store) == []  # the rewrite is byte-identical, so the card matches again
+    assert writer.is_committed("shard-000000", verify=True)
+
+
+def test_bad_records_fail_before_anything_is_committed(store: Store) -> None:
+    writer = ShardWriter(store, ShardConfig(max_count=10))
+    rec = record_for((0, "a", 0))
+    with pytest.raises(ValueError, match="no dots"):
+        writer.write_shard("shard-000000", [SyntheticRecord("a.b", 0, "x", rec.image, {})])
+    with pytest.raises(ValueError, match="duplicate"):
+        writer.write_shard("shard-000000", [rec, rec])
+    with pytest.raises(ValueError, match="no records"):
+        writer.write_shard("shard-000000", [])
+    assert committed_shards(store) == [] and partial_shards(store) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Incremental modes
+# ---------------------------------------------------------------------------------------------------------
+def test_extend_adds_images_and_classes_without_touching_committed_shards(store: Store) -> None:
+    cfg = ShardConfig(format="webdataset", max_count=4)
+    small = items_for(3, classes=2)
+    mini_build(store, small, cfg)
+    first = {c.name: (c.sha256, c.committed_at) for c in committed_shards(store)}
+    bigger = items_for(3, classes=3, replicas=2)  # a new class and a second replica per source
+    with pytest.raises(ValueError, match="mode='extend'"):
+        mini_build(store, bigger, cfg, mode="resume")
+    added = mini_build(store, bigger, cfg, mode="extend")
+    assert {c.name: (c.sha256, c.committed_at) for c in committed_shards(store) if c.name in first} == first
+    assert min(c.name for c in added) > max(first)
+    keys = read_index(store).column("key").to_pylist()
+    assert sorted(keys) == sorted(item_key(i) for i in bigger) and len(set(keys)) == len(keys)
+    assert verify_version(store) == []
+    assert mini_build(store, bigger, cfg, mode="extend") == []  # nothing left to do
+    with pytest.raises(ValueError, match="not among the planned items"):
+        mini_build(store, small[:-1], cfg, mode="extend")
+
+
+def test_overwrite_rebuilds_from_scratch(store: Store) -> None:
+    cfg = ShardConfig(format="webdataset", max_count=4)
+    mini_build(store, items_for(3), cfg)
+    other = items_for(2)
+    with pytest.raises(ValueError, match="overwrite"):
+        mini_build(store, other, cfg, mode="resume")
+    mini_build(store, other, cfg, mode="overwrite")
+    assert sorted(read_index(store).column("key").to_pylist()) == sorted(item_key(i) for i in other)
+    assert verify_version(store) == []
+
+
+def test_resume_after_a_mid_shard_failure_keeps_names_and_bytes(tmp_path: Path) -> None:
+    cfg = ShardConfig(format="parquet", max_count=3)
+    items = items_for(3)
+    ref = version_store(str(tmp_path / "ref"), "toy", "v1")
+    mini_build(ref, items, cfg)
+    store = version_store(str(tmp_path / "s"), "toy", "v1")
+    plans = plan_shards(items, 3)
+    with VersionLease(store) as lease:
+        writer = ShardWriter(store, cfg, lease=lease, class_names=CLASSES)
+        writer.write_shard(plans[0].name, (record_for(i) for i in plans[0].items))
+
+        def failing():
+            yield record_for(plans[1].items[0])
+            raise RuntimeError("generator died")
+
+        with pytest.raises(RuntimeError, match="generator died"):
+            writer.write_shard(plans[1].name, failing())
+    assert [c.name for c in committed_shards(store)] == [plans[0].name]
+    mini_build(store, items, cfg)
+    assert index_signature(store) == index_signature(ref) and shard_hashes(store) == shard_hashes(ref)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lease
+# ---------------------------------------------------------------------------------------------------------
+def test_second_build_of_a_version_fails_with_a_clear_message(store: Store) -> None:
+    with VersionLease(store, owner="build-A", heartbeat=False):
+        with pytest.raises(LeaseHeldError, match="being written by build 'build-A'.*Wait for that build"):
+            VersionLease(store, owner="build-B").acquire(wait_s=0.3, poll_s=0.1)
+        joined = VersionLease(store, owner="build-A", heartbeat=False).acquire()  # a second worker of build A
+        assert joined.held
+    assert not store.exists(LEASE_FILE)
+    assert VersionLease(store, owner="build-B", heartbeat=False).acquire().held
+
+
+def test_waiting_build_gets_the_lease_when_the_first_releases(store: Store) -> None:
+    first = VersionLease(store, owner="A", heartbeat=False).acquire()
+    import threading
+
+    t = threading.Timer(0.3, first.release)
+    t.start()
+    second = VersionLease(store, owner="B", heartbeat=False).acquire(wait_s=5, poll_s=0.05)
+    t.join()
+    assert second.read()["owner"] == "B"
+    second.release()
+
+
+def test_stale_leases_are_taken_over(store: Store) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.write_json(
+        {"owner": "dead", "host": os.uname().nodename, "pid": dead.pid, "expires_at": time.time() + 999}, LEASE_FILE
+    )
+    assert VersionLease(store, owner="B", heartbeat=False).acquire().read()["owner"] == "B"
+    store.write_json({"owner": "old", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1}, LEASE_FILE)
+    assert VersionLease(store, owner="C", heartbeat=False).acquire().read()["owner"] == "C"
+
+
+def test_a_build_that_lost_its_lease_cannot_commit(store: Store) -> None:
+    lease = VersionLease(store, owner="A", heartbeat=False).acquire()
+    writer = ShardWriter(store, ShardConfig(max_count=10), lease=lease)
+    store.write_json({"owner": "B", "host": "elsewhere", "pid": 1, "expires_at": time.time() + 999}, LEASE_FILE)
+    with pytest.raises(LeaseLostError, match="held by 'B'"):
+        writer.write_shard("shard-000000", [record_for((0, "a", 0))])
+    assert committed_shards(store) == []
+
+
+def test_heartbeat_keeps_a_short_lease_alive(store: Store) -> None:
+    lease = VersionLease(store, owner="A", ttl_s=0.6).acquire()
+    time.sleep(1.0)
+    with pytest.raises(LeaseHeldError):
+        VersionLease(store, owner="B", heartbeat=False).acquire()
+    lease.check()
+    lease.release()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Crashes: SIGKILL the writer at random points, then resume
+# ---------------------------------------------------------------------------------------------------------
+KILL_PER_CLASS = 50
+
+
+def kill_loop(
+    root: str,
+    storage_options: dict[str, Any] | None,
+    fmt: str,
+    kills: int,
+    seed: int,
+    window_s: tuple[float, float] = (0.8, 3.0),
+) -> dict[str, int]:
+    """Start the writer process ``kills`` times and SIGKILL it at a random moment of ``window_s`` after its start
+    (start-up, planning, mid-shard, between data and commit, index or card); returns what was observed."""
+    rng = random.Random(seed)
+    store = version_store(root, "toy", "v1", storage_options)
+    spool = tempfile.mkdtemp(prefix="realfake-kill-spool-")  # a killed writer leaves its spooled shard here
+    args = [sys.executable, __file__, root, json.dumps(storage_options or {}), fmt, spool]
+    counts = Counter()
+    for _ in range(kills):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(*window_s))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            counts["killed"] += 1
+        else:
+            counts["finished_before_kill"] += 1
+        proc.wait()
+        if proc.returncode not in (0, -signal.SIGKILL):
+            raise AssertionError(f"writer failed on its own: {proc.stderr.read().decode()[-2000:]}")
+        proc.stderr.close()
+        n = len(committed_shards(store))
+        counts["max_committed_at_kill"] = max(counts["max_committed_at_kill"], n)
+        counts["kills_with_partial_files"] += bool(partial_shards(store))
+    shutil.rmtree(spool, ignore_errors=True)
+    return dict(counts)
+
+
+def writer_main(argv: list[str]) -> None:
+    """The killable writer: a slowed-down miniature build (3 classes x 50 images, shards of 5, 2 workers)."""
+    root, options, fmt, spool = argv[0], json.loads(argv[1]) or None, argv[2], argv[3]
+    tempfile.tempdir = spool  # remote shards are spooled here before upload
+    store = version_store(root, "toy", "v1", options)
+    mini_build(store, items_for(KILL_PER_CLASS), ShardConfig(format=fmt, max_count=5), delay_s=0.1, workers=2)
+
+
+@pytest.mark.slow
+def test_sigkill_loop_then_resume_local(tmp_path: Path) -> None:
+    root = str(tmp_path / "out")
+    counts = kill_loop(root, None, "webdataset", kills=10, seed=1)
+    print(f"\nlocal SIGKILL loop: {counts}")
+    assert counts.get("killed", 0) >= 10 and counts["max_committed_at_kill"] > 0
+    store = version_store(root, "toy", "v1")
+    mini_build(store, items_for(KILL_PER_CLASS), ShardConfig(format="webdataset", max_count=5))
+    assert verify_version(store) == []
+    keys = read_index(store).column("key").to_pylist()
+    assert sorted(keys) == sorted(item_key(i) for i in items_for(KILL_PER_CLASS))  # none missing, none duplicated
+    assert Counter(m["key"] for _, _, m in iter_synthetic(store)) == Counter(keys)
+
+
+if __name__ == "__main__":
+    writer_main(sys.argv[1:])
