@@ -192,6 +192,37 @@ class ClassifierConfig(_Strict):
     warmup_epochs: int = Field(0, ge=0, description="Warm-up epochs.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing.")
     seed: int = Field(0, ge=0, description="Training seed.")
+    model_kwargs: dict[str, Any] = Field(
+        {}, description="Extra keyword arguments of timm.create_model, e.g. {channels: [32, 64, 128, 256]} for a "
+        "narrow ResNet or {norm_layer: groupnorm}."
+    )
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth rate (IN-1K recipe: 0.05).")
+    hflip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip in training (0 for digits).")
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="Area range of the training RandomResizedCrop (timm's default 0.08-1)."
+    )
+    ratio: tuple[float, float] = Field(
+        (0.75, 4 / 3), description="Aspect-ratio range of the training RandomResizedCrop."
+    )
+    color_jitter: float = Field(
+        0.4, ge=0, description="Brightness / contrast / saturation jitter in training (ignored with auto_augment)."
+    )
+    auto_augment: str | None = Field(
+        None, description="timm augmentation policy, e.g. 'rand-m7-mstd0.5' (RandAugment 7/0.5, IN-1K recipe)."
+    )
+    crop_pct: float | None = Field(
+        None, gt=0, le=1, description="Evaluation centre-crop fraction (None: timm's default 0.875)."
+    )
+    input_norm: Literal["model", "per_image"] = Field(
+        "model", description="model: the timm model's mean/std (needed with pretrained weights); per_image: "
+        "standardise each image to zero mean, unit variance, which removes brightness/contrast shifts between "
+        "synthetic training images and real test images."
+    )
+    mixup: float = Field(0.0, ge=0, description="Mixup alpha (IN-1K recipe: 0.2; 0 disables).")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (IN-1K recipe: 1.0; 0 disables).")
+    bce_loss: bool = Field(False, description="Binary cross-entropy instead of softmax cross-entropy (IN-1K recipe).")
+    amp: bool = Field(True, description="Mixed precision on CUDA (bf16 where supported, else fp16); no effect on CPU.")
+    workers: int = Field(4, ge=0, le=256, description="DataLoader worker processes (0 loads in the main process).")
 
 
 class BuildConfig(_Strict):

@@ -45,8 +45,9 @@ def mini_config(root: str, base: str, source_uri: str, **over):
                      "checkpoint_every": 2, "random_flip": False, "rank": 4},
         "synthesis": {"steps": 4, "resolution": 32, "batch_size": 8},
         "shards": {"format": "webdataset", "image_format": "png", "max_count": 16},
-        "classifier": {"model": "resnet10t", "image_size": 32, "epochs": 1, "batch_size": 16, "lr": 0.05,
-                       "decay_milestones": [100]},
+        "classifier": {"model": "resnet18", "model_kwargs": {"channels": [8, 16, 32, 64]}, "image_size": 32,
+                       "epochs": 1, "batch_size": 16, "lr": 0.05, "hflip": 0.0, "input_norm": "per_image",
+                       "workers": 0, "decay_milestones": [100]},
     }
     for k, v in over.items():
         section, _, field = k.partition("__")
