@@ -30,6 +30,7 @@ __all__ = [
     "synthesize",
     "synthetic_dataset",
     "train_eval",
+    "verify_or_raise",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,19 +135,33 @@ def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress:
                progress=progress, storage_options=storage_options)
 
 
-def finalize(cfg: BuildConfig, stats: dict | None = None, storage_options: dict | None = None) -> dict:
-    """Index, WebDataset ``_info.json`` and the card (``dataset.json``); then verify the whole version."""
-    from realfake.data.card import verify_version, write_card
+def finalize(cfg: BuildConfig, stats: dict | None = None, storage_options: dict | None = None,
+             verify: bool = True) -> dict:
+    """Index, WebDataset ``_info.json`` and the card (``dataset.json``); then verify the whole version.
+
+    A build that holds the version's lease passes ``verify=False`` and calls :func:`verify` after releasing
+    it (verification reports a lease still present as a problem).
+    """
+    from realfake.data.card import write_card
     from realfake.data.shards import write_wds_info
 
     store = store_of(cfg, storage_options)
     if cfg.shards.format == "webdataset":
         write_wds_info(store)
     card = write_card(store, cfg.model_dump(mode="json"), stats or {})
+    if verify:
+        verify_or_raise(cfg, storage_options)
+    return card
+
+
+def verify_or_raise(cfg: BuildConfig, storage_options: dict | None = None) -> None:
+    """Verify a version end to end; raise listing the first problems."""
+    from realfake.data.card import verify_version
+
+    store = store_of(cfg, storage_options)
     problems = verify_version(store)
     if problems:
         raise RuntimeError(f"version {store.uri()} failed verification:\n  " + "\n  ".join(problems[:20]))
-    return card
 
 
 def synthetic_dataset(store: Store):
@@ -226,8 +241,10 @@ def build_version(cfg: BuildConfig, progress: bool = False, storage_options: dic
         timings["synthesize"] = time.time() - t
         t = time.time()
         card = finalize(cfg, {"prepare": prep, "adapters": adapters, "synthesis": syn,
-                              "timings_s": {k: round(v, 2) for k, v in timings.items()}}, storage_options)
-        timings["finalize"] = time.time() - t
+                              "timings_s": {k: round(v, 2) for k, v in timings.items()}}, storage_options,
+                        verify=False)
+    verify_or_raise(cfg, storage_options)
+    timings["finalize"] = time.time() - t
     return {"uri": store.uri(), "prepare": prep, "adapters": adapters, "synthesis": syn, "card": card,
             "timings_s": {k: round(v, 2) for k, v in timings.items()}}
 

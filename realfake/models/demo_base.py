@@ -9,7 +9,9 @@ guidance encoder) in the user cache and loaded back through the production loade
 
 Pre-training runs in three steps: the VAE (reconstruction + small KL), the latent scaling factor (as SD
 did, 1/std of the latents), then the UNet on cached latents with text conditioning, the guidance slot on
-half of the samples and 10% unconditional samples for classifier-free guidance.
+half of the samples and 10% unconditional samples for classifier-free guidance. The tiny text encoder is
+trained jointly with the UNet: SD's comes pre-trained by CLIP, and a random one would leave the class
+names nearly indistinguishable to the UNet.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from realfake.conditioning import encode_prompts, inject_guidance
+from realfake.conditioning import inject_guidance
 from realfake.models.tiny import TinySpec, build_clip_tokenizer, build_tiny_clip_vision, build_tiny_sd, save_tiny_sd
 
 __all__ = ["DemoBaseRecipe", "ensure_demo_base", "pretrain_demo_base", "render_font_digits"]
@@ -45,13 +47,14 @@ class DemoBaseRecipe:
     vae_batch = 64
     vae_lr = 1e-3
     vae_kl = 1e-6
-    unet_steps = 1500
+    unet_steps = 2000
     unet_batch = 128
     unet_lr = 1e-3
     uncond_prob = 0.1
     guidance_prob = 0.5
     seed = 0
-    revision = 1
+    text_lr = 5e-4
+    revision = 2
 
     @classmethod
     def key(cls) -> str:
@@ -112,7 +115,6 @@ def pretrain_demo_base(folder: str | Path, recipe: type[DemoBaseRecipe] = DemoBa
     comps = build_tiny_sd(spec, tokenizer, seed=recipe.seed)
     vision, processor = build_tiny_clip_vision(spec, seed=recipe.seed)
     vae, unet, text_encoder = comps["vae"], comps["unet"], comps["text_encoder"]
-    text_encoder.requires_grad_(False).eval()
     vision.requires_grad_(False).eval()
 
     images, labels = render_font_digits(recipe.n_images, spec.image_size, recipe.seed)
@@ -144,23 +146,25 @@ def pretrain_demo_base(folder: str | Path, recipe: type[DemoBaseRecipe] = DemoBa
     vae.register_to_config(scaling_factor=scale)
     lat = lat * scale
 
-    # 3. UNet on cached latents: text states per class, guidance slot on half of the samples
+    # 3. UNet (+ text encoder) on cached latents: guidance slot on half of the samples
+    prompts = [f"photo of digit {d}" for d in range(10)] + [""]
+    token_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
     with torch.no_grad():
-        prompts = [f"photo of digit {d}" for d in range(10)]
-        text = encode_prompts(tokenizer, text_encoder, prompts, "cpu")
-        uncond = encode_prompts(tokenizer, text_encoder, [""], "cpu")
         pix = processor(images=list(images), return_tensors="pt").pixel_values
         guide = torch.cat([vision(pixel_values=pix[i : i + 512]).image_embeds for i in range(0, len(pix), 512)])
     sched = comps["scheduler"]
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler.from_config(sched.config)
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": recipe.unet_lr},
+                             {"params": text_encoder.parameters(), "lr": recipe.text_lr}], weight_decay=1e-2)
     warm = 200
     lr_at = lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / recipe.unet_steps))  # noqa: E731
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     labels_t = torch.from_numpy(labels)
     unet.train()
+    text_encoder.train()
     bar = tqdm(range(recipe.unet_steps), desc="demo base: UNet", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(lat), (recipe.unet_batch,), generator=gen)
@@ -168,6 +172,8 @@ def pretrain_demo_base(folder: str | Path, recipe: type[DemoBaseRecipe] = DemoBa
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
+        all_states = text_encoder(token_ids)[0]
+        text, uncond = all_states[:10], all_states[10:]
         states = text[labels_t[idx]]
         use_guide = torch.rand(len(idx), generator=gen) < recipe.guidance_prob
         guided = inject_guidance(states, guide[idx])
@@ -178,12 +184,13 @@ def pretrain_demo_base(folder: str | Path, recipe: type[DemoBaseRecipe] = DemoBa
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
         opt.step()
         lr_sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
     comps["tokenizer"] = tokenizer
     save_tiny_sd(tmp, comps, (vision, processor))
     (tmp / "realfake_demo_base.json").write_text(json.dumps({
@@ -209,5 +216,7 @@ def ensure_demo_base(progress: bool = True) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / "model_index.json").exists():
+            for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # left by a run that was killed
+                shutil.rmtree(stale, ignore_errors=True)
             pretrain_demo_base(folder, progress=progress)
     return folder

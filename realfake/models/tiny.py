@@ -150,7 +150,8 @@ def build_tiny_sd(spec: TinySpec, tokenizer: CLIPTokenizer, seed: int = 0) -> di
         )
     )
     scheduler = UniPCMultistepScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1,  # as in SD v1.5's scheduler config
     )
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 

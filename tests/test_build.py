@@ -1,0 +1,110 @@
+"""The whole build through the library on a miniature config: shards, index, card, report, rejects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import mini_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def source_with_bad_input(tmp_path_factory, digits_folder) -> str:
+    """The digits folder, trimmed, plus a corrupt image and an empty class folder."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("src")
+    for cls in sorted(p for p in Path(digits_folder).iterdir() if p.is_dir()):
+        (root / cls.name).mkdir()
+        for f in sorted(cls.iterdir())[:4]:
+            shutil.copy(f, root / cls.name / f.name)
+    shutil.copy(Path(digits_folder) / "class_names.json", root / "class_names.json")
+    (root / "2" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    (root / "no_images_here").mkdir()
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, tiny_base, source_with_bad_input):
+    from realfake.build import run_build
+
+    cfg = mini_config(str(tmp_path_factory.mktemp("out")), tiny_base, source_with_bad_input)
+    return cfg, run_build(cfg, compare_baseline=True, measure=True)
+
+
+def test_versions_are_verified_and_complete(report):
+    from realfake.build import baseline_config, store_of
+    from realfake.data.card import verify_version
+    from realfake.data.manifest import read_manifest
+    from realfake.data.shards import read_index
+
+    cfg, rep = report
+    for c in (cfg, baseline_config(cfg)):
+        store = store_of(c)
+        assert verify_version(store) == []
+        index = read_index(store).to_pylist()
+        train = read_manifest(store, "train")
+        # one synthetic image per real training image, each pointing at its source
+        assert sorted(r["source_sample_id"] for r in index) == sorted(s.sample_id for s in train)
+        card = json.loads(Path(store.path("dataset.json")).read_text())
+        assert card["synthetic"]["num_images"] == len(train)
+        assert sum(c["count"] for c in card["synthetic"]["classes"].values()) == len(train)
+        assert card["rejects"]["total"] == 2  # the corrupt image and the empty class, in every version's card
+
+
+def test_provenance_records_the_method(report):
+    from realfake.build import baseline_config, store_of
+    from realfake.data.shards import iter_synthetic
+
+    cfg, _ = report
+    _, _, meta = next(iter_synthetic(store_of(cfg)))
+    assert meta["sampler"]["latent_prior"] is True and meta["sampler"]["visual_guidance"] is True
+    assert meta["sampler"]["strength"] == 0.75 and meta["sampler"]["guidance_scale"] == 2.0
+    assert meta["sampler"]["lora_scale"] == 0.5 and meta["adapter_hash"]
+    assert meta["prompt"].startswith("photo of digit ")
+    assert meta["negative_prompt"] == "distorted, unrealistic, blurry, out of frame"
+    _, _, base_meta = next(iter_synthetic(store_of(baseline_config(cfg))))
+    assert base_meta["sampler"]["latent_prior"] is False and base_meta["adapter_hash"] is None
+
+
+def test_rejects_are_recorded_and_the_run_completed(report):
+    from realfake.build import store_of
+
+    cfg, rep = report
+    rejects = store_of(cfg).read_table("real", "rejects.parquet").to_pylist()
+    reasons = {Path(r["uri"]).name: r["reason"] for r in rejects}
+    assert "not a readable image" in reasons["corrupt.png"]
+    assert "empty class folder" in reasons["no_images_here"]
+    assert rep["versions"]["realfake"]["prepare"]["rejects"] == 2
+
+
+def test_report_has_the_three_measures_grid_and_locations(report):
+    from PIL import Image
+
+    from realfake.build import store_of
+
+    cfg, rep = report
+    m = rep["measures"]
+    assert set(m) == {"real", "baseline", "realfake"}
+    for k in ("baseline", "realfake"):
+        assert 0.0 <= m[k]["top1"] <= 1.0 and 0.0 <= m[k]["label_fidelity"] <= 1.0
+        assert m[k]["mmd"] >= -1e-6 and m[k]["frechet"] >= -1e-6
+    assert "(c) Real-Fake synthetic" in rep["table"] and "| synthesize |" in rep["table"]
+    store = store_of(cfg)
+    grid = Image.open(store.path("report", "grid.png"))
+    assert grid.width > grid.height > 0
+    assert store.exists("report", "report.md") and store.exists("runs")
+    assert rep["locations"]["shards"]["realfake"].endswith("synthetic")
+
+
+def test_rerun_regenerates_nothing(report):
+    from realfake.build import build_version
+
+    cfg, _ = report
+    again = build_version(cfg)
+    assert again["synthesis"]["shards_written"] == []
+    assert all(a["skipped"] for a in again["adapters"])
+    assert again["prepare"]["guidance"]["skipped"]
