@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/realfake demo
+	$(PY) -m flows.build --preset demo
 
 test: install
 	$(PY) -m pytest tests

@@ -296,6 +296,8 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like section.field=value")
     key, raw = item.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans; mixed_precision=no means the string
     node = data
     parts = key.strip().split(".")
     for p in parts[:-1]:

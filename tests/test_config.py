@@ -81,3 +81,12 @@ def test_dataset_names_cannot_escape_the_root():
     for bad in ("../etc", "a/b", ".hidden", ""):
         with pytest.raises(ConfigError, match="dataset"):
             load_config("demo", data={"dataset": bad})
+
+
+def test_overrides_parse_values_and_keep_yaml11_words_as_strings():
+    cfg = load_config("demo", overrides=["finetune.mixed_precision=no", "finetune.enabled=false",
+                                          "synthesis.lora_scale=0.25", "classifier.decay_milestones=[1, 2]"])
+    assert cfg.finetune.mixed_precision == "no" and cfg.finetune.enabled is False
+    assert cfg.synthesis.lora_scale == 0.25 and cfg.classifier.decay_milestones == [1, 2]
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config("demo", overrides=["finetune.rank"])

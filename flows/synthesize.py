@@ -1,0 +1,125 @@
+"""Synthesis flows: plan shards, run shard groups in parallel on GPUs, report progress, finalize.
+
+Two flows live here. ``synthesize`` plans the shards of a version and spreads them over groups: on one node
+one group per visible GPU, each in its own worker process pinned with ``CUDA_VISIBLE_DEVICES`` (in-process on
+a CPU-only or single-GPU node); across nodes one child flow run per group of the ``synthesize-shards``
+deployment, which Prefect places on the GPU pool (one pod per group). ``synthesize-shards`` is that child:
+it writes and commits its shards and skips the committed ones, so a retried or preempted child resumes at
+shard granularity. Every group holds one slot of the GPU global concurrency limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefect import flow, get_run_logger
+
+from flows.params import FanoutParams, ShardGroupParams, SynthesizeParams
+from realfake.config import BuildConfig
+from realfake.data.storage import version_store
+from tasks.artifacts import ProgressReporter, artifact_key
+from tasks.gpu import ensure_gpu_limit, split_groups, visible_gpus
+from tasks.stages import finalize_task, plan_task, run_shard_group_deployment, synthesize_group_task
+
+__all__ = ["run_synthesis", "synthesize_flow", "synthesize_shards_flow"]
+
+
+def _progress_counter(cfg: BuildConfig, names: list[str]):
+    from realfake.data.shards import committed_shards
+
+    wanted = set(names)
+    store = version_store(cfg.root, cfg.dataset, cfg.version)
+
+    def count() -> tuple[int, int]:
+        done = [c for c in committed_shards(store) if c.name in wanted]
+        return len(done), sum(c.count for c in done)
+
+    return count
+
+
+def run_synthesis(cfg: BuildConfig, fanout: FanoutParams, pinned: dict) -> dict:
+    """Plan the shards of ``cfg`` and run them in parallel groups; returns a summary for the report.
+
+    Must be called inside a flow run. ``pinned`` are the parameters that reproduce ``cfg`` in a child run.
+    """
+    log = get_run_logger()
+    names = plan_task(cfg)
+    if not names:
+        log.warning("synthesis plan of %s/%s is empty: no real training images", cfg.dataset, cfg.version)
+        return {"shards": 0, "groups": 0, "mode": fanout.mode}
+    gpus = visible_gpus()
+    ensure_gpu_limit(fanout.gpu_limit, len(gpus) or 1)
+    n_groups = fanout.groups or max(1, len(gpus))
+    groups = split_groups(names, n_groups)
+    log.info("synthesis of %s/%s: %d shard(s) in %d group(s), mode %s, GPUs here: %s",
+             cfg.dataset, cfg.version, len(names), len(groups), fanout.mode, gpus or "none")
+    reporter = ProgressReporter(
+        len(names), _progress_counter(cfg, names), artifact_key(cfg.dataset, cfg.version, "synthesis-progress"),
+        fanout.poll_seconds,
+    )
+    with reporter:
+        if fanout.mode == "deployment":
+            futures = [
+                run_shard_group_deployment.submit(
+                    fanout.shard_deployment,
+                    {"params": ShardGroupParams(**pinned, shard_names=g, gpu_limit=fanout.gpu_limit).model_dump(
+                        mode="json")},
+                    i,
+                )
+                for i, g in enumerate(groups)
+            ]
+        elif len(groups) == 1 or not gpus:
+            # Groups share this process's device; they still run concurrently, bounded by the GPU limit.
+            futures = [synthesize_group_task.submit(cfg, g, None, fanout.gpu_limit) for g in groups]
+        else:
+            futures = [
+                synthesize_group_task.submit(cfg, g, gpus[i % len(gpus)], fanout.gpu_limit)
+                for i, g in enumerate(groups)
+            ]
+        results = [f.result() for f in futures]
+    shards, images = reporter.refresh()
+    if shards < len(names):
+        raise RuntimeError(
+            f"synthesize stage: only {shards}/{len(names)} shards of {cfg.dataset}/{cfg.version} are committed "
+            "after all groups finished; re-run to resume the missing ones"
+        )
+    seconds = max((r.get("seconds", 0.0) for r in results), default=0.0)
+    return {"shards": shards, "images": images, "groups": len(groups), "mode": fanout.mode, "results": results,
+            "images_per_s": images / seconds if seconds else None}
+
+
+@flow(name="synthesize-shards", log_prints=True, retries=2, retry_delay_seconds=30, persist_result=True)
+def synthesize_shards_flow(params: ShardGroupParams = ShardGroupParams()) -> dict:
+    """Child run: write and commit one group of shards (committed ones are skipped, so retries resume)."""
+    cfg = params.to_config()
+    names = list(params.shard_names) or plan_task(cfg)
+    ensure_gpu_limit(params.gpu_limit, len(visible_gpus()) or 1)
+    gpus = visible_gpus()
+    # A pod / container sees its own GPU(s); the process runs in place and keeps the model warm across shards.
+    return synthesize_group_task(cfg, names, None, params.gpu_limit) | {"devices": gpus}
+
+
+@flow(name="synthesize", log_prints=True, persist_result=True)
+def synthesize_flow(params: SynthesizeParams = SynthesizeParams()) -> dict:
+    """Plan the shards of a prepared (and fine-tuned) version, synthesize them in parallel, then finalize."""
+    cfg = params.to_config()
+    summary = run_synthesis(cfg, params.fanout, params.pinned(cfg))
+    if params.finalize:
+        summary["card"] = finalize_task(cfg)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.synthesize --preset demo [--set a.b=c ...]``"""
+    p = argparse.ArgumentParser(description=synthesize_flow.description)
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    a = p.parse_args(argv)
+    synthesize_flow(SynthesizeParams(preset=a.preset, config_file=a.config, overrides=a.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

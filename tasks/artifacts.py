@@ -1,0 +1,181 @@
+"""What a person sees in the Prefect UI: tables of counts and accuracies, the sample grid, the card link,
+and a progress bar of shards done while groups run.
+
+Artifacts are built from the plain dicts the library returns. The sample grid is a PNG on the dataset's
+storage: on object storage it is linked through a presigned URL (image artifacts need a URL the browser can
+fetch); on a local disk the markdown names its path.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+import fsspec
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+__all__ = [
+    "ProgressReporter",
+    "artifact_key",
+    "browser_url",
+    "publish_card_link",
+    "publish_counts",
+    "publish_grid",
+    "publish_metrics",
+    "publish_report",
+]
+
+
+def artifact_key(*parts: str) -> str:
+    """An artifact key (lowercase letters, digits, dashes) from free-form parts."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:120]
+
+
+def browser_url(uri: str, expires: int = 7 * 24 * 3600) -> str:
+    """A URL a browser can open: presigned for object storage, ``file://`` for a local path."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri if uri.startswith("file://") else f"file://{uri}"
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        return fs.sign(path, expiration=expires)
+    except NotImplementedError:
+        return uri
+
+
+def _class_counts(card: dict) -> list[dict[str, Any]]:
+    # dataset.json: synthetic.classes {label: {class_name, count}}, real.splits {split: {label: count}}.
+    synthetic = (card.get("synthetic") or {}).get("classes") or {}
+    real = (card.get("real") or {}).get("splits") or {}
+    labels = sorted(set(synthetic) | set(real.get("train", {})) | set(real.get("test", {})), key=int)
+    names = (card.get("real") or {}).get("class_names") or {}
+    return [
+        {
+            "label": int(label),
+            "class": (synthetic.get(label) or {}).get("class_name") or names.get(label, str(label)),
+            "real train": real.get("train", {}).get(label, 0),
+            "real test": real.get("test", {}).get(label, 0),
+            "synthetic": (synthetic.get(label) or {}).get("count", 0),
+        }
+        for label in labels
+    ]
+
+
+def publish_counts(card: dict, dataset: str, version: str) -> UUID | None:
+    """Table artifact: images per class of the version, from its card."""
+    rows = _class_counts(card)
+    if not rows:
+        return None
+    return create_table_artifact(
+        rows, key=artifact_key(dataset, "counts"), description=f"Images per class in {dataset}/{version}"
+    )
+
+
+def publish_metrics(metrics: dict[str, dict], dataset: str, version: str) -> UUID | None:
+    """Table artifact: one row per measured training set with its scalar measures (nested dicts flattened)."""
+    rows = []
+    for data, m in metrics.items():
+        row: dict[str, Any] = {"trained on": data}
+        row.update(_scalars(m))
+        rows.append(row)
+    if not rows:
+        return None
+    return create_table_artifact(
+        rows, key=artifact_key(dataset, "accuracy"), description=f"Classifier measures for {dataset}/{version}"
+    )
+
+
+def _scalars(m: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(m, dict):
+        return {prefix.rstrip("."): m} if isinstance(m, int | float | str) and prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in m.items():
+        if isinstance(v, float):
+            out[f"{prefix}{k}"] = round(v, 4)
+        elif isinstance(v, int | str) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+        elif isinstance(v, dict) and k not in ("per_class", "confusion"):
+            out.update(_scalars(v, f"{prefix}{k}."))
+    return out
+
+
+def publish_card_link(card_uri: str, dataset: str, version: str) -> UUID:
+    """Link artifact to the dataset card (``dataset.json``)."""
+    return create_link_artifact(
+        browser_url(card_uri), link_text=f"{dataset}/{version} dataset card", key=artifact_key(dataset, "card"),
+        description=f"Card of {dataset}/{version}: config, model hashes, counts, shard checksums",
+    )
+
+
+def publish_grid(grid_uri: str, dataset: str, version: str) -> UUID:
+    """Markdown artifact showing the real / baseline / Real-Fake sample grid per class."""
+    url = browser_url(grid_uri)
+    md = f"## Samples of {dataset}/{version}\n\n![sample grid]({url})\n\nGrid file: `{grid_uri}`\n"
+    return create_markdown_artifact(md, key=artifact_key(dataset, "grid"), description="Sample grid per class")
+
+
+def publish_report(markdown: str, dataset: str, version: str) -> UUID:
+    """Markdown artifact with the whole build report."""
+    return create_markdown_artifact(
+        markdown, key=artifact_key(dataset, "report"), description=f"Build report of {dataset}/{version}"
+    )
+
+
+class ProgressReporter:
+    """Keeps a progress artifact (shards done / total, images/s) current while groups run elsewhere.
+
+    A background thread polls ``count_done`` every ``poll_seconds``; it reads storage, not the workers, so it
+    works the same for local processes and for child flow runs on other nodes.
+    """
+
+    def __init__(self, total: int, count_done: Callable[[], tuple[int, int]], key: str, poll_seconds: float = 5.0):
+        self.total = max(total, 1)
+        self.count_done = count_done
+        self.poll_seconds = poll_seconds
+        self.t0 = time.monotonic()
+        self.start_images = self._safe_count()[1]
+        self.artifact_id = create_progress_artifact(0.0, key=key, description=self._describe(0, 0))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="realfake-progress", daemon=True)
+
+    def _safe_count(self) -> tuple[int, int]:
+        try:
+            return self.count_done()
+        except Exception:  # a transient listing failure must not kill the parent flow
+            return (0, 0)
+
+    def _describe(self, shards: int, images: int) -> str:
+        rate = (images - self.start_images) / max(time.monotonic() - self.t0, 1e-6)
+        return f"shards {shards}/{self.total}, {images} images, {rate:.2f} images/s"
+
+    def refresh(self) -> tuple[int, int]:
+        """Poll once and update the artifact; returns (shards done, images written)."""
+        shards, images = self._safe_count()
+        progress = min(100.0, 100.0 * shards / self.total)
+        update_progress_artifact(self.artifact_id, progress, self._describe(shards, images))
+        return shards, images
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # the API may be briefly unreachable; the next poll retries
+                pass
+
+    def __enter__(self) -> ProgressReporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.poll_seconds + 5)
+        self.refresh()

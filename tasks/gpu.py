@@ -1,0 +1,99 @@
+"""GPU placement: which devices this node has, the global concurrency limit, and one process per GPU.
+
+On one node the synthesis (and per-class fine-tuning) fan-out starts one worker process per visible GPU,
+pinned with ``CUDA_VISIBLE_DEVICES`` so each process sees exactly one device and loads the pipeline once for
+all its shards. Across nodes the same groups become child flow runs instead (see :mod:`flows.synthesize`).
+Either way every group holds one slot of a Prefect global concurrency limit named after the GPU pool, so a
+cluster never runs more GPU groups than it has GPUs. Nothing here schedules: Prefect and the OS do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.exceptions import ObjectNotFound
+from prefect.logging import get_logger
+
+from realfake.config import BuildConfig
+
+__all__ = ["ensure_gpu_limit", "run_group_process", "split_groups", "visible_gpus"]
+
+log = get_logger("realfake.gpu")
+
+
+def visible_gpus() -> list[str]:
+    """Device ids this process may use: CUDA_VISIBLE_DEVICES when set, else every CUDA device torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no torch CUDA runtime: a CPU node
+        return []
+
+
+def split_groups(items: Sequence[str], groups: int) -> list[list[str]]:
+    """Deal items round-robin into at most ``groups`` non-empty groups (balanced, order-preserving)."""
+    groups = max(1, min(groups, len(items))) if items else 0
+    out: list[list[str]] = [[] for _ in range(groups)]
+    for i, item in enumerate(items):
+        out[i % groups].append(item)
+    return out
+
+
+def ensure_gpu_limit(name: str, slots: int) -> None:
+    """Create the global concurrency limit ``name`` with ``slots`` slots unless it exists (never resize it).
+
+    An operator sizes the limit for the whole pool (``prefect gcl create realfake-gpu --limit N``); a run
+    only creates it when missing, from what its own node sees, so a first demo run is bounded too.
+    """
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=max(1, slots)))
+            log.info("created global concurrency limit %r with %d slot(s)", name, max(1, slots))
+        except Exception as e:  # a concurrent run created it first
+            if "already exists" not in str(e).lower() and "409" not in str(e):
+                raise
+
+
+def run_group_process(cfg: BuildConfig, verb: str, items: list[str], device: str | None) -> dict:
+    """Run one group in a fresh worker process pinned to ``device`` and return its JSON result.
+
+    Args:
+        cfg: validated build config (passed as JSON, so the worker validates it again).
+        verb: ``synthesize`` (items are shard names) or ``finetune`` (items are adapter scopes).
+        items: the group's shards or scopes.
+        device: CUDA device id to pin, or None to inherit this process's devices.
+
+    Raises:
+        RuntimeError: the worker failed; the message carries the tail of its output.
+    """
+    env = dict(os.environ)
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    with tempfile.TemporaryDirectory(prefix="realfake-group-") as tmp:
+        cfg_path = Path(tmp) / "config.json"
+        out_path = Path(tmp) / "result.json"
+        cfg_path.write_text(cfg.model_dump_json())
+        cmd = [sys.executable, "-m", "tasks.group_worker", verb, str(cfg_path), str(out_path), *items]
+        log.info("starting %s worker on device %s for %d item(s)", verb, device or "(inherited)", len(items))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr)[-4000:]
+            raise RuntimeError(f"{verb} worker on device {device} for {items[:3]}... exited {proc.returncode}:\n{tail}")
+        return json.loads(out_path.read_text())

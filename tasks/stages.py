@@ -1,0 +1,215 @@
+"""Prefect tasks over the library's stage functions: retries, content caching, GPU slots, logging.
+
+Each task is a thin wrapper of one call in :mod:`realfake.build`; the logic lives there and runs without
+Prefect. What the wrapper adds: retries for transient faults only (a bad config fails at once), content
+cache keys for the expensive deterministic stages (prepare, fine-tune), a slot of the GPU global
+concurrency limit around GPU work, and messages that name the stage, shard or scope at fault. The library
+is imported inside the tasks so that deploying or serving a flow does not load torch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+
+from realfake.config import BuildConfig
+from realfake.data.storage import version_store
+from tasks.cache import finetune_cache_key, prepare_cache_key, retry_on_transient
+from tasks.gpu import run_group_process
+
+__all__ = [
+    "adapter_exists",
+    "finalize_task",
+    "measure_task",
+    "report_task",
+    "finetune_scopes_task",
+    "finetune_task",
+    "plan_task",
+    "prepare_outputs_exist",
+    "prepare_task",
+    "run_shard_group_deployment",
+    "synthesize_group_task",
+    "train_eval_task",
+]
+
+_RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_on_transient}
+
+
+def _build() -> Any:
+    from realfake import build
+
+    return build
+
+
+def prepare_outputs_exist(cfg: BuildConfig) -> bool:
+    """True when the version holds what prepare writes (so a cache hit is not a dangling one)."""
+    store = version_store(cfg.root, cfg.dataset, cfg.version)
+    needed = [("real", "manifest.parquet")]
+    if cfg.guidance.enabled:
+        needed.append(("features", "guidance.parquet"))
+    if cfg.caption.enabled:
+        needed.append(("features", "captions.parquet"))
+    return all(store.exists(*p) for p in needed)
+
+
+def adapter_exists(result: dict) -> bool:
+    """True when the adapter a (possibly cached) fine-tune result points at is still on storage."""
+    import fsspec
+
+    uri = result.get("adapter") if isinstance(result, dict) else None
+    if not uri:
+        return True  # fine-tuning disabled: nothing to check
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return bool(fs.exists(path))
+
+
+@task(name="prepare", cache_key_fn=prepare_cache_key, persist_result=True, tags=["realfake", "cpu"], **_RETRY)
+def prepare_task(cfg: BuildConfig) -> dict:
+    """Ingest the real images, then captions and guidance embeddings; returns the counts."""
+    log = get_run_logger()
+    log.info("prepare %s/%s from %s source", cfg.dataset, cfg.version, cfg.source.kind)
+    counts = _build().prepare(cfg)
+    log.info("prepare done: %s", counts)
+    return counts
+
+
+@task(name="finetune-scopes", tags=["realfake"])
+def finetune_scopes_task(cfg: BuildConfig) -> list[str]:
+    """The adapter scopes of this config: ``["all"]`` or one per class id."""
+    return list(_build().finetune_scopes(cfg))
+
+
+@task(
+    name="finetune",
+    task_run_name="finetune-{scope}",
+    cache_key_fn=finetune_cache_key,
+    persist_result=True,
+    tags=["realfake", "gpu"],
+    **_RETRY,
+)
+def finetune_task(
+    cfg: BuildConfig, scope: str = "all", device: str | None = None, gpu_limit: str = "realfake-gpu"
+) -> dict:
+    """Train (or load) the LoRA adapter of one scope while holding one GPU slot.
+
+    Args:
+        cfg: validated build config.
+        scope: ``all`` or a class id.
+        device: CUDA device to pin a worker process to; None trains in this process.
+        gpu_limit: global concurrency limit to hold a slot of.
+    """
+    log = get_run_logger()
+    with concurrency(gpu_limit, occupy=1):
+        log.info("fine-tuning adapter %r of %s/%s on device %s", scope, cfg.dataset, cfg.version,
+                 device or "default")
+        try:
+            if device is None:
+                result = _build().finetune(cfg, scope)
+            else:
+                result = run_group_process(cfg, "finetune", [scope], device)["adapters"][scope]
+        except Exception as e:
+            _name_the_input(e, f"finetune stage, adapter scope {scope!r} of {cfg.dataset}/{cfg.version}")
+            raise
+    log.info("adapter %r ready: %s", scope, result.get("adapter"))
+    return result
+
+
+@task(name="plan-shards", tags=["realfake"])
+def plan_task(cfg: BuildConfig) -> list[str]:
+    """Deterministic shard names of the synthesis plan."""
+    return list(_build().plan_synthesis(cfg))
+
+
+@task(name="synthesize-group", tags=["realfake", "gpu"], **_RETRY)
+def synthesize_group_task(
+    cfg: BuildConfig, shard_names: list[str], device: str | None = None, gpu_limit: str = "realfake-gpu"
+) -> dict:
+    """Write and commit one group of shards, holding one GPU slot; committed shards are skipped.
+
+    A retry after a crash resumes at shard granularity: the library skips shards whose commit record exists.
+    """
+    log = get_run_logger()
+    with concurrency(gpu_limit, occupy=1):
+        t0 = time.perf_counter()
+        log.info("synthesizing %d shard(s) %s..%s on device %s", len(shard_names), shard_names[0], shard_names[-1],
+                 device or "default")
+        try:
+            if device is None:
+                result = _build().synthesize(cfg, shard_names)
+            else:
+                result = run_group_process(cfg, "synthesize", shard_names, device)
+        except Exception as e:
+            _name_the_input(e, f"synthesize stage, shards {shard_names[0]}..{shard_names[-1]} of {cfg.dataset}/"
+                               f"{cfg.version} on device {device or 'default'}")
+            raise
+    result = dict(result or {})
+    result.setdefault("seconds", time.perf_counter() - t0)
+    log.info("group done: %s", {k: v for k, v in result.items() if not isinstance(v, list | dict)})
+    return result
+
+
+@task(name="run-shard-group", task_run_name="child-{group_index}", tags=["realfake"], retries=1,
+      retry_delay_seconds=30)
+def run_shard_group_deployment(deployment: str, parameters: dict, group_index: int) -> dict:
+    """Start one child flow run of the shard-group deployment and wait for it; fail if it did not complete.
+
+    The child flow run has its own retries; this task retries once more for a child lost with its pod.
+    """
+    log = get_run_logger()
+    run = run_deployment(deployment, parameters=parameters, timeout=None, as_subflow=True)
+    state = run.state
+    log.info("child run %s (%s) of group %d ended %s", run.name, run.id, group_index, state.type if state else None)
+    if state is None or not state.is_completed():
+        raise RuntimeError(
+            f"synthesize stage: child flow run {run.name} ({run.id}) of group {group_index} ended "
+            f"{state.type.value if state else 'without a state'}: {state.message if state else ''}"
+        )
+    return {"flow_run_id": str(run.id), "flow_run_name": run.name, "group": group_index}
+
+
+@task(name="finalize", tags=["realfake"], **_RETRY)
+def finalize_task(cfg: BuildConfig, stats: dict | None = None) -> dict:
+    """Write the index and the dataset card (with the build's ``stats``), then verify; returns the card."""
+    card = _build().finalize(cfg, stats)
+    get_run_logger().info("finalized and verified %s/%s", cfg.dataset, cfg.version)
+    return card
+
+
+@task(name="train-eval", task_run_name="train-eval-{data}", tags=["realfake", "gpu"], **_RETRY)
+def train_eval_task(cfg: BuildConfig, data: str = "synthetic", gpu_limit: str = "realfake-gpu") -> dict:
+    """Train the classifier on ``data`` (real / synthetic / baseline) and test it on the real test split."""
+    with concurrency(gpu_limit, occupy=1):
+        metrics = _build().train_eval(cfg, data)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
+    get_run_logger().info("train-eval on %s: %s", data, scalars)
+    return metrics
+
+
+@task(name="measure", tags=["realfake", "gpu"], **_RETRY)
+def measure_task(configs: dict[str, BuildConfig], gpu_limit: str = "realfake-gpu") -> dict:
+    """The three measures of each built version (accuracy on real test, label fidelity, feature distances)."""
+    from realfake.report import measure_versions
+
+    with concurrency(gpu_limit, occupy=1):
+        measures = measure_versions(configs)
+    get_run_logger().info("measured %s", ", ".join(configs))
+    return measures
+
+
+@task(name="report", tags=["realfake"], **_RETRY)
+def report_task(cfg: BuildConfig, report: dict, configs: dict[str, BuildConfig]) -> dict:
+    """Write the report files (markdown, sample grid PNG) next to the version; returns their locations."""
+    from realfake.report import write_report
+
+    return write_report(cfg, report, configs)
+
+
+def _name_the_input(e: Exception, where: str) -> None:
+    # The library's message names the file or sample; this adds the stage and the work unit, in the run's
+    # log (what the UI shows first) and as a note on the traceback, without changing the exception's type.
+    get_run_logger().error("%s failed: %s: %s", where, type(e).__name__, e)
+    e.add_note(where)

@@ -1,0 +1,152 @@
+"""The flows in-process on a temporary Prefect server: the build, its artifacts, caching, regeneration.
+
+Runs the real library on the miniature config (random tiny models, a few digits per class) through
+``prefect_test_harness``, which starts a real Prefect API on loopback with a throwaway database.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.build import build_flow
+from flows.finetune import finetune_flow
+from flows.params import BuildParams, FinetuneParams, RegenerateParams
+from flows.regenerate import regenerate_flow, regeneration_config
+from realfake.config import ConfigError
+from realfake.data.card import verify_version
+from realfake.data.storage import version_store
+from tasks.cache import is_transient
+from tasks.gpu import split_groups
+from tasks.versions import promote_latest_task, read_latest
+from tests.support.prefect_server import miniature_params, write_tiny_models
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness():
+    torch.set_num_threads(1)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    return write_tiny_models(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("out")
+
+
+@pytest.fixture(scope="module")
+def built(harness, models, root):
+    state = build_flow(BuildParams(**miniature_params(root, models, "v1", measure=False)), return_state=True)
+    return state
+
+
+def _artifacts(key: str) -> list:
+    with get_client(sync_client=True) as c:
+        return c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as c:
+        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def test_build_flow_completes_and_the_version_verifies(built, root):
+    assert built.is_completed(), built.message
+    report = built.result()
+    store = version_store(str(root), "mini", "v1")
+    assert verify_version(store) == []
+    card = store.read_json("dataset.json")
+    assert card["synthetic"]["num_images"] == sum(card["real"]["splits"]["train"].values())
+    assert Path(report["grid"]).is_file()
+
+
+def test_build_publishes_counts_card_grid_report_and_progress(built):
+    (counts,) = _artifacts("mini-counts")
+    rows = json.loads(counts.data)
+    assert len(rows) == 10 and all(r["synthetic"] == r["real train"] for r in rows)
+    (card,) = _artifacts("mini-card")
+    assert card.type == "markdown" and "dataset.json" in card.data  # link artifacts are rendered as markdown
+    (grid,) = _artifacts("mini-grid")
+    assert "grid.png" in grid.data
+    (report,) = _artifacts("mini-report")
+    assert "| stage |" in report.data
+    (progress,) = _artifacts("mini-v1-synthesis-progress")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert "images/s" in progress.description
+
+
+def test_finetune_is_cached_by_content_and_recomputed_when_its_files_are_gone(built, models, root):
+    params = FinetuneParams(**miniature_params(root, models, "v1"))
+    first = finetune_flow(params, return_state=True)
+    assert _task_states(first.state_details.flow_run_id)["finetune-all"] == "Cached"
+    adapter = Path(first.result()["all"]["adapter"])
+    shutil.rmtree(adapter)
+    again = finetune_flow(params, return_state=True)
+    states = _task_states(again.state_details.flow_run_id)
+    assert sorted(states.values()).count("Completed") >= 1  # the refresh run trained it again
+    assert (adapter / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bad_parameters_fail_before_any_work(harness, models, root):
+    params = BuildParams(**miniature_params(root, models, "bad", overrides=["synthesis.strength=3"]))
+    state = build_flow(params, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match=r"synthesis\.strength"):
+        state.result()
+    assert not (root / "mini" / "bad").exists()
+
+
+def test_regeneration_moves_latest_only_to_a_version_that_verifies(built, models, root):
+    params = RegenerateParams(**miniature_params(root, models, "ignored", measure=False), version_prefix="r")
+    state = regenerate_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    pointer = read_latest(str(root), "mini")
+    assert pointer["version"] == out["version"] and out["version"].startswith("r")
+    new_store = version_store(str(root), "mini", out["version"])
+    assert verify_version(new_store) == []
+    # The next regeneration reads the recorded config back from the latest card.
+    nxt = regeneration_config(params)
+    assert nxt.version != out["version"] and nxt.synthesis.steps == 4
+
+    # A version that does not verify (a shard lost after finalize) never becomes latest.
+    v1 = version_store(str(root), "mini", "v1")
+    broken_cfg = regeneration_config(params).model_copy(update={"version": "v1"})
+    shard = next(p for p in Path(v1.path("synthetic")).iterdir() if p.suffix == ".tar")
+    shard.unlink()
+    with pytest.raises(RuntimeError, match="does not verify"):
+        promote_latest_task.with_options(retries=0).fn(broken_cfg)
+    assert read_latest(str(root), "mini")["version"] == out["version"]
+
+
+def test_split_groups_is_balanced_and_order_preserving():
+    names = [f"shard-{i:06d}" for i in range(7)]
+    groups = split_groups(names, 3)
+    assert [len(g) for g in groups] == [3, 2, 2]
+    assert sorted(sum(groups, [])) == names and groups[0][:2] == ["shard-000000", "shard-000003"]
+    assert split_groups(names[:2], 8) == [["shard-000000"], ["shard-000001"]]
+    assert split_groups([], 4) == []
+
+
+def test_only_transient_faults_are_retried():
+    assert is_transient(ConnectionResetError("peer reset"))
+    assert is_transient(TimeoutError())
+    assert is_transient(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_transient(ConfigError("bad field"))
+    assert not is_transient(FileNotFoundError("manifest"))
+    assert not is_transient(RuntimeError("shape mismatch"))
