@@ -103,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="dotted override, repeatable (e.g. --set finetune.max_steps=200)")
     p.add_argument("--fanout", choices=["local", "deployment"], default="local", help="how shard groups run")
     p.add_argument("--groups", type=int, default=None, help="shard groups (default: one per visible GPU)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the text-to-image baseline version")
     a = p.parse_args(argv)
     try:
         params = BuildParams(preset=a.preset, config_file=a.config, overrides=a.overrides,
-                             fanout={"mode": a.fanout, "groups": a.groups})
+                             fanout={"mode": a.fanout, "groups": a.groups}, compare_baseline=not a.no_baseline)
         params.to_config()
     except ConfigError as e:
         print(e, file=sys.stderr)
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
     report = build_flow(params)
     print(report_markdown(report))
+    locations = report.get("locations", {})
+    print(f"\nreport: {report.get('report')}\ngrid:   {report.get('grid')}")
+    for name, uri in locations.get("shards", {}).items():
+        print(f"shards ({name}): {uri}\ncard   ({name}): {locations.get('card', {}).get(name)}")
     return 0
 
 
