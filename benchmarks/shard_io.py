@@ -1,13 +1,16 @@
 """Shard I/O benchmark: realfake's shard writer and readers against the raw baseline of the same bytes.
 
-Both sides move identical pre-encoded JPEG images (and identical label / JSON payloads) so the ratio isolates
-what the storage layer adds: per-sample bookkeeping, checksums, the commit record and index part, the local
-spool plus whole-object upload on S3, and on reads the size / sha256 / count checks. The raw baseline is a
-plain ``tarfile`` stream or one ``pyarrow.parquet.write_table`` / ``read_table`` per shard, written straight to
-the same filesystem. Targets: a local folder and a moto S3 server on loopback (through s3fs). Each cell is the
-median of ``--repeats`` interleaved runs; all ratios come from one run of this script.
+Both sides move identical pre-encoded JPEG images and identical label / JSON payloads, so the ratio isolates what
+the storage layer adds: per-image and per-file sha256, the index part and commit record per shard, the size check
+after upload, ``write_index`` (index + ``_info.json``); on reads the size / sha256 / count checks. The raw baseline
+is a plain ``tarfile`` stream, or one ``pyarrow.parquet.write_table`` per shard with the same columns, row groups
+and compression as ours minus our per-image sha256 column, written straight to the same filesystem, with the same
+fsync policy (``--durable``: both fsync each shard; ``--no-durable``: neither fsyncs anything). Targets: a local
+folder and a moto S3 server on loopback (through s3fs). Each cell is the median of ``--repeats`` interleaved runs;
+all ratios come from one run of this script.
 
-    .venv/bin/python benchmarks/shard_io.py --images 512 --size 256 --repeats 3 --out benchmarks/results/shard_io.md
+    .venv/bin/python benchmarks/shard_io.py --images 2000 --size 256 --shard-size 1000 --repeats 5 --no-durable \
+        --out benchmarks/results/shard_io.md
 """
 
 from __future__ import annotations
@@ -88,19 +91,33 @@ def raw_write_tar(fs: Any, path: str, samples: list) -> None:
 
 
 def raw_write_parquet(fs: Any, path: str, samples: list) -> None:
+    """The same columns, row groups and compression as our Parquet shards, minus what our layer adds (the
+    per-image sha256 column); written with one plain ``pq.write_table``."""
     table = pa.table(
         {
             "image": [{"bytes": img, "path": f"{key}.jpg"} for key, _, img, _ in samples],
-            "label": [label for _, label, _, _ in samples],
+            "label": pa.array([label for _, label, _, _ in samples], pa.int64()),
             "key": [key for key, _, _, _ in samples],
-            "meta": [json.dumps(meta, sort_keys=True) for _, _, _, meta in samples],
+            "class_name": [f"c{label}" for _, label, _, _ in samples],
+            "source_sample_id": [meta["source_sample_id"] for _, _, _, meta in samples],
+            "replica": pa.array([meta["replica"] for _, _, _, meta in samples], pa.int32()),
+            "seed": pa.array([meta["seed"] for _, _, _, meta in samples], pa.int64()),
+            "prompt": [meta["prompt"] for _, _, _, meta in samples],
+            "negative_prompt": [meta["negative_prompt"] for _, _, _, meta in samples],
+            "meta": [
+                json.dumps({**meta, "key": key, "label": label, "class_name": f"c{label}"}, sort_keys=True)
+                for key, label, _, meta in samples
+            ],
         }
     )
+    compression = {name: "zstd" for name in table.column_names}
+    compression.update({"image.bytes": "none", "image.path": "zstd"})
     with fs.open(path, "wb") as f:
-        pq.write_table(table, f, row_group_size=64)
+        pq.write_table(table, f, row_group_size=64, compression=compression, write_statistics=False)
 
 
 def raw_read_tar(fs: Any, path: str) -> tuple[int, int]:
+    """Plain ``tarfile`` streaming read that yields what our reader yields: image bytes, label, decoded JSON."""
     n = nbytes = 0
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for m in tar:
@@ -108,14 +125,24 @@ def raw_read_tar(fs: Any, path: str) -> tuple[int, int]:
             if m.name.endswith(".jpg"):
                 n += 1
                 nbytes += len(data)
+            elif m.name.endswith(".cls"):
+                int(data)
+            elif m.name.endswith(".json"):
+                json.loads(data)
     return n, nbytes
 
 
 def raw_read_parquet(fs: Any, path: str) -> tuple[int, int]:
+    """One ``pq.read_table``, then per row what our reader yields: image bytes, label, decoded JSON."""
     with fs.open(path, "rb") as f:
-        t = pq.read_table(f)
-    imgs = t.column("image").combine_chunks().field("bytes").to_pylist()
-    return len(imgs), sum(len(b) for b in imgs)
+        t = pq.read_table(f, columns=["image", "label", "key", "meta"])
+    n = nbytes = 0
+    for row in t.to_pylist():
+        int(row["label"])
+        json.loads(row["meta"])
+        n += 1
+        nbytes += len(row["image"]["bytes"])
+    return n, nbytes
 
 
 # ---- ours -----------------------------------------------------------------------------------------------
@@ -137,9 +164,16 @@ def ours_read(store: Store) -> tuple[int, int]:
     return n, nbytes
 
 
-def raw_write_all(raw_w: Callable, fs: Any, paths: list[str], plans: list) -> None:
+def raw_write_all(raw_w: Callable, fs: Any, paths: list[str], plans: list, durable: bool) -> None:
     for path, plan in zip(paths, plans, strict=True):
         raw_w(fs, path, plan.items)
+        if durable and "file" in fs.protocol:
+            # Same fsync policy as ours: a durable local shard is flushed to the device before it counts as written.
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def raw_read_all(raw_r: Callable, fs: Any, paths: list[str]) -> list[tuple[int, int]]:
@@ -171,7 +205,7 @@ def bench_target(
             raw_store.exists("warm-up"), our_store.exists("warm-up")
             # Interleave raw and ours so machine noise hits both alike.
             paths = [f"{raw_dir}/{p.name}.{ext}" for p in plans]
-            t, _ = timed(raw_write_all, raw_w, raw_store.fs, paths, plans)
+            t, _ = timed(raw_write_all, raw_w, raw_store.fs, paths, plans, durable)
             times["raw_write"].append(t)
             t, _ = timed(ours_write, our_store, fmt, plans, durable)
             times["ours_write"].append(t)

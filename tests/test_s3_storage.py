@@ -7,22 +7,25 @@ SIGKILL of the writing process at random points, then resume.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
 from support.s3 import S3Env, faulty_s3, moto, s3  # noqa: F401 - pytest fixtures
-from test_shards import KILL_PER_CLASS, item_key, items_for, kill_loop, mini_build, plan_shards
+from test_shards import KILL_PER_CLASS, item_key, items_for, kill_loop, mini_build, plan_shards, record_for
 
 from realfake.config import ShardConfig
 from realfake.data.card import inspect_version, verify_version
 from realfake.data.shards import (
     COMMITS_DIR,
     LeaseHeldError,
+    ShardWriter,
     VersionLease,
     committed_shards,
     iter_synthetic,
     partial_shards,
     read_index,
+    verify_shard,
 )
 from realfake.data.storage import version_store
 
@@ -56,6 +59,36 @@ def test_write_commit_resume_verify_on_s3(s3: S3Env, fmt: str) -> None:  # noqa:
     assert [c.name for c in redone] == [victim]
     assert store.read_bytes("synthetic", f"{victim}.{ext}") == data
     assert verify_version(uri, s3.storage_options) == []
+
+
+@pytest.mark.parametrize("memory_spool_bytes", [1 << 30, 4096], ids=["in-memory", "spilled-to-disk"])
+def test_remote_shards_upload_from_memory_or_from_a_spill_file(
+    s3: S3Env,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    memory_spool_bytes: int,
+) -> None:
+    import realfake.data.shards as shards_mod
+
+    spills: list[str] = []
+    real_mkstemp = shards_mod.tempfile.mkstemp
+    monkeypatch.setattr(shards_mod.tempfile, "mkstemp", lambda **kw: (r := real_mkstemp(**kw), spills.append(r[1]))[0])
+    store = version_store(s3.root, "toy", "v1", s3.storage_options)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for fmt in ("webdataset", "parquet"):
+        writer = ShardWriter(
+            store.child(fmt),
+            ShardConfig(format=fmt, max_count=8),
+            spool_dir=str(spool),
+            memory_spool_bytes=memory_spool_bytes,
+        )
+        commit = writer.write_shard("shard-000000", (record_for(i) for i in items_for(3)))
+        assert commit.count == 9 and commit.bytes > 4096
+        assert verify_shard(store.child(fmt, "synthetic"), commit) == []
+    # Small shards go up straight from memory; large ones spill to spool_dir, which is emptied after the upload.
+    assert len(spills) == (0 if memory_spool_bytes > 4096 else 2)
+    assert all(os.path.dirname(p) == str(spool) for p in spills) and list(spool.iterdir()) == []
 
 
 def test_s3_lease_is_exclusive(s3: S3Env) -> None:  # noqa: F811

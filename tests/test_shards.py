@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
@@ -49,6 +50,7 @@ from realfake.data.shards import (
     plan_pending,
     plan_shards,
     read_index,
+    verify_shard,
 )
 from realfake.data.storage import Store, version_store
 
@@ -330,6 +332,78 @@ def test_committed_shard_is_not_rewritten_and_corruption_is_detected(store: Stor
     writer.write_shard("shard-000000", (record_for(i) for i in items), replace=True)
     assert verify_version(store) == []  # the rewrite is byte-identical, so the card matches again
     assert writer.is_committed("shard-000000", verify=True)
+
+
+def test_tar_shards_are_byte_identical_to_what_tarfile_writes(store: Store) -> None:
+    # The writer builds ustar headers itself (tarfile's are slow); the archive must not change by a byte.
+    # One key is long enough (> 100 bytes with its extension) to need tarfile's own PAX header.
+    recs = [record_for(it) for it in items_for(2)]
+    long_key = "0002_" + "x" * 100 + "_0"
+    recs.append(SyntheticRecord(long_key, 2, CLASSES[2], recs[0].image, {"source_sample_id": "x" * 100}))
+    cfg = ShardConfig(format="webdataset", image_format="png", max_count=100)
+    commit = ShardWriter(store, cfg).write_shard("shard-000000", recs)
+    ours = Path(store.path("synthetic", "shard-000000.tar")).read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for r in recs:
+            meta = json.dumps(
+                {**r.meta, "key": r.key, "label": r.label, "class_name": r.class_name},
+                sort_keys=True,
+                separators=(",", ":"),
+                ensure_ascii=False,
+            ).encode()
+            for name, data in (
+                (f"{r.key}.png", encode_image(r.image, "png")),
+                (f"{r.key}.cls", str(r.label).encode()),
+                (f"{r.key}.json", meta),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(data),
+                    946684800,
+                    0o644,
+                    0,
+                    0,
+                    "",
+                    "",
+                )
+                tar.addfile(info, io.BytesIO(data))
+    assert ours == buf.getvalue()
+    assert commit.sha256 == hashlib.sha256(ours).hexdigest() and commit.bytes == len(ours)
+    index = pq.read_table(store.path("synthetic", commit.index_part)).to_pylist()
+    want = [hashlib.sha256(encode_image(r.image, "png")).hexdigest() for r in recs]
+    assert [r["image_sha256"] for r in index] == want
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_controls_every_fsync_of_a_shard(store: Store, monkeypatch, fmt: str, durable: bool) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    cfg = ShardConfig(format=fmt, max_count=100)
+    ShardWriter(store, cfg, durable=durable).write_shard("shard-000000", [record_for(i) for i in items_for(2)])
+    # durable: the shard file, its index part and its commit record; otherwise none (process-crash safe only).
+    assert len(synced) == (3 if durable else 0)
+    assert verify_shard(store.child("synthetic"), committed_shards(store)[0]) == []
+
+
+def test_a_failing_destination_leaves_no_commit_and_no_file(store: Store, monkeypatch) -> None:
+    class Full(io.BytesIO):
+        def write(self, b):  # noqa: ANN001
+            raise OSError(28, "No space left on device")
+
+    writer = ShardWriter(store, ShardConfig(format="webdataset", max_count=100))
+    opened: list[str] = []
+
+    def open_full(rel: str):  # noqa: ANN202
+        opened.append(rel)
+        return Full(), ""
+
+    monkeypatch.setattr(writer, "_open_dest", open_full)
+    with pytest.raises(OSError, match="No space left"):
+        writer.write_shard("shard-000000", (record_for(i) for i in items_for(2)))
+    assert opened and committed_shards(store) == [] and partial_shards(store) == []
 
 
 def test_bad_records_fail_before_anything_is_committed(store: Store) -> None:

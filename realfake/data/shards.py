@@ -6,9 +6,11 @@ or a Parquet file (the Hugging Face ``Image`` struct plus provenance columns and
 metadata), checks the object landed whole, writes the shard's index rows, and only then writes its commit
 record (``_commits/{name}.json``: count, bytes, sha256 of every file). Readers look only at committed
 shards, so a shard truncated by a crash is never read as data; a re-run skips committed shards and rewrites
-the rest, which costs a killed worker at most its open shard. Object stores have no atomic rename, so remote
-shards are spooled to a local file first and uploaded whole (with retries), and a :class:`VersionLease`
-(exclusive create, heartbeat, stale detection) keeps two builds of one version from clobbering each other.
+the rest, which costs a killed worker at most its open shard. Object stores have no atomic rename, so a remote
+shard is built in memory (or, above a size threshold, in a local spool file) and uploaded whole (with retries),
+and a :class:`VersionLease` (exclusive create, heartbeat, stale detection) keeps two builds of one version from
+clobbering each other. Checksums are computed once, from the bytes as they are written or read, on a helper
+thread, so the protocol costs little over writing the same bytes with ``tarfile`` or pyarrow directly.
 Every byte written derives from the records alone (fixed tar headers, sorted JSON), so the same plan gives
 the same files whatever the number or order of workers.
 """
@@ -21,6 +23,7 @@ import io
 import json
 import logging
 import os
+import queue
 import re
 import socket
 import tarfile
@@ -92,6 +95,8 @@ _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _TAR_MTIME = 946684800  # 2000-01-01: fixed so that identical records give byte-identical tars
 _CHUNK = 1 << 20
+_CHECKSUM_QUEUE = 256  # items in flight to the checksum thread (~ a few MB of samples): bounds memory
+_MEMORY_SPOOL = 256 << 20  # remote shards up to this size are built in memory and put in one request
 _PARQUET_ROW_GROUP = 64  # images per row group: small groups keep `datasets` streaming reads light
 
 # Provenance fields pulled out of ``SyntheticRecord.meta`` into typed columns; the whole dict is kept too.
@@ -297,25 +302,194 @@ def encode_image(image: Image.Image | bytes, image_format: str, quality: int = 9
     return buf.getvalue()
 
 
-class _HashingFile(io.RawIOBase):
-    """A write-only file wrapper that counts and hashes every byte on its way to disk."""
+class _Digest:
+    """A sha256 hex digest that the checksum thread fills in later (see :class:`_Checksummer`)."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
+    __slots__ = ("_hex", "_ready")
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._ready = threading.Event()
+
+    def set(self, hexdigest: str) -> None:
+        self._hex = hexdigest
+        self._ready.set()
+
+    def value(self) -> str:
+        """The digest; waits for the checksum thread. Raises if it failed before getting there."""
+        self._ready.wait()
+        if not self._hex:
+            raise StorageError("checksum thread failed before hashing this image")
+        return self._hex
+
+
+class _Checksummer:
+    """Writes a byte stream to its destination and hashes it, plus single blobs, on a helper thread: one pass.
+
+    Checksums are part of the contract (per image for the index, per file for the commit record), and at SHA-256
+    speed they would cost as much again as building the container. The caller's thread writes (which, like
+    hashlib on large buffers, releases the GIL) while a helper thread hashes, so the hashing overlaps with the
+    encoding and the I/O instead of adding to them. Work is hashed in submission order, :meth:`close` returns the
+    stream's byte count and digest. The queue is bounded, so a slow hash slows the producer instead of holding a
+    whole shard in memory.
+
+    Args:
+        dest: Where the stream goes (a local file or an in-memory spool); None only hashes (readers).
+    """
+
+    def __init__(self, dest: IO[bytes] | None) -> None:
+        self.dest = dest
         self.nbytes = 0
+        self.abandoned = False
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=_CHECKSUM_QUEUE)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="realfake-checksum", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            slot, blob, chunk = item
+            try:
+                if slot is not None and self._error is None:
+                    slot.set(hashlib.sha256(blob).hexdigest())
+                if chunk is not None and self._error is None:
+                    self._sha.update(chunk)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread by close()
+                self._error = self._error or e
+            finally:
+                if slot is not None:
+                    slot._ready.set()  # value() sees no digest and raises instead of waiting forever
+
+    def submit(self, chunk: bytes | None = None, blob: bytes | None = None) -> _Digest | None:
+        """Append ``chunk`` to the stream (written now, hashed on the helper thread) and/or hash ``blob`` alone;
+        returns the blob's :class:`_Digest`. Neither may be modified afterwards."""
+        if self._error is not None:
+            raise self._error
+        slot = None if blob is None else _Digest()
+        if chunk is not None:
+            if self.dest is not None:
+                self.dest.write(chunk)
+            self.nbytes += len(chunk)
+        self._queue.put((slot, blob, chunk))
+        return slot
+
+    def stream(self, chunk: bytes) -> None:
+        """Append bytes to the stream."""
+        self.submit(chunk=chunk)
+
+    def digest(self, blob: bytes) -> _Digest:
+        """The sha256 of one blob, computed on the helper thread (``value()`` waits for it)."""
+        slot = self.submit(blob=blob)
+        assert slot is not None
+        return slot
+
+    def close(self) -> tuple[int, str]:
+        """Finish the stream: returns its byte count and sha256; raises what the helper thread met."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.nbytes, self._sha.hexdigest()
+
+    def abandon(self) -> None:
+        """Stop the helper thread on an error path, dropping what it had not done yet."""
+        self.abandoned = True
+        self._error = self._error or StorageError("checksum stream abandoned")
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+class _ChecksumWriter(io.RawIOBase):
+    """A write-only file handing pyarrow's output to a :class:`_Checksummer` in pieces of about ``_CHUNK`` bytes.
+
+    pyarrow writes each page header and page separately; coalescing them keeps the hand-offs to the checksum
+    thread (and the GIL round trips they cost) to a few per row group.
+    """
+
+    def __init__(self, sums: _Checksummer) -> None:
+        self.sums = sums
+        self._buf = bytearray()
+        self._pos = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
-        n = self.raw.write(b)
-        self.sha.update(b)
-        self.nbytes += len(b)
-        return n if n is not None else len(b)
+        n = len(b) if not isinstance(b, memoryview) else b.nbytes
+        if self.sums.abandoned:
+            return n  # the shard is being thrown away: pyarrow's closing writes go nowhere
+        self._buf += b  # copied: the caller may reuse its buffer once write() returns
+        self._pos += n
+        if len(self._buf) >= _CHUNK:
+            self.flush()
+        return n
+
+    def flush(self) -> None:
+        if self._buf and not self.sums.abandoned:
+            self.sums.stream(bytes(self._buf))
+        self._buf = bytearray()
 
     def tell(self) -> int:
-        return self.nbytes
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+        super().close()
+
+
+class _Spool(io.RawIOBase):
+    """Where a remote shard is built before its upload: memory up to ``memory_limit`` bytes, then a local file.
+
+    A shard that fits in memory goes up in one ``put`` of the bytes already in hand (no disk write and read back);
+    a larger one spills to a temp file in ``spool_dir`` and is uploaded from there. Either way the whole object
+    is still in hand after the upload, so a failed request is retried without re-running the generator.
+    """
+
+    def __init__(self, memory_limit: int, spool_dir: str | None, label: str) -> None:
+        self.memory_limit = memory_limit
+        self.spool_dir = spool_dir
+        self.label = label
+        self._mem: io.BytesIO | None = io.BytesIO()
+        self._file: IO[bytes] | None = None
+        self.path = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        if self._mem is not None and self._mem.tell() + len(b) > self.memory_limit:
+            fd, self.path = tempfile.mkstemp(prefix="realfake-shard-", suffix=f"-{self.label}", dir=self.spool_dir)
+            self._file = os.fdopen(fd, "wb")
+            self._file.write(self._mem.getbuffer())
+            self._mem = None
+        return (self._mem if self._mem is not None else self._file).write(b)  # type: ignore[union-attr]
+
+    @property
+    def in_memory(self) -> bool:
+        return self._mem is not None
+
+    def getvalue(self) -> bytes:
+        assert self._mem is not None
+        return self._mem.getvalue()
+
+    def close(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        super().close()
+
+    def discard(self) -> None:
+        """Close and delete whatever the spool holds."""
+        self.close()
+        self._mem = None
+        if self.path and os.path.exists(self.path):
+            os.unlink(self.path)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -326,38 +500,62 @@ def _sample_json(rec: SyntheticRecord) -> dict[str, Any]:
     return {**rec.meta, "key": rec.key, "label": int(rec.label), "class_name": rec.class_name}
 
 
-class _TarPart:
-    """One WebDataset tar being written to a local file.
+def _ustar_fields() -> tuple[bytes, bytes, bytes, int]:
+    """The constant parts of the ustar header of a regular member with our fixed metadata, and their byte sum."""
+    mode_ids = b"%07o\0" % 0o644 + b"%07o\0" % 0 + b"%07o\0" % 0  # mode, uid, gid
+    mtime = b"%011o\0" % _TAR_MTIME
+    tail = tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC + b"\0" * (32 + 32 + 8 + 8 + 155 + 12)
+    return mode_ids, mtime, tail, sum(mode_ids) + sum(mtime) + sum(tail) + 8 * ord(" ")
 
-    tarfile emits a dozen small writes per member; they land in an in-memory buffer that goes to the file and
-    the running checksum once per sample, which keeps the per-byte work in C.
+
+_USTAR_MODE_IDS, _USTAR_MTIME, _USTAR_TAIL, _USTAR_CONST_SUM = _ustar_fields()
+_TAR_MAX_SIZE = 8**11  # ustar's 11 octal digits; larger members need tarfile's PAX headers
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The header tarfile writes for a regular member ``name`` of ``size`` bytes with our fixed metadata.
+
+    Byte for byte what ``TarInfo.tobuf(PAX_FORMAT)`` gives (a plain ustar block when the name is ASCII and at most
+    100 bytes), built without tarfile's generic per-field machinery, which costs more than hashing the payload.
     """
-
-    def __init__(self, path: str) -> None:
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.out = _HashingFile(self._f)
-        self._buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
-        self.count = 0
-
-    def _drain(self) -> None:
-        self.out.write(self._buf.getbuffer())
-        self._buf.seek(0)
-        self._buf.truncate()
-
-    def _member(self, name: str, data: bytes) -> None:
+    raw = name.encode("ascii", "replace")
+    if len(raw) > 100 or size >= _TAR_MAX_SIZE or not name.isascii():
         info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
+        info.size, info.mtime, info.mode = size, _TAR_MTIME, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self.tar.addfile(info, io.BytesIO(data))
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    name_f = raw + b"\0" * (100 - len(raw))
+    size_f = b"%011o\0" % size
+    chksum = _USTAR_CONST_SUM + sum(name_f) + sum(size_f)
+    return b"".join((name_f, _USTAR_MODE_IDS, size_f, _USTAR_MTIME, b"%06o\0 " % chksum, _USTAR_TAIL))
 
-    def add(self, rec: SyntheticRecord, image: bytes, ext: str, sha: str, meta_json: bytes) -> None:
-        self._member(f"{rec.key}.{ext}", image)
-        self._member(f"{rec.key}.cls", str(int(rec.label)).encode())
-        self._member(f"{rec.key}.json", meta_json)
-        self._drain()
+
+def _tar_pad(n: int) -> bytes:
+    return b"\0" * (-n % tarfile.BLOCKSIZE)
+
+
+class _TarPart:
+    """One WebDataset tar being written to ``dest`` (a local file or a :class:`_Spool`).
+
+    Each sample (three members) becomes one buffer handed to the checksum thread, which writes and hashes it;
+    the archive is byte-identical to what ``tarfile`` writes for the same members (tested).
+    """
+
+    def __init__(self, dest: IO[bytes]) -> None:
+        self.sums = _Checksummer(dest)
+        self.count = 0
+
+    def add(self, rec: SyntheticRecord, image: bytes, ext: str, meta_json: bytes) -> _Digest:
+        """Append one sample; returns its image's sha256 (hashed on the checksum thread with the stream)."""
+        cls = b"%d" % int(rec.label)
+        chunks = []
+        for name, data in ((f"{rec.key}.{ext}", image), (f"{rec.key}.cls", cls), (f"{rec.key}.json", meta_json)):
+            chunks += (_tar_header(name, len(data)), data, _tar_pad(len(data)))
+        sha = self.sums.submit(chunk=b"".join(chunks), blob=image)
         self.count += 1
+        assert sha is not None
+        return sha
 
     @staticmethod
     def cost(image: bytes, meta_json: bytes) -> int:
@@ -365,14 +563,15 @@ class _TarPart:
         pad = lambda n: (n + 511) // 512 * 512  # noqa: E731
         return 3 * 512 + pad(len(image)) + 512 + pad(len(meta_json)) + 1024
 
-    def close(self, sync: bool) -> tuple[int, str]:
-        self.tar.close()
-        self._drain()
-        self._f.flush()
-        if sync:
-            os.fsync(self._f.fileno())
-        self._f.close()
-        return self.out.nbytes, self.out.sha.hexdigest()
+    def close(self) -> tuple[int, str]:
+        """Finish the tar as tarfile does (two zero blocks, then zeros up to a whole record); returns its byte
+        count and sha256 once every byte is in ``dest``."""
+        end = 2 * tarfile.BLOCKSIZE
+        self.sums.stream(b"\0" * (end + (-(self.sums.nbytes + end) % tarfile.RECORDSIZE)))
+        return self.sums.close()
+
+    def abandon(self) -> None:
+        self.sums.abandon()
 
 
 def _hf_features(class_names: Sequence[str] | None) -> dict[str, Any]:
@@ -425,57 +624,92 @@ def _str_or_none(v: Any) -> str | None:
 
 
 class _ParquetPart:
-    """One Parquet shard being written to a local file, in small row groups."""
+    """One Parquet shard being written to ``dest`` (a local file or a :class:`_Spool`), in small row groups.
 
-    def __init__(self, path: str, class_names: Sequence[str] | None) -> None:
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.out = _HashingFile(self._f)
+    A row group is written one group late, so the image checksums it carries (computed on the checksum thread)
+    are ready by then without waiting, and pyarrow's output goes through the same thread to ``dest``.
+    """
+
+    def __init__(self, dest: IO[bytes], class_names: Sequence[str] | None) -> None:
+        self.sums = _Checksummer(dest)
         self.schema = _parquet_schema(class_names)
         # Images are already compressed: compressing them again costs CPU and saves nothing.
         compression = {name: "zstd" for name in self.schema.names}
         compression.update({"image.bytes": "none", "image.path": "zstd"})
-        self.writer = pq.ParquetWriter(self.out, self.schema, compression=compression, write_statistics=False)
-        self.rows: list[dict[str, Any]] = []
+        # Every image is unique, so dictionary-encoding them only hashes megabytes to give up at the page limit.
+        dictionary = [name for name in self.schema.names if name != "image"] + ["image.path"]
+        self.sink = _ChecksumWriter(self.sums)
+        self.writer = pq.ParquetWriter(
+            self.sink,
+            self.schema,
+            compression=compression,
+            use_dictionary=dictionary,
+            write_statistics=False,
+        )
+        self.rows: list[tuple] = []
+        self.ready: list[tuple] = []
         self.count = 0
 
-    def add(self, rec: SyntheticRecord, image: bytes, ext: str, sha: str, meta_json: bytes) -> None:
+    def add(self, rec: SyntheticRecord, image: bytes, ext: str, meta_json: bytes) -> _Digest:
+        """Append one row; returns its image's sha256 (hashed on the checksum thread)."""
+        sha = self.sums.digest(image)
         m = rec.meta
         self.rows.append(
-            {
-                "image": {"bytes": image, "path": f"{rec.key}.{ext}"},
-                "label": int(rec.label),
-                "key": rec.key,
-                "class_name": rec.class_name,
-                "source_sample_id": _str_or_none(m.get("source_sample_id")),
-                "replica": _int_or_none(m.get("replica")),
-                "seed": _int_or_none(m.get("seed")),
-                "prompt": _str_or_none(m.get("prompt")),
-                "negative_prompt": _str_or_none(m.get("negative_prompt")),
-                "image_sha256": sha,
-                "meta": meta_json.decode(),
-            }
+            (
+                image,
+                f"{rec.key}.{ext}",
+                int(rec.label),
+                rec.key,
+                rec.class_name,
+                _str_or_none(m.get("source_sample_id")),
+                _int_or_none(m.get("replica")),
+                _int_or_none(m.get("seed")),
+                _str_or_none(m.get("prompt")),
+                _str_or_none(m.get("negative_prompt")),
+                sha,
+                meta_json.decode(),
+            )
         )
         self.count += 1
         if len(self.rows) >= _PARQUET_ROW_GROUP:
-            self._flush()
+            self._write_group(self.ready)
+            self.ready, self.rows = self.rows, []
+        return sha
 
     @staticmethod
     def cost(image: bytes, meta_json: bytes) -> int:
         return len(image) + len(meta_json) + 256
 
-    def _flush(self) -> None:
-        if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows = []
+    def _write_group(self, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        # Column by column: pyarrow converts a list of scalars in C, where from_pylist walks a dict per row.
+        cols = list(zip(*rows, strict=True))
+        image_t = self.schema.field("image").type
+        image = pa.StructArray.from_arrays(
+            [pa.array(cols[0], pa.binary()), pa.array(cols[1], pa.string())], fields=list(image_t)
+        )
+        shas = [d.value() for d in cols[10]]
+        arrays = [image] + [
+            pa.array(c, self.schema.field(i).type) for i, c in enumerate((*cols[2:10], shas, cols[11]), start=1)
+        ]
+        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
 
-    def close(self, sync: bool) -> tuple[int, str]:
-        self._flush()
+    def close(self) -> tuple[int, str]:
+        """Finish the file; returns its byte count and sha256 once every byte is in ``dest``."""
+        self._write_group(self.ready)
+        self._write_group(self.rows)
+        self.ready, self.rows = [], []
         self.writer.close()
-        self._f.flush()
-        if sync:
-            os.fsync(self._f.fileno())
-        self._f.close()
-        return self.out.nbytes, self.out.sha.hexdigest()
+        self.sink.flush()
+        return self.sums.close()
+
+    def abandon(self) -> None:
+        self.sums.abandon()
+        try:
+            self.writer.close()  # now, quietly, rather than from the garbage collector
+        except Exception as e:  # noqa: BLE001 - the shard is discarded; the original error is what matters
+            log.debug("closing an abandoned Parquet writer: %s", e)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -714,7 +948,7 @@ class VersionLease:
 # Writer
 # --------------------------------------------------------------------------------------------------------
 def _index_row(
-    rec: SyntheticRecord, shard: str, file: str, fmt: str, image: bytes, sha: str, meta_json: bytes
+    rec: SyntheticRecord, shard: str, file: str, fmt: str, image: bytes, sha: str | _Digest, meta_json: bytes
 ) -> dict[str, Any]:
     m = rec.meta
     sampler = m.get("sampler")
@@ -757,8 +991,12 @@ class ShardWriter:
         class_names: Class names by label; Parquet shards then type ``label`` as a ``ClassLabel``.
         retries: Attempts per storage operation (upload, index part, commit) on transient errors.
         backoff_s: First retry delay; doubles per attempt.
-        spool_dir: Local folder for remote shards before upload (default: the system temp folder).
-        durable: fsync local shard files before their commit (survives power loss, not only process death).
+        spool_dir: Local folder for remote shards larger than ``memory_spool_bytes`` before upload (default: the
+            system temp folder).
+        durable: fsync local shard files, index parts and commit records before the commit is visible (survives
+            a power loss, not only the death of the process). Object stores acknowledge a put once stored.
+        memory_spool_bytes: Remote shards up to this size are built in memory and put in one request; larger
+            ones spill to ``spool_dir``.
     """
 
     def __init__(
@@ -773,6 +1011,7 @@ class ShardWriter:
         backoff_s: float = 0.2,
         spool_dir: str | None = None,
         durable: bool = True,
+        memory_spool_bytes: int = _MEMORY_SPOOL,
     ) -> None:
         self.store = store.child(folder)
         self.cfg = cfg
@@ -783,6 +1022,7 @@ class ShardWriter:
         self.backoff_s = backoff_s
         self.spool_dir = spool_dir
         self.durable = durable
+        self.memory_spool_bytes = memory_spool_bytes
         self.writer_id = f"{socket.gethostname()}:{os.getpid()}"
 
     def _commit_path(self, name: str) -> tuple[str, str]:
@@ -812,39 +1052,55 @@ class ShardWriter:
     def _part_path(self, name: str, part: int) -> str:
         return f"{name}.{_EXT[self.cfg.format]}" if part == 0 else f"{name}-{part}.{_EXT[self.cfg.format]}"
 
-    def _open_part(self, local_path: str) -> _TarPart | _ParquetPart:
-        if self.cfg.format == "webdataset":
-            return _TarPart(local_path)
-        return _ParquetPart(local_path, self.class_names)
-
-    def _local_target(self, rel: str) -> str:
+    def _open_dest(self, rel: str) -> tuple[IO[bytes], str]:
+        """Where a shard file is built: a temp file beside its target (local), or a :class:`_Spool` (remote)."""
         if self.store.local:
             target = self.store.path(rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            return f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        fd, tmp = tempfile.mkstemp(prefix="realfake-shard-", suffix=f"-{os.path.basename(rel)}", dir=self.spool_dir)
-        os.close(fd)
-        return tmp
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            return open(tmp, "wb"), tmp  # noqa: SIM115 - closed by _publish / _discard
+        return _Spool(self.memory_spool_bytes, self.spool_dir, os.path.basename(rel)), ""
 
-    def _publish(self, tmp: str, rel: str, nbytes: int) -> None:
-        """Move a finished local file to its place in the store and check it landed whole."""
+    @staticmethod
+    def _discard(dest: IO[bytes], tmp: str) -> None:
+        if isinstance(dest, _Spool):
+            dest.discard()
+        else:
+            dest.close()
+            if tmp and os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _publish(self, dest: IO[bytes], tmp: str, rel: str, nbytes: int) -> None:
+        """Move a finished file to its place in the store and check it landed whole."""
         if self.store.local:
+            dest.flush()
+            if self.durable:
+                os.fsync(dest.fileno())
+            dest.close()
             os.replace(tmp, self.store.path(rel))
             size = os.path.getsize(self.store.path(rel))
         else:
-            _retry(
-                lambda: self.store.fs.put_file(tmp, self.store.path(rel)),
-                f"upload {self.store.uri(rel)}",
-                self.retries,
-                self.backoff_s,
-            )
-            self.store.fs.invalidate_cache(self.store.path(rel))
+            assert isinstance(dest, _Spool)
+            path = self.store.path(rel)
+            if dest.in_memory:
+                data = dest.getvalue()
+                upload = lambda: self.store.fs.pipe_file(path, data)  # noqa: E731
+            else:
+                dest.close()
+                upload = lambda: self.store.fs.put_file(dest.path, path)  # noqa: E731
+            _retry(upload, f"upload {self.store.uri(rel)}", self.retries, self.backoff_s)
+            self.store.fs.invalidate_cache(path)
+            # The object store computed nothing we can trust about what it kept: ask for the size it holds.
             size = _retry(lambda: self.store.size(rel), f"stat {self.store.uri(rel)}", self.retries, self.backoff_s)
         if size != nbytes:
             raise ShardIntegrityError(f"{self.store.uri(rel)} has {size} bytes after writing {nbytes}; not committed")
 
     def write_shard(self, name: str, records: Iterable[SyntheticRecord], replace: bool = False) -> CommitRecord:
         """Write one shard and commit it (commit record last).
+
+        Each file's sha256 and every image's sha256 are computed from the very bytes written, in one pass on a
+        helper thread; after the upload the stored size is checked against the bytes written. Only then are the
+        index part and, last, the commit record written.
 
         Args:
             name: Shard name (a :class:`ShardPlan` name); letters, digits, '_' and '-'.
@@ -866,25 +1122,27 @@ class ShardWriter:
         if self.lease is not None:
             self.lease.check()
         fmt, ext = self.cfg.format, self.cfg.image_format
+        part_cls = _TarPart if fmt == "webdataset" else _ParquetPart
         files: list[ShardFile] = []
         rows: list[dict[str, Any]] = []
         seen: set[str] = set()
         labels: Counter[int] = Counter()
-        part_no, part, part_bytes, tmp = 0, None, 0, ""
+        part: _TarPart | _ParquetPart | None = None
+        dest: IO[bytes] | None = None
+        part_no, part_bytes, tmp = 0, 0, ""
         # A tar ends with zero blocks padded to tarfile's 10 KiB record; reserve them so files stay under max_bytes.
         trailer = tarfile.RECORDSIZE if fmt == "webdataset" else 1024
 
         def close_part() -> None:
-            nonlocal part, part_no
-            assert part is not None
-            done, part = part, None  # closed below whatever happens: the error path must not close it twice
+            nonlocal part, dest, part_no
+            assert part is not None and dest is not None
+            done, out, part, dest = part, dest, None, None  # the error path must not close them twice
             rel = self._part_path(name, part_no)
-            nbytes, sha = done.close(sync=self.durable and self.store.local)
             try:
-                self._publish(tmp, rel, nbytes)
+                nbytes, sha = done.close()
+                self._publish(out, tmp, rel, nbytes)
             finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                self._discard(out, tmp)
             files.append(ShardFile(path=rel, count=done.count, bytes=nbytes, sha256=sha))
             part_no += 1
 
@@ -900,14 +1158,14 @@ class ShardWriter:
                 seen.add(rec.key)
                 image = encode_image(rec.image, ext, self.cfg.jpeg_quality)
                 meta_json = _json_bytes(_sample_json(rec))
-                cost = (_TarPart if fmt == "webdataset" else _ParquetPart).cost(image, meta_json)
+                cost = part_cls.cost(image, meta_json)
                 if part is not None and part.count and part_bytes + cost + trailer > self.cfg.max_bytes:
                     close_part()
                 if part is None:
-                    tmp = self._local_target(self._part_path(name, part_no))
-                    part, part_bytes = self._open_part(tmp), 0
-                sha = hashlib.sha256(image).hexdigest()
-                part.add(rec, image, ext, sha, meta_json)
+                    dest, tmp = self._open_dest(self._part_path(name, part_no))
+                    part = _TarPart(dest) if fmt == "webdataset" else _ParquetPart(dest, self.class_names)
+                    part_bytes = 0
+                sha = part.add(rec, image, ext, meta_json)
                 part_bytes += cost
                 labels[int(rec.label)] += 1
                 rows.append(_index_row(rec, name, self._part_path(name, part_no), ext, image, sha, meta_json))
@@ -916,17 +1174,20 @@ class ShardWriter:
             close_part()
         except BaseException:
             if part is not None:
-                try:
-                    part.close(sync=False)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+                part.abandon()
+            if dest is not None:
+                self._discard(dest, tmp)
             raise
 
+        for r in rows:
+            if isinstance(r["image_sha256"], _Digest):
+                r["image_sha256"] = r["image_sha256"].value()
         index_rel = f"{INDEX_PARTS_DIR}/{name}.parquet"
-        index_data = _table_bytes(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+        # Column lists, not a dict per row: pyarrow converts them in C.
+        index_table = pa.Table.from_pydict({n: [r[n] for r in rows] for n in INDEX_SCHEMA.names}, schema=INDEX_SCHEMA)
+        index_data = _table_bytes(index_table)
         _retry(
-            lambda: self.store.write_bytes(index_data, index_rel),
+            lambda: self.store.write_bytes(index_data, index_rel, durable=self.durable),
             f"write {self.store.uri(index_rel)}",
             self.retries,
             self.backoff_s,
@@ -946,7 +1207,7 @@ class ShardWriter:
             self.lease.check()  # fencing: a build that lost the version must not publish a commit
         payload = json.dumps(commit.to_json(), indent=1, sort_keys=True).encode()
         _retry(
-            lambda: self.store.write_bytes(payload, *self._commit_path(name)),
+            lambda: self.store.write_bytes(payload, *self._commit_path(name), durable=self.durable),
             f"commit {self.store.uri(COMMITS_DIR, name + '.json')}",
             self.retries,
             self.backoff_s,
@@ -1014,12 +1275,11 @@ def _cat(s: Store, paths: list[str]) -> dict[str, bytes]:
 
 
 class _HashingReader(io.RawIOBase):
-    """A read-only wrapper that hashes and counts everything read through it, for checks while streaming."""
+    """A read-only wrapper that hands everything read through it to a hash-only :class:`_Checksummer`."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self.raw = raw
-        self.sha = hashlib.sha256()
-        self.nbytes = 0
+        self.sums = _Checksummer(None)
 
     def readable(self) -> bool:
         return True
@@ -1028,13 +1288,27 @@ class _HashingReader(io.RawIOBase):
         data = self.raw.read(len(b))
         n = len(data)
         b[:n] = data
-        self.sha.update(data)
-        self.nbytes += n
+        if n:
+            self.sums.stream(data)
         return n
 
     def drain(self) -> None:
         while self.readinto(bytearray(_CHUNK)):
             pass
+
+
+def _opened_size(store: Store, raw: IO[bytes], rel: str) -> int:
+    """Size of an object just opened for reading, without another round trip where the handle knows it
+    (fsspec's buffered remote files learn it when opening; local files from fstat)."""
+    size = getattr(raw, "size", None)
+    if isinstance(size, int):
+        return size
+    if store.local:
+        try:
+            return os.fstat(raw.fileno()).st_size
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            pass
+    return int(io_retry(lambda: store.size(rel), f"stat {store.uri(rel)}"))
 
 
 def _iter_tar(f: IO[bytes], path: str, image_format: str) -> Iterator[ShardSample]:
@@ -1085,37 +1359,41 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True) -> Iterat
     """Samples of one committed shard (store rooted at the shard folder), images still encoded.
 
     With ``check``, each file's size is compared before reading (a truncated shard yields nothing) and its
-    sha256 and sample count after; a mismatch raises :class:`ShardIntegrityError`.
+    sha256 and sample count after; a mismatch raises :class:`ShardIntegrityError`. The sha256 is computed on a
+    helper thread from the bytes as they are read, so checking costs no second pass.
     """
     for sf in commit.files:
         uri = store.uri(sf.path)
-        if check:
-            size = io_retry(lambda sf=sf: store.size(sf.path), f"stat {uri}")
-            if size != sf.bytes:
-                raise ShardIntegrityError(f"{uri} has {size} bytes, its commit record says {sf.bytes}")
         with store.open(sf.path) as raw:
-            f = _HashingReader(raw) if check else raw
-            if commit.format == "webdataset":
-                reader = _iter_tar(io.BufferedReader(f, _CHUNK) if check else f, uri, commit.image_format)
-                n = 0
-                for n, sample in enumerate(reader, 1):  # noqa: B007 - n counts samples
-                    yield sample
-            else:
-                # Parquet needs random access: read the (verified-size) object whole, hash it in one pass.
-                data = raw.read()
-                if check:
-                    f.sha.update(data)
-                    f.nbytes = len(data)
-                n = 0
-                for n, sample in enumerate(_iter_parquet(io.BytesIO(data), uri, commit.image_format), 1):  # noqa: B007
-                    yield sample
             if check:
+                size = _opened_size(store, raw, sf.path)
+                if size != sf.bytes:
+                    raise ShardIntegrityError(f"{uri} has {size} bytes, its commit record says {sf.bytes}")
+            hashing = _HashingReader(raw) if check else None
+            try:
+                n = 0
                 if commit.format == "webdataset":
-                    f.drain()  # the tar end-of-archive blocks count towards the checksum
-                if f.sha.hexdigest() != sf.sha256:
-                    raise ShardIntegrityError(f"{uri}: sha256 {f.sha.hexdigest()} does not match its commit record")
-                if n != sf.count:
-                    raise ShardIntegrityError(f"{uri}: {n} samples, its commit record says {sf.count}")
+                    src = io.BufferedReader(hashing, _CHUNK) if hashing is not None else raw
+                    for n, sample in enumerate(_iter_tar(src, uri, commit.image_format), 1):  # noqa: B007
+                        yield sample
+                    if hashing is not None:
+                        hashing.drain()  # the tar end-of-archive blocks count towards the checksum
+                else:
+                    # Parquet needs random access: read the (verified-size) object whole, hash it meanwhile.
+                    data = raw.read()
+                    if hashing is not None:
+                        hashing.sums.stream(data)
+                    for n, sample in enumerate(_iter_parquet(io.BytesIO(data), uri, commit.image_format), 1):  # noqa: B007
+                        yield sample
+                if hashing is not None:
+                    _, digest = hashing.sums.close()
+                    if digest != sf.sha256:
+                        raise ShardIntegrityError(f"{uri}: sha256 {digest} does not match its commit record")
+                    if n != sf.count:
+                        raise ShardIntegrityError(f"{uri}: {n} samples, its commit record says {sf.count}")
+            finally:
+                if hashing is not None:
+                    hashing.sums.abandon()
 
 
 def verify_shard(store: Store, commit: CommitRecord) -> list[str]:

@@ -81,8 +81,16 @@ class Store:
         except Exception as e:  # network / permission errors from any backend
             raise StorageError(f"cannot read {self.uri(*parts)}: {e}") from e
 
-    def write_bytes(self, data: bytes, *parts: str) -> None:
-        """Write a whole object. Local files appear atomically (temp file + rename); object stores put whole."""
+    def write_bytes(self, data: bytes, *parts: str, durable: bool = True) -> None:
+        """Write a whole object. Local files appear atomically (temp file + rename); object stores put whole.
+
+        Args:
+            data: The object's bytes.
+            *parts: Its path relative to the store root.
+            durable: Local files only: fsync before the rename, so the object survives a power loss and not only
+                the death of the process. Without it the rename is still atomic for every reader and crash of the
+                writer; object stores acknowledge a put only once it is stored, so the flag changes nothing there.
+        """
         target = self.path(*parts)
         try:
             if self.local:
@@ -90,8 +98,9 @@ class Store:
                 tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
                 os.replace(tmp, target)
             else:
                 self.fs.pipe_file(target, data)
