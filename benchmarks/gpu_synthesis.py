@@ -1,0 +1,500 @@
+"""GPU throughput of Real-Fake generation and LoRA fine-tuning at Stable Diffusion v1.5 size.
+
+One self-contained script for a lent H100 / H200 node (no Prefect, no network, no downloaded weights): it
+builds SD v1.5's exact component configs with random weights (throughput does not depend on the weights),
+saves them in the diffusers layout, prepares a small dataset version from the bundled handwritten digits
+(manifest, CLIP guidance from a 768-d stand-in encoder, a LoRA adapter), then measures in one process:
+
+* generation images/s at several batch sizes, 512x512, 30 UniPC steps, strength 0.75, CFG 2.0, bf16, SDPA,
+  channels-last, optionally ``torch.compile``: a *reference-style* loop (a stock
+  ``StableDiffusionImg2ImgPipeline`` re-created per batch, LoRA loaded unfused and scaled through
+  ``cross_attention_kwargs``, model CPU offload) against realfake's resident ``SynthesisEngine`` (loaded once,
+  LoRA fused), with the share of wall time spent outside UNet + VAE compute (forward hooks timed with CUDA
+  events), the FLOPs of one image counted by ``torch.utils.flop_counter``, achieved TFLOP/s and the fraction
+  of the card's dense bf16 peak;
+* LoRA fine-tuning samples/s at 512 px, batch 8: realfake's ``finetune`` (VAE latents and text states cached
+  once) against a loop that encodes every batch with the VAE and text encoder at every step.
+
+``--smoke`` runs the same code on CPU with a tiny model in about a minute, to prove the script works.
+
+    python benchmarks/gpu_synthesis.py --out benchmarks/results/gpu_synthesis.json          # on the GPU node
+    python benchmarks/gpu_synthesis.py --smoke --out /tmp/gpu_smoke.json                    # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from realfake.conditioning import encode_prompts, inject_guidance  # noqa: E402
+from realfake.config import BuildConfig, load_config  # noqa: E402
+from realfake.data.storage import Store, version_store  # noqa: E402
+
+__all__ = ["ComputeTimer", "dense_bf16_peak", "engine_run", "main", "prepare_version", "reference_run"]
+
+# Stable Diffusion v1.5 (unet/, vae/, text_encoder/ config.json of the hub checkpoint)
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, act_fn="silu",
+    norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2, act_fn="silu",
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.18215,
+)
+CLIP_L14_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+# Dense (no sparsity) bf16 tensor-core peaks from the vendor data sheets, TFLOP/s; matched by card name.
+BF16_PEAK_TFLOPS = (
+    ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),  # H100 SXM5 / HBM3
+    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+)
+SD15_FLOOR_TFLOP_PER_IMAGE = 39.0  # UNet x 22 steps x 2 (CFG) + VAE encode + decode at 512 px
+
+
+def dense_bf16_peak(name: str) -> float | None:
+    """Dense bf16 peak TFLOP/s of a card by its ``torch.cuda.get_device_name`` (None if unknown)."""
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return peak
+    return None
+
+
+class ComputeTimer:
+    """Time spent inside the UNet and VAE of a pipeline, by forward hooks (CUDA events on GPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.handles: list = []
+        self.open: dict[int, object] = {}
+        self.spans: dict[str, list] = {"unet": [], "vae": []}
+
+    def attach(self, pipe) -> ComputeTimer:
+        for name, module in (("unet", pipe.unet), ("vae", pipe.vae.encoder), ("vae", pipe.vae.decoder)):
+            self.handles.append(module.register_forward_pre_hook(self._start(name)))
+            self.handles.append(module.register_forward_hook(self._stop(name)))
+        return self
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _start(self, name: str):
+        def hook(module, args):
+            self.open[id(module)] = self._now()
+
+        return hook
+
+    def _stop(self, name: str):
+        def hook(module, args, output):
+            self.spans[name].append((self.open.pop(id(module)), self._now()))
+
+        return hook
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {k: sum(a.elapsed_time(b) for a, b in v) / 1000 for k, v in self.spans.items()}
+        return {k: sum(b - a for a, b in v) for k, v in self.spans.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_base(folder: Path, smoke: bool) -> Path:
+    """Random-weight SD v1.5 (or, with ``smoke``, realfake's tiny twin) in the diffusers layout + ``clip/``."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from realfake.models.tiny import TinySpec, build_clip_tokenizer, build_tiny_clip_vision, build_tiny_sd, save_tiny_sd
+
+    if (folder / "model_index.json").exists():
+        return folder
+    tokenizer = build_clip_tokenizer(folder.parent / "tokenizer-src")
+    if smoke:
+        spec = TinySpec()
+        return save_tiny_sd(folder, build_tiny_sd(spec, tokenizer), build_tiny_clip_vision(spec))
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT, bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear")
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), unet=UNet2DConditionModel(**SD15_UNET),
+                                   text_encoder=text, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    # a small vision tower with ViT-L/14's 768-d projection stands in for CLIP image features
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=224, patch_size=32, hidden_size=256,
+                                                            intermediate_size=1024, num_hidden_layers=2,
+                                                            num_attention_heads=4, projection_dim=768))
+    vision.save_pretrained(folder / "clip")
+    CLIPImageProcessor().save_pretrained(folder / "clip")
+    return folder
+
+
+def single_class_folder(dest: Path) -> str:
+    """The bundled digits of one class as an image folder: every batch of the engine can be full-size."""
+    from realfake.data.sources import write_demo_folder
+
+    digits = write_demo_folder("demo_digits", dest.parent / "digits", 32)
+    if not (dest / "zero").exists():
+        shutil.copytree(digits / "0", dest / "zero")
+    return str(dest)
+
+
+def prepare_version(work: Path, base: str, resolution: int, device: str, batch_size: int, steps: int,
+                    ft_steps: int = 2, ft_resolution: int | None = None, ft_batch: int = 2,
+                    lora_scale: float = 0.5, version: str = "bench") -> tuple[BuildConfig, Store]:
+    """Config + store with manifest, guidance and a trained LoRA adapter (scope ``all``)."""
+    from realfake.data.ingest import ingest
+    from realfake.finetune import finetune
+    from realfake.guidance import compute_guidance
+
+    cfg = load_config(data={
+        "dataset": "bench", "version": version, "root": str(work / "out"), "device": device,
+        "source": {"kind": "image_folder", "uri": single_class_folder(work / "src"), "test_fraction": 0.1},
+        "models": {"base": base, "clip": base},
+        "finetune": {"max_steps": ft_steps, "batch_size": ft_batch, "resolution": ft_resolution or resolution,
+                     "checkpoint_every": 10_000, "rank": 4},
+        "synthesis": {"steps": steps, "resolution": resolution, "batch_size": batch_size, "strength": 0.75,
+                      "guidance_scale": 2.0, "scheduler": "unipc", "lora_scale": lora_scale},
+    })
+    store = version_store(cfg.root, cfg.dataset, cfg.version)
+    if not store.exists("real", "manifest.parquet"):
+        ingest(cfg.source, store, workers=4)
+    compute_guidance(cfg, store)
+    if not store.exists("adapters", "all", "pytorch_lora_weights.safetensors"):
+        finetune(cfg, store)
+    return cfg, store
+
+
+def work_items(cfg: BuildConfig, store: Store, n: int):
+    """``n`` work items cycling over the training images (replicas beyond the first have their own seeds)."""
+    from realfake.synthesize import WorkItem, plan_work
+
+    base = plan_work(cfg, store)
+    return [WorkItem(w.sample_id, w.label, w.class_name, w.uri, i // len(base))
+            for i, w in ((i, base[i % len(base)]) for i in range(n))]
+
+
+def engine_run(engine, items: Sequence, device: torch.device) -> dict:
+    """Generate ``items`` with a resident engine; wall time, hook-timed compute and the images."""
+    timer = ComputeTimer(device).attach(engine.pipe)
+    _sync(device)
+    t0 = time.perf_counter()
+    records = list(engine.generate(items))
+    _sync(device)
+    wall = time.perf_counter() - t0
+    timer.detach()
+    return {"wall_s": wall, **{f"{k}_s": v for k, v in timer.seconds().items()}, "images": records}
+
+
+def reference_run(cfg: BuildConfig, store: Store, items: Sequence, device: torch.device, dtype: torch.dtype,
+                  offload: bool) -> dict:
+    """The reference-style loop: per batch, a fresh stock img2img pipeline with the LoRA loaded unfused.
+
+    Conditioning is identical to the engine's (same prompts, guidance slot, negative prompt, per-image
+    seeds), so the two differ only in how the pipeline is held and how the LoRA is applied.
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler
+
+    from realfake.data.manifest import read_guidance
+    from realfake.finetune import load_real_image, local_adapter
+    from realfake.synthesize import _as_sample, image_seed
+
+    syn = cfg.synthesis
+    guidance = read_guidance(store)
+    adapter = local_adapter(store, "all")
+    wall = setup = 0.0
+    compute = {"unet": 0.0, "vae": 0.0}
+    images = []
+    for i in range(0, len(items), syn.batch_size):
+        batch = items[i : i + syn.batch_size]
+        _sync(device)
+        t0 = time.perf_counter()
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(cfg.models.base, dtype=dtype, safety_checker=None,
+                                                              feature_extractor=None, requires_safety_checker=False)
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.load_lora_weights(adapter)
+        if offload and device.type == "cuda":
+            pipe.enable_model_cpu_offload(device=device)
+            run_device = device
+        else:
+            pipe.to(device)
+            run_device = device
+        pipe.set_progress_bar_config(disable=True)
+        _sync(device)
+        setup += time.perf_counter() - t0
+        timer = ComputeTimer(device).attach(pipe)
+        with torch.no_grad():
+            prompts = [f"photo of {w.class_name}" for w in batch]
+            states = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, run_device)
+            guide = torch.stack([torch.from_numpy(guidance[w.sample_id]) for w in batch])
+            states = inject_guidance(states, guide, cfg.guidance.slot)
+            negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [syn.negative_prompt], run_device)
+            sources = [load_real_image(_as_sample(w), syn.resolution) for w in batch]
+            generators = [torch.Generator("cpu").manual_seed(image_seed(cfg.version, w.sample_id, w.replica, syn.seed))
+                          for w in batch]
+            out = pipe(image=sources, strength=syn.strength, num_inference_steps=syn.steps,
+                       guidance_scale=syn.guidance_scale, prompt_embeds=states.to(dtype),
+                       negative_prompt_embeds=negative.expand(len(batch), -1, -1).to(dtype), generator=generators,
+                       cross_attention_kwargs={"scale": syn.lora_scale}, output_type="pil")
+        _sync(device)
+        wall += time.perf_counter() - t0
+        timer.detach()
+        for k, v in timer.seconds().items():
+            compute[k] += v
+        images += out.images
+        del pipe, out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"wall_s": wall, "setup_s": setup, "unet_s": compute["unet"], "vae_s": compute["vae"], "images": images}
+
+
+def flops_per_image(engine, item) -> float:
+    """FLOPs of generating one image, counted by torch's FLOP counter (matmuls, convolutions, SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        list(engine.generate([item]))
+    return float(counter.get_total_flops())
+
+
+def _row(name: str, bs: int, n: int, r: dict, flops: float, peak: float | None) -> dict:
+    ips = n / r["wall_s"]
+    compute = r["unet_s"] + r["vae_s"]
+    tflops = ips * flops / 1e12
+    return {"loop": name, "batch": bs, "images": n, "images_per_s": ips, "wall_s": r["wall_s"],
+            "setup_s": r.get("setup_s", 0.0), "unet_s": r["unet_s"], "vae_s": r["vae_s"],
+            "outside_share": max(0.0, 1 - compute / r["wall_s"]), "tflops": tflops,
+            "peak_fraction": tflops / peak if peak else None}
+
+
+def _mean_abs_diff(a: list, b: list) -> float:
+    import numpy as np
+
+    diffs = [np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).mean() for x, y in zip(a, b, strict=True)]
+    return float(np.mean(diffs))
+
+
+def bench_generation(cfg: BuildConfig, store: Store, device: torch.device, batch_sizes: Sequence[int],
+                     images_for, compile_unet: bool, reference: bool, offload: bool, peak: float | None) -> dict:
+    from realfake.synthesize import SynthesisEngine
+
+    t0 = time.perf_counter()
+    engine = SynthesisEngine(cfg, store)  # loaded once, LoRA fused, channels-last on CUDA
+    _sync(device)
+    load_s = time.perf_counter() - t0
+    dtype = engine.dtype
+    flops = flops_per_image(engine, work_items(cfg, store, 1)[0])
+    if compile_unet:
+        engine.pipe.unet = torch.compile(engine.pipe.unet)
+    rows, agreement = [], {}
+    for bs in batch_sizes:
+        engine.cfg.synthesis.batch_size = bs
+        n = images_for(bs)
+        items = work_items(cfg, store, n)
+        engine_run(engine, items[:bs], device)  # warm-up: kernels, allocator, compilation for this shape
+        ours = engine_run(engine, items, device)
+        rows.append(_row("realfake engine" + (" +compile" if compile_unet else ""), bs, n, ours, flops, peak))
+        if reference:
+            c = cfg.model_copy(update={"synthesis": cfg.synthesis.model_copy(update={"batch_size": bs})})
+            ref = reference_run(c, store, items, device, dtype, offload)
+            rows.append(_row("reference-style" + (" (offload)" if offload and device.type == "cuda" else ""), bs,
+                             n, ref, flops, peak))
+            agreement[bs] = _mean_abs_diff([r.image for r in ours["images"]], ref["images"])
+    return {"engine_load_s": load_s, "flops_per_image": flops, "dtype": str(dtype), "rows": rows,
+            "mean_abs_pixel_diff_engine_vs_reference": agreement}
+
+
+def bench_finetune(cfg: BuildConfig, store: Store, device: torch.device, batch: int, resolution: int,
+                   steps: tuple[int, int]) -> dict:
+    """samples/s of realfake's finetune (latents cached) from two run lengths, and of an uncached loop."""
+    from diffusers import DDPMScheduler
+
+    from realfake.data.manifest import read_guidance, read_manifest
+    from realfake.finetune import _pixels, add_lora, finetune, load_real_image
+    from realfake.losses import min_snr_weights, realfake_loss
+    from realfake.models.loading import load_sd_components
+
+    ft = cfg.finetune.model_copy(update={"batch_size": batch, "resolution": resolution})
+    comps = load_sd_components(cfg.models.base, cfg.models.base_revision, device)
+    if device.type == "cuda":
+        comps["unet"].to(memory_format=torch.channels_last)
+    times = []
+    for s in steps:
+        c = cfg.model_copy(update={"finetune": ft.model_copy(update={"max_steps": s})})
+        _sync(device)
+        t0 = time.perf_counter()
+        finetune(c, store, components=comps)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    cached = batch * (steps[1] - steps[0]) / (times[1] - times[0])
+    fixed = times[0] - steps[0] * batch / cached  # latent/text caching + adapter save
+
+    # uncached: every step decodes its images and runs the VAE encoder and the text encoder again
+    vae, unet, text_encoder, tokenizer = (comps[k] for k in ("vae", "unet", "text_encoder", "tokenizer"))
+    noise_sched = DDPMScheduler.from_config(comps["scheduler"].config)
+    samples = read_manifest(store, "train")
+    guidance = read_guidance(store)
+    add_lora(unet, ft.rank, ft.alpha)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=ft.learning_rate)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    gen = torch.Generator().manual_seed(0)
+    n_steps = steps[1] - steps[0]
+    unet.train()
+
+    def step() -> None:
+        idx = torch.randint(0, len(samples), (batch,), generator=gen).tolist()
+        chosen = [samples[i] for i in idx]
+        px = torch.stack([_pixels(load_real_image(s, resolution)) for s in chosen]).to(device)
+        with torch.no_grad(), autocast:
+            z0 = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
+            states = encode_prompts(tokenizer, text_encoder, [f"photo of {s.class_name}" for s in chosen], device)
+        guide = torch.stack([torch.from_numpy(guidance[s.sample_id]) for s in chosen])
+        states = inject_guidance(states.float(), guide, cfg.guidance.slot)
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        zt = noise_sched.add_noise(z0.float(), noise, t)
+        with autocast:
+            pred = unet(zt, t, states).sample
+        w = min_snr_weights(noise_sched.alphas_cumprod, t, ft.snr_gamma)
+        loss, _ = realfake_loss(pred, noise, w, ft.mmd_weight, ft.mmd_kernel)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    _sync(device)
+    uncached = batch * n_steps / (time.perf_counter() - t0)
+    unet.delete_adapters(unet.active_adapters())
+    return {"batch": batch, "resolution": resolution, "steps": list(steps), "finetune_seconds": times,
+            "cached_samples_per_s": cached, "cache_and_save_s": fixed, "uncached_samples_per_s": uncached}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def markdown(result: dict) -> str:
+    g = result["generation"]
+    head = ["loop", "batch", "images", "images_per_s", "wall_s", "setup_s", "unet_s", "vae_s", "outside_share",
+            "tflops", "peak_fraction"]
+    lines = [f"device: {result['device']} ({result['dtype']}), peak bf16 dense: {_fmt(result['peak_tflops'])} "
+             f"TFLOP/s, FLOPs/image counted: {g['flops_per_image'] / 1e12:.3g} TFLOP "
+             f"(SD v1.5 floor {SD15_FLOOR_TFLOP_PER_IMAGE} at 512 px), engine load {g['engine_load_s']:.1f} s", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in head) + " |" for r in g["rows"]]
+    if g["mean_abs_pixel_diff_engine_vs_reference"]:
+        lines += ["", "mean |engine - reference| per pixel (0-255), same seeds: "
+                  + ", ".join(f"batch {k}: {v:.3g}" for k, v in g["mean_abs_pixel_diff_engine_vs_reference"].items())]
+    if "finetune" in result:
+        f = result["finetune"]
+        lines += ["", f"LoRA fine-tune at {f['resolution']} px, batch {f['batch']}: cached latents "
+                  f"{f['cached_samples_per_s']:.3g} samples/s (one-off caching + save {f['cache_and_save_s']:.1f} s); "
+                  f"uncached {f['uncached_samples_per_s']:.3g} samples/s"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny sizes: proves the script runs")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 8 16 32 (smoke: 1 2)")
+    p.add_argument("--batches", type=int, default=3, help="timed batches per batch size (images = batches x size)")
+    p.add_argument("--min-images", type=int, default=16, help="at least this many timed images per batch size")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps before strength (default 30; smoke 4)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 (smoke 32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's UNet")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference-style loop")
+    p.add_argument("--no-offload", action="store_true", help="reference-style loop without model CPU offload")
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning benchmark")
+    p.add_argument("--ft-steps", type=int, nargs=2, default=None, help="two run lengths (default 5 25; smoke 1 3)")
+    p.add_argument("--workdir", default=None, help="keep models and data here (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="write the results as JSON here (and the table next to it as .md)")
+    a = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not a.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    res = a.resolution or (32 if a.smoke else 512)
+    steps = a.steps or (4 if a.smoke else 30)
+    batch_sizes = a.batch_sizes or ([1, 2] if a.smoke else [1, 8, 16, 32])
+    ft_steps = tuple(a.ft_steps or ((1, 3) if a.smoke else (5, 25)))
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
+        f"{torch.get_num_threads()} threads)"
+    peak = dense_bf16_peak(name) if cuda else None
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="realfake-gpu-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"# {name}; workdir {work}", flush=True)
+    t0 = time.perf_counter()
+    base = str(build_base(work / ("tiny-sd" if a.smoke else "sd15-random"), a.smoke))
+    cfg, store = prepare_version(work, base, res, device.type, batch_sizes[0], steps,
+                                 ft_resolution=min(res, 64) if not a.smoke else res)
+    print(f"# setup {time.perf_counter() - t0:.1f} s", flush=True)
+    result = {"device": name, "peak_tflops": peak, "torch": torch.__version__, "resolution": res, "steps": steps,
+              "strength": 0.75, "guidance_scale": 2.0, "scheduler": "unipc", "compile": a.compile,
+              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
+    gen = bench_generation(cfg, store, device, batch_sizes, lambda bs: max(a.min_images, a.batches * bs),
+                           a.compile, not a.no_reference, not a.no_offload, peak)
+    result["dtype"] = gen["dtype"]
+    result["generation"] = {k: v for k, v in gen.items() if k != "dtype"}
+    if not a.no_finetune:
+        result["finetune"] = bench_finetune(cfg, store, device, 2 if a.smoke else 8, res, ft_steps)
+    table = markdown(result)
+    print(table, flush=True)
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+        out.with_suffix(".md").write_text(table + "\n")
+    if not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
