@@ -154,6 +154,8 @@ class SynthesisConfig(_Strict):
     negative_prompt: str = Field(NEGATIVE_PROMPT, description="Negative prompt for classifier-free guidance.")
     latent_prior: bool = Field(True, description="Start from the real image's noised latent (img2img).")
     batch_size: int = Field(16, ge=1, le=4096, description="Images per denoising batch.")
+    compile: bool = Field(False, description="torch.compile the UNet (after the LoRA is fused); pays off on GPU "
+                          "for long runs.")
     seed: int = Field(0, ge=0, description="Generation seed; each image's seed derives from it and its source.")
 
     @field_validator("prompt_template")

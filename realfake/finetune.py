@@ -146,19 +146,28 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
     # Cache: latents of each image and its mirror, text states per distinct prompt (once per dataset)
     res = ft.resolution
     dtype = torch.float32
-    latents, flipped, prompts = [], [], []
+    sf = vae.config.scaling_factor
+
+    def pixels(chunk: list[RealSample]) -> torch.Tensor:
+        return torch.stack([_pixels(load_real_image(s, res, storage_options)) for s in chunk]).to(device, dtype)
+
+    def encode(px: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        if flip is not None:
+            px = torch.where(flip.to(device)[:, None, None, None], torch.flip(px, dims=[3]), px)
+        return vae.encode(px).latent_dist.mean.cpu() * sf
+
+    prompts = [build_prompt(cfg.synthesis.prompt_template, s.class_name, captions.get(s.sample_id)) for s in samples]
+    lat = lat_flip = None
     with torch.no_grad():
-        for i in range(0, len(samples), 32):
-            chunk = samples[i : i + 32]
-            px = torch.stack([_pixels(load_real_image(s, res, storage_options)) for s in chunk]).to(device, dtype)
-            enc = vae.encode(px).latent_dist
-            latents.append(enc.mean.cpu())
-            flipped.append(vae.encode(torch.flip(px, dims=[3])).latent_dist.mean.cpu() if ft.random_flip else None)
-            prompts += [build_prompt(cfg.synthesis.prompt_template, s.class_name, captions.get(s.sample_id))
-                        for s in chunk]
-        sf = vae.config.scaling_factor
-        lat = torch.cat(latents) * sf
-        lat_flip = torch.cat(flipped) * sf if ft.random_flip else None
+        if ft.cache_latents:
+            plain, mirrored = [], []
+            for i in range(0, len(samples), 32):
+                px = pixels(samples[i : i + 32])
+                plain.append(encode(px))
+                if ft.random_flip:
+                    mirrored.append(encode(torch.flip(px, dims=[3])))
+            lat = torch.cat(plain)
+            lat_flip = torch.cat(mirrored) if ft.random_flip else None
         uniq = sorted(set(prompts))
         text = encode_prompts(tokenizer, text_encoder, uniq, device).cpu()
         prompt_idx = torch.tensor([uniq.index(p) for p in prompts])
@@ -202,10 +211,12 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
         parts: dict[str, float] = {}
         for _ in range(ft.gradient_accumulation):
             idx = torch.randint(0, n, (micro,), generator=gen)
-            z0 = lat[idx]
-            if lat_flip is not None:
-                flip = torch.rand(micro, generator=gen) < 0.5
-                z0 = torch.where(flip[:, None, None, None], lat_flip[idx], z0)
+            flip = torch.rand(micro, generator=gen) < 0.5 if ft.random_flip else None
+            if lat is None:  # no cache: read and encode this batch's images, as the reference script does
+                with torch.no_grad():
+                    z0 = encode(pixels([samples[i] for i in idx.tolist()]), flip)
+            else:
+                z0 = lat[idx] if flip is None else torch.where(flip[:, None, None, None], lat_flip[idx], lat[idx])
             noise = torch.randn(z0.shape, generator=gen)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (micro,), generator=gen)
             zt = noise_sched.add_noise(z0, noise, t).to(device)
@@ -236,7 +247,7 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
     store.write_json({"scope": scope, "config": ft.model_dump(), "images": n, "history": prev + history,
                       "seconds": round(time.time() - t0, 2)}, *folder, "train_log.json")
     store.remove(*ckpt, recursive=True)
-    unet.delete_adapters(unet.active_adapters())  # leave shared components as they came
+    unet.unload_lora()  # leave shared components as they came: base layers back, no peft wrappers
     return AdapterResult(scope, store.uri(*folder), ft.max_steps, time.time() - t0, loss_value, start)
 
 

@@ -7,7 +7,10 @@ fused at ``lora_scale``, classifier-free guidance against the negative prompt, a
 derives from (version, source sample_id, replica, synthesis seed) alone, and every image gets its own
 ``torch.Generator``, so an image does not depend on the batch it falls in or on the number of workers.
 
-The engine loads the pipeline once and keeps it resident across shards; turning the method's parts off
+The engine loads the pipeline once and keeps it resident across shards. A batch that runs the GPU out of
+memory is not fatal: the cache is emptied and the batch retried in halves (down to single images), and
+later batches start at the size that worked; since every image has its own generator, the images are the
+same whatever the batch size. Turning the method's parts off
 (``latent_prior``, ``finetune.enabled``, ``guidance.enabled``) gives the ablation rows, and with all of
 them off it is the paper's baseline: plain text-to-image from the base generator.
 """
@@ -101,11 +104,14 @@ class SynthesisEngine:
         self.pipe.set_progress_bar_config(disable=True)
         if self.device.type == "cuda":
             self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.vae.to(memory_format=torch.channels_last)
         self.base_hash = model_fingerprint(cfg.models.base, cfg.models.base_revision)
         self.guidance = read_guidance(store) if cfg.guidance.enabled else {}
         self.captions = read_captions(store) if cfg.caption.enabled else {}
         self.adapters: dict[str, str] = {}
         self._active_scope: str | None = None
+        self.max_batch = syn.batch_size  # lowered after a GPU out-of-memory error, for the rest of the run
+        self.oom_retries = 0
         if cfg.finetune.enabled:
             scopes = ["all"] if cfg.finetune.scope == "all" else sorted({str(s.label) for s in
                                                                         read_manifest(store, "train")})
@@ -117,6 +123,9 @@ class SynthesisEngine:
                 self.pipe.fuse_lora(lora_scale=syn.lora_scale, adapter_names=["scope_all"])
                 self.pipe.unload_lora_weights()
                 self._active_scope = "all"
+        if syn.compile:
+            # after fusing: the compiled graph holds the final weights, no LoRA branches
+            self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
         with torch.no_grad():
             self.negative = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [syn.negative_prompt],
                                            self.device)
@@ -136,7 +145,7 @@ class SynthesisEngine:
         return build_prompt(self.cfg.synthesis.prompt_template, item.class_name, self.captions.get(item.sample_id))
 
     @torch.no_grad()
-    def _generate_batch(self, items: Sequence[WorkItem]) -> list[SyntheticRecord]:
+    def _generate_batch(self, items: Sequence[WorkItem], sources: list | None = None) -> list[SyntheticRecord]:
         syn, cfg = self.cfg.synthesis, self.cfg
         scope = self._use_scope(items[0].label)
         prompts = [self.prompt_for(w) for w in items]
@@ -155,7 +164,7 @@ class SynthesisEngine:
             output_type="pil",
         )
         if syn.latent_prior:
-            sources = [load_real_image(_as_sample(w), syn.resolution, self.storage_options) for w in items]
+            sources = sources if sources else self._load_sources(items)
             out = self.pipe(image=sources, strength=syn.strength, **kwargs)
         else:
             out = self.pipe(height=syn.resolution, width=syn.resolution, **kwargs)
@@ -174,16 +183,64 @@ class SynthesisEngine:
             for w, img, p, s in zip(items, out.images, prompts, seeds, strict=True)
         ]
 
+    def _batches(self, items: Sequence[WorkItem]) -> list[Sequence[WorkItem]]:
+        # per-class adapters: a batch never mixes classes (one adapter active per batch)
+        per_class = bool(self.adapters) and self.cfg.finetune.scope == "per_class"
+        bs, out, i = self.cfg.synthesis.batch_size, [], 0
+        while i < len(items):
+            j = i
+            while j < len(items) and j - i < bs and (not per_class or items[j].label == items[i].label):
+                j += 1
+            out.append(items[i:j])
+            i = j
+        return out
+
+    def _load_sources(self, items: Sequence[WorkItem]) -> list:
+        if not self.cfg.synthesis.latent_prior:
+            return []
+        res = self.cfg.synthesis.resolution
+        return [load_real_image(_as_sample(w), res, self.storage_options) for w in items]
+
+    def _generate_or_split(self, items: Sequence[WorkItem], sources: list | None = None) -> list[SyntheticRecord]:
+        """Generate a batch; on GPU out-of-memory empty the cache and retry it in halves, down to one image."""
+        try:
+            return self._generate_batch(items, sources)
+        except torch.cuda.OutOfMemoryError as e:
+            if len(items) == 1:
+                raise torch.cuda.OutOfMemoryError(
+                    f"GPU out of memory generating a single image ({items[0].key}) at synthesis.resolution="
+                    f"{self.cfg.synthesis.resolution}; lower the resolution or use a GPU with more memory. "
+                    f"Cause: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                ) from e
+            err = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # outside the except block: the exception's frames (and the tensors they hold) are released first
+        _release_gpu_memory(self.device)
+        half = (len(items) + 1) // 2
+        self.max_batch = min(self.max_batch, half)
+        self.oom_retries += 1
+        log.warning("GPU out of memory on a batch of %d images (%s); cache emptied, retrying as %d + %d; later "
+                    "batches use at most %d", len(items), err, half, len(items) - half, self.max_batch)
+        first, second = (sources[:half], sources[half:]) if sources else (None, None)
+        return self._generate_or_split(items[:half], first) + self._generate_or_split(items[half:], second)
+
     def generate(self, items: Sequence[WorkItem]) -> Iterator[SyntheticRecord]:
         """Generate in batches of ``synthesis.batch_size`` that never mix classes (one adapter per batch)."""
-        bs = self.cfg.synthesis.batch_size
         i = 0
         while i < len(items):
+            bs = self.max_batch
             j = i
             while j < len(items) and j - i < bs and items[j].label == items[i].label:
                 j += 1
-            yield from self._generate_batch(items[i:j])
+            yield from self._generate_or_split(items[i:j])
             i = j
+
+
+def _release_gpu_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _as_sample(w: WorkItem):
@@ -231,7 +288,8 @@ def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None
     seconds = time.time() - t0
     total = len(plan_shards(items, cfg.shards.max_count))
     return {"shards_written": [p.name for p in pending], "shards_total": total, "images": images,
-            "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 3) if images else 0.0}
+            "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 3) if images else 0.0,
+            "oom_retries": getattr(engine, "oom_retries", 0)}
 
 
 def _counting(records, bar):
