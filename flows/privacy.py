@@ -16,8 +16,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from flows.params import ConfigParams
-from realfake.config import BuildConfig
-from realfake.privacy.audit import CopyDetectionConfig, LiraConfig  # moves to realfake.config with PrivacyConfig
+from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig
 from tasks.gpu import ensure_gpu_limit, visible_gpus
 from tasks.privacy import (
     copy_detection_task,

@@ -22,10 +22,14 @@ __all__ = [
     "CaptionConfig",
     "ClassifierConfig",
     "ConfigError",
+    "CopyDetectionConfig",
     "FinetuneConfig",
     "GuidanceConfig",
+    "LiraConfig",
     "ModelsConfig",
     "NEGATIVE_PROMPT",
+    "PrivacyConfig",
+    "ShadowFamily",
     "ShardConfig",
     "SourceConfig",
     "SynthesisConfig",
@@ -225,6 +229,77 @@ class ClassifierConfig(_Strict):
     bce_loss: bool = Field(False, description="Binary cross-entropy instead of softmax cross-entropy (IN-1K recipe).")
     amp: bool = Field(True, description="Mixed precision on CUDA (bf16 where supported, else fp16); no effect on CPU.")
     workers: int = Field(4, ge=0, le=256, description="DataLoader worker processes (0 loads in the main process).")
+
+
+ShadowFamily = Literal["real", "synthetic"]
+
+
+class LiraConfig(_Strict):
+    """Membership inference with shadow pipelines (LiRA, Carlini et al. 2022)."""
+
+    n_shadows: int = Field(
+        16, ge=4, le=1024, description="Shadow pipelines per family (paper: 16). Each is attacked with all the "
+        "others as its shadows, so at least 4 are needed for every example to have IN and OUT shadows.",
+    )
+    split_seed: int = Field(0, ge=0, description="Seed of the random halves (which shadow trains on which image).")
+    paired: bool = Field(
+        False, description="Complementary pairs of halves (each shadow gets exactly half) instead of Carlini's "
+        "per-example split (each image is IN for exactly half of the shadows); paired needs an even n_shadows.",
+    )
+    families: list[ShadowFamily] = Field(
+        ["real", "synthetic"], min_length=1, description="Target families to audit: classifiers trained on the "
+        "real halves directly, and on the Real-Fake synthetic data built from each half.",
+    )
+    fixed_variance: bool = Field(
+        True, description="One pooled variance per side instead of per-example ones; the paper recommends it "
+        "below 64 shadows.",
+    )
+    min_std: float = Field(1e-3, gt=0, description="Floor of every fitted standard deviation, in logit units.")
+    batch_size: int = Field(256, ge=1, le=65536, description="Images per forward pass when scoring the shadows.")
+
+    @model_validator(mode="after")
+    def _pairs_need_even(self) -> LiraConfig:
+        if self.paired and self.n_shadows % 2:
+            raise ValueError(f"lira.paired needs an even lira.n_shadows (complementary pairs), got {self.n_shadows}")
+        return self
+
+
+class CopyDetectionConfig(_Strict):
+    """Nearest real image of every synthetic image under a copy-detection descriptor (SSCD-style)."""
+
+    descriptor: Literal["sscd", "timm", "clip"] = Field(
+        "clip", description="sscd: the SSCD TorchScript file in descriptor_path (recommended; its 0.5 threshold is "
+        "calibrated for copies); timm: a timm backbone (descriptor_model, optional weights file in "
+        "descriptor_path; random weights are for tests only); clip: a CLIP vision model (descriptor_path, or "
+        "the build's models.clip when empty).",
+    )
+    descriptor_path: str | None = Field(
+        None, description="SSCD TorchScript file, timm weights file, or CLIP model folder / hub id, on the worker.",
+    )
+    descriptor_model: str = Field("resnet18", description="timm model name when descriptor is timm.")
+    center: bool | None = Field(
+        None, description="Subtract the mean real descriptor before L2 normalisation (None: for timm and clip, "
+        "whose features share a large common component, not for SSCD, which is trained to be used as is).",
+    )
+    threshold: float = Field(
+        0.5, ge=-1, le=1, description="Cosine similarity at or above which a synthetic image counts as a copy.",
+    )
+    top_k: int = Field(5, ge=1, le=1000, description="Nearest real images kept per synthetic image.")
+    n_pairs: int = Field(16, ge=1, le=256, description="Closest pairs listed and shown side by side.")
+    reference: bool = Field(
+        True, description="Also measure each real image against its nearest other real image, the baseline the "
+        "threshold is read against.",
+    )
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per descriptor forward pass.")
+
+
+class PrivacyConfig(_Strict):
+    """The privacy audits of a dataset version."""
+
+    lira: LiraConfig = Field(default_factory=LiraConfig, description="Membership inference (LiRA).")
+    copy_detection: CopyDetectionConfig = Field(
+        default_factory=CopyDetectionConfig, description="Copy detection against the real training images.",
+    )
 
 
 class BuildConfig(_Strict):

@@ -16,8 +16,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
-from realfake.config import BuildConfig
-from realfake.privacy.audit import CopyDetectionConfig, LiraConfig  # moves to realfake.config with PrivacyConfig
+from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig
 from tasks.artifacts import artifact_key, browser_url
 from tasks.cache import retry_on_transient
 
