@@ -94,7 +94,8 @@ def test_job_template_requests_one_gpu_by_default(template):
 
 def test_deployments_cover_build_and_every_stage(deployments):
     names = {d["name"] for d in deployments["deployments"]}
-    assert {"build", "prepare", "finetune", "synthesize", "synthesize-shards", "train-eval", "regenerate"} <= names
+    assert {"build", "prepare", "finetune", "synthesize", "synthesize-shards", "train-eval", "regenerate",
+            "privacy-audit"} <= names
     pools = {d["work_pool"]["name"] for d in deployments["deployments"]}
     assert pools == {"realfake-process", "realfake-gpu"}
     for d in deployments["deployments"]:
