@@ -28,12 +28,11 @@ ROWS = [
 
 
 def main() -> int:
-    from realfake.measure import feature_mmd, frechet_distance, label_fidelity
-
-    from realfake.build import ablation_config, build_version, store_of, synthetic_dataset, train_eval
+    from realfake.build import ablation_config, build_version, prepare, store_of, synthetic_dataset, train_eval
     from realfake.classify import extract_features
     from realfake.config import load_config
     from realfake.data.loaders import RealImages
+    from realfake.measure import feature_mmd, frechet_distance, label_fidelity
     from realfake.models.loading import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,8 +46,9 @@ def main() -> int:
     base = load_config(args.preset, overrides=[f"root={args.root}", *args.set])
     device = resolve_device(base.device)
     t0 = time.time()
-    real = train_eval(ablation_config(base, latent_prior=True, lora=False, mmd=False, guidance=False,
-                                      version="real"), "real", return_model=True)
+    real_cfg = ablation_config(base, latent_prior=False, lora=False, mmd=False, guidance=False, version="real")
+    prepare(real_cfg)
+    real = train_eval(real_cfg, "real", return_model=True)
     real_model = real.pop("model")
     test_feats = extract_features(real_model, RealImages(store_of(base.model_copy(update={"version": "real"})),
                                                          "test"), device)

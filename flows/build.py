@@ -90,7 +90,10 @@ def _summary(synthesis: dict) -> dict:
 @flow(name="build", log_prints=True, persist_result=True)
 def build_flow(params: BuildParams = BuildParams()) -> dict:
     """Build one synthetic dataset version with the Real-Fake method and measure it."""
+    from realfake.preflight import preflight
+
     cfg = params.to_config()  # validation fails here, before any GPU work
+    preflight(cfg, measure=params.measure)  # models, source and sizes checked in seconds, naming the field
     return run_build_stages(cfg, params)
 
 
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", type=int, default=None, help="shard groups (default: one per visible GPU)")
     p.add_argument("--no-baseline", action="store_true", help="skip the text-to-image baseline version")
     a = p.parse_args(argv)
+    from realfake.redact import install_log_redaction
+
+    install_log_redaction()
     try:
         params = BuildParams(preset=a.preset, config_file=a.config, overrides=a.overrides,
                              fanout={"mode": a.fanout, "groups": a.groups}, compare_baseline=not a.no_baseline)

@@ -76,7 +76,8 @@ def prepare(cfg: BuildConfig, progress: bool = False, storage_options: dict | No
     t0 = time.time()
     res = ingest(cfg.source, store, storage_options, progress=progress)
     out: dict[str, Any] = {"train": res.train, "test": res.test, "rejects": res.rejects, "classes": res.classes,
-                           "reject_reasons": res.reject_reasons, "ingest_s": round(time.time() - t0, 2)}
+                           "reject_reasons": res.reject_reasons, "normalised": res.normalised,
+                           "ingest_warnings": res.warnings, "ingest_s": round(time.time() - t0, 2)}
     if cfg.caption.enabled:
         from realfake.caption import compute_captions
 
@@ -190,6 +191,10 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
     store = store_of(cfg, storage_options)
     device = resolve_device(cfg.device)
     num_classes = len({s.label for s in read_manifest(store)})
+    if num_classes < 2:
+        raise ValueError(
+            f"{store.uri('real', 'manifest.parquet')} has {num_classes} class: a classifier needs at least 2"
+        )
     parts = []
     if data in ("real", "real+synthetic"):
         parts.append(RealImages(store, "train"))
@@ -252,8 +257,10 @@ def build_version(cfg: BuildConfig, progress: bool = False, storage_options: dic
 def run_build(cfg: BuildConfig, compare_baseline: bool = False, measure: bool = True, progress: bool = False,
               storage_options: dict | None = None) -> dict:
     """Build the Real-Fake version (and the baseline), then measure them; returns the report."""
+    from realfake.preflight import preflight
     from realfake.report import measure_versions, write_report
 
+    preflight(cfg, storage_options, measure=measure)  # every field and model checked before any model loads
     t0 = time.time()
     versions = {"realfake": build_version(cfg, progress, storage_options)}
     configs = {"realfake": cfg}

@@ -39,6 +39,9 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from realfake.redact import install_log_redaction
+
+    install_log_redaction()  # credentials from the environment never reach the log
 
 
 @app.command()

@@ -184,9 +184,10 @@ class SynthesisEngine:
         ]
 
     def _batches(self, items: Sequence[WorkItem]) -> list[Sequence[WorkItem]]:
-        # per-class adapters: a batch never mixes classes (one adapter active per batch)
+        # planned with the batch size that fits so far (an out-of-memory split lowers it for later calls; within
+        # this call the split itself halves the batch). Per-class adapters: a batch never mixes classes.
         per_class = bool(self.adapters) and self.cfg.finetune.scope == "per_class"
-        bs, out, i = self.cfg.synthesis.batch_size, [], 0
+        bs, out, i = self.max_batch, [], 0
         while i < len(items):
             j = i
             while j < len(items) and j - i < bs and (not per_class or items[j].label == items[i].label):
@@ -224,15 +225,17 @@ class SynthesisEngine:
         return self._generate_or_split(items[:half], first) + self._generate_or_split(items[half:], second)
 
     def generate(self, items: Sequence[WorkItem]) -> Iterator[SyntheticRecord]:
-        """Generate in batches of ``synthesis.batch_size`` that never mix classes (one adapter per batch)."""
-        i = 0
-        while i < len(items):
-            bs = self.max_batch
-            j = i
-            while j < len(items) and j - i < bs and items[j].label == items[i].label:
-                j += 1
-            yield from self._generate_or_split(items[i:j])
-            i = j
+        """Generate in batches of at most ``max_batch``; the next batch's source images load meanwhile."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        batches = self._batches(items)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._load_sources, batches[0]) if batches else None
+            for k, batch in enumerate(batches):
+                sources = pending.result()
+                if k + 1 < len(batches):
+                    pending = pool.submit(self._load_sources, batches[k + 1])
+                yield from self._generate_or_split(batch, sources)
 
 
 def _release_gpu_memory(device: torch.device) -> None:

@@ -44,8 +44,8 @@ def _write_version(store: Store, rows: list[tuple[str, str, int, np.ndarray]]) -
 
 def _rows() -> list[tuple[str, str, int, np.ndarray]]:
     rng = np.random.default_rng(0)
-    grey = rng.integers(0, 255, (6, 5), dtype=np.uint8)  # mode L: must come back as RGB
-    colour = rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)
+    grey = rng.integers(0, 255, (9, 8), dtype=np.uint8)  # mode L: must come back as RGB (ingest minimum side 8)
+    colour = rng.integers(0, 255, (9, 8, 3), dtype=np.uint8)
     return [("s2", "train", 1, colour), ("s1", "train", 0, grey), ("s3", "test", 1, grey)]
 
 
@@ -66,7 +66,7 @@ def test_real_images_reads_one_split_in_sample_order_as_rgb(store):
     assert len(train) == 2 and train.labels == [0, 1]
     assert train.class_names == {0: "digit 0", 1: "digit 1"}
     image, label = train[0]  # s1: the grey image
-    assert label == 0 and image.mode == "RGB" and image.size == (5, 6)
+    assert label == 0 and image.mode == "RGB" and image.size == (8, 9)
     assert np.array_equal(np.asarray(image)[..., 0], rows[1][3])
     assert np.array_equal(np.asarray(image)[..., 2], rows[1][3])
     image, label = train[1]
@@ -77,7 +77,7 @@ def test_real_images_reads_one_split_in_sample_order_as_rgb(store):
 def test_real_images_applies_the_transform(store):
     _write_version(store, _rows())
     ds = RealImages(store, "train", transform=lambda im: np.asarray(im).shape)
-    assert ds[0] == ((6, 5, 3), 0)
+    assert ds[0] == ((9, 8, 3), 0)
 
 
 def test_real_images_unknown_split_lists_the_present_ones(store):

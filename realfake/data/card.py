@@ -97,7 +97,9 @@ def _real_counts(store: Store) -> dict[str, Any] | None:
 def _rejects(store: Store) -> dict[str, Any]:
     if not _call(store, "exists", *_REJECTS):
         return {"total": 0, "by_reason": {}}
-    reasons = Counter(_call(store, "read_table", *_REJECTS).column("reason").to_pylist())
+    # reasons are "category: detail"; the card counts categories (details are per file)
+    texts = _call(store, "read_table", *_REJECTS).column("reason").to_pylist()
+    reasons = Counter(r.partition(":")[0].strip() for r in texts)
     return {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))}
 
 

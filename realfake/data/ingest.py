@@ -1,68 +1,224 @@
 """Ingest: turn a source folder into ``real/manifest.parquet`` and ``real/rejects.parquet``.
 
-Every file is opened and decoded once; what cannot be used (unreadable, not an image, an empty class
-folder) is written to the rejects table with the reason, never silently dropped, and the run goes on with
-the rest. Labels are the indices of the non-empty classes in sorted folder order. Without ``train/`` and
+The source is untrusted input. Every file is opened and decoded once, in a contained way: a declared size
+above :data:`MAX_PIXELS` is refused from the header before any pixel is decoded (decompression bombs),
+and any decoder failure becomes a reject instead of an exception. What can be used is normalised to 8-bit
+sRGB RGB (EXIF orientation applied; alpha composited on white; 16-bit and float scaled; CMYK and embedded
+colour profiles converted; the first frame of an animation) and what cannot (empty, truncated, not an
+image, too small, exact duplicates, the same bytes under two classes, an empty class) is written to the
+rejects table with a reason ``"<category>: <detail>"`` whose category comes from :data:`REJECT_CATEGORIES`,
+so the card and report can count rejects per category. The run goes on with the rest. Labels are the
+indices, in sorted folder order, of the classes left with at least one image. Without ``train/`` and
 ``test/`` folders, each class is split with a fixed seed so the split never depends on file-system order.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import random
+import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from realfake.config import SourceConfig
 from realfake.data.manifest import MANIFEST, MANIFEST_SCHEMA, REJECTS, REJECTS_SCHEMA
 from realfake.data.sources import ClassFolder, demo_source_folder, scan_image_folder
 from realfake.data.storage import Store
 
-__all__ = ["IngestResult", "decode_image", "ingest", "source_uri"]
+__all__ = [
+    "ALPHA_BACKGROUND",
+    "MAX_PIXELS",
+    "MIN_SIDE",
+    "REJECT_CATEGORIES",
+    "DecodedImage",
+    "IngestResult",
+    "RejectedImage",
+    "decode",
+    "decode_image",
+    "ingest",
+    "reject_category",
+    "source_uri",
+]
 
 log = logging.getLogger(__name__)
-MAX_PIXELS = 40_000_000  # above this a file is treated as a decompression bomb and rejected
+MAX_PIXELS = 40_000_000  # declared width x height above this is a decompression bomb: refused before decoding
+MIN_SIDE = 8  # images with a side below this carry no usable content at any generation resolution
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white: cut-out objects are shot on white
+REJECT_CATEGORIES = (
+    "empty file",
+    "not an image",
+    "truncated",
+    "unreadable",
+    "decompression bomb",
+    "too small",
+    "duplicate",
+    "label conflict",
+    "empty class",
+    "skipped",
+    "unsafe",
+)
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>|\bat 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{8,}")
+_TRUNCATED = ("truncated", "broken data stream", "end of file", "unexpected end", "premature end", "eof")
+
+
+class RejectedImage(ValueError):
+    """Bytes that do not make a usable image; ``str()`` is the reject reason ``"<category>: <detail>"``."""
+
+    def __init__(self, category: str, detail: str) -> None:
+        assert category in REJECT_CATEGORIES, category
+        self.category = category
+        self.detail = _stable(detail)
+        super().__init__(f"{category}: {self.detail}")
+
+
+@dataclass
+class DecodedImage:
+    """A decoded, normalised RGB image and what normalisation did to it (e.g. ``"alpha composited on white"``)."""
+
+    image: Image.Image
+    format: str | None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
 class IngestResult:
+    """Counts of one ingest: samples per split, rejects (total and per category), normalisations, warnings."""
+
     train: int = 0
     test: int = 0
     rejects: int = 0
     classes: list[str] = field(default_factory=list)
     reject_reasons: dict[str, int] = field(default_factory=dict)
+    normalised: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _stable(text: str, limit: int = 200) -> str:
+    """An error text fit for a table that is grouped and diffed: no memory addresses, one line, bounded."""
+    text = _ADDRESS.sub("", " ".join(str(text).split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def reject_category(reason: str) -> str:
+    """The category of a reject reason (the part before the first ``:``), for per-category counts."""
+    return reason.partition(":")[0].strip()
+
+
+def _check_declared_size(img: Image.Image) -> None:
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise RejectedImage("decompression bomb", f"declares {w}x{h} pixels (limit {MAX_PIXELS:,})")
+    if min(w, h) < MIN_SIDE:
+        raise RejectedImage("too small", f"{w}x{h} pixels (a side must be at least {MIN_SIDE})")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth grayscale (I;16*, I, F) scaled to L; PIL's own convert would clip at 255 instead."""
+    a = np.asarray(img)
+    if img.mode == "F":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        peak = 1.0 if a.max(initial=0.0) <= 1.0 and a.min(initial=0.0) >= 0.0 else 255.0
+        scaled = a / peak * 255.0
+    else:
+        a = a.astype(np.int64)
+        peak = 255 if a.max(initial=0) <= 255 else 65535
+        scaled = a * 255.0 / peak
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def _normalise(img: Image.Image) -> tuple[Image.Image, list[str]]:
+    notes: list[str] = []
+    if getattr(img, "is_animated", False):
+        notes.append("animated: first frame used")
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+        if orientation not in (None, 1):
+            img = ImageOps.exif_transpose(img)
+            notes.append("exif orientation applied")
+    except Exception as e:  # noqa: BLE001 - a broken EXIF block is metadata noise; the pixels are fine
+        notes.append("exif unreadable: orientation ignored")
+        log.debug("ignoring unreadable EXIF: %s", e)
+    icc = img.info.get("icc_profile")
+    if icc and img.mode in ("RGB", "CMYK", "L"):
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            img = ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            notes.append("colour profile converted to sRGB")
+        except Exception:  # noqa: BLE001 - a broken profile: fall back to the plain conversion below
+            notes.append("colour profile unreadable: ignored")
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = _to_8bit(img)
+        notes.append("high bit depth scaled to 8-bit")
+    elif mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+    elif mode in ("P", "PA") and ("transparency" in img.info or mode == "PA"):
+        img = img.convert("RGBA")
+    elif mode in ("1", "L", "P"):
+        notes.append("grayscale or palette converted to RGB" if mode != "P" else "palette converted to RGB")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+            img = Image.alpha_composite(background, rgba)
+            notes.append("alpha composited on white")
+        else:
+            img = rgba
+    return img.convert("RGB"), notes
+
+
+def decode(data: bytes) -> DecodedImage:
+    """Decode untrusted bytes into a normalised RGB image.
+
+    The declared size is checked from the header before any pixel is decoded; every failure of the decoders
+    is contained and turned into :class:`RejectedImage`.
+
+    Raises:
+        RejectedImage: the bytes are not a usable image; the message is the reject reason.
+    """
+    if not data:
+        raise RejectedImage("empty file", "0 bytes")
+    with warnings.catch_warnings():
+        # Pillow warns about corrupt tags and about large images: the first are noise for a reject table, and
+        # our own limit (MAX_PIXELS) is below Pillow's warning threshold, so both are silenced here
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))  # parses the header only
+            _check_declared_size(img)
+            img.load()
+            fmt = img.format
+            img, notes = _normalise(img)
+        except RejectedImage:
+            raise
+        except Image.DecompressionBombError as e:
+            # Pillow's own header check fired first (it runs inside open()); report it like ours
+            n = re.search(r"\((\d+) pixels\)", str(e))
+            declared = f"{int(n.group(1)):,} pixels" if n else "a size above Pillow's limit"
+            raise RejectedImage("decompression bomb", f"declares {declared} (limit {MAX_PIXELS:,})") from None
+        except UnidentifiedImageError:
+            raise RejectedImage("not an image", "format not recognised") from None
+        except Exception as e:  # noqa: BLE001 - PIL's decoders raise many types (OSError, SyntaxError, struct...)
+            text = f"{type(e).__name__}: {e}"
+            category = "truncated" if any(t in text.lower() for t in _TRUNCATED) else "unreadable"
+            raise RejectedImage(category, text) from None
+    _check_declared_size(img)  # EXIF rotation swaps sides; a decoder may also report a different size
+    return DecodedImage(img, fmt, tuple(notes))
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode bytes to an RGB image, or raise ValueError with a reason fit for the rejects table."""
-    import io
-
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > MAX_PIXELS:
-                raise ValueError(f"too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS})")
-            img.load()
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise ValueError(f"decompression bomb: {e}") from None
-        except ValueError:
-            raise
-        except Exception as e:  # PIL raises many types for broken files
-            raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
-    from PIL import ImageOps
-
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
+    """Decode bytes to a normalised RGB image, or raise :class:`RejectedImage` (a ``ValueError``) with the reason."""
+    return decode(data).image
 
 
 def source_uri(cfg: SourceConfig) -> str:
@@ -91,22 +247,78 @@ def _relative(root: str, uri: str) -> str:
     return uri[len(root) :].lstrip("/") if uri.startswith(root) else uri
 
 
+def _read_bytes(uri: str, storage_options: dict | None, remote: bool) -> bytes:
+    def read() -> bytes:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+            return f.read()
+
+    if not remote:
+        return read()
+    from realfake.data.shards import io_retry  # object stores drop single requests now and then
+
+    return io_retry(read, f"read {uri}")
+
+
+def _reject(uri: str, class_name: str, split: str | None, reason: str) -> dict:
+    return {"uri": uri, "class_name": class_name, "split": split or "", "reason": reason}
+
+
+def _deduplicate(rows: list[dict], rejects: list[dict], presplit: bool) -> tuple[list[dict], int]:
+    """Drop exact byte duplicates; returns the rows kept and how many train/test pairs were left in place.
+
+    The same bytes under two classes have no defined label: every copy is rejected as a label conflict.
+    Within one class, one copy per split is kept (the first sample_id). A copy in both train and test leaks
+    test images into training (and into the synthetic images made from them): when realfake made the split,
+    the test copy is rejected; a split the user made (train/ and test/ folders) is their benchmark and is
+    left as it is, with a warning.
+    """
+    by_sha: dict[str, list[dict]] = {}
+    for r in rows:
+        by_sha.setdefault(r["sha256"], []).append(r)
+    dropped: set[str] = set()
+    leaks = 0
+    for copies in by_sha.values():
+        if len(copies) == 1:
+            continue
+        folders = sorted({c["_folder"] for c in copies})
+        if len(folders) > 1:
+            others = ", ".join(repr(f) for f in folders)
+            for c in copies:
+                rejects.append(_reject(c["uri"], c["class_name"], c["split"],
+                                       f"label conflict: the same bytes are in classes {others}"))
+                dropped.add(c["sample_id"])
+            continue
+        ordered = sorted(copies, key=lambda c: (c["split"] != "train", c["sample_id"]))
+        kept: dict[str, dict] = {}
+        for c in ordered:
+            first = kept.get(c["split"]) or (None if presplit else kept.get("train"))
+            if first is None:
+                kept[c["split"]] = c
+                continue
+            rejects.append(_reject(c["uri"], c["class_name"], c["split"],
+                                   f"duplicate: same bytes as {first['sample_id']}"))
+            dropped.add(c["sample_id"])
+        leaks += int(len(kept) > 1)
+    return [r for r in rows if r["sample_id"] not in dropped], leaks
+
+
 def ingest(cfg: SourceConfig, store: Store, storage_options: dict | None = None, workers: int = 8,
            progress: bool = False) -> IngestResult:
-    """Scan, decode and split the source; write the manifest and rejects tables of ``store``."""
+    """Scan, decode and split the source; write the manifest and rejects tables of ``store``.
+
+    Raises:
+        FileNotFoundError: the source does not exist or has no usable image at all.
+        ValueError: the source layout is inconsistent (see :func:`~realfake.data.sources.scan_image_folder`).
+    """
     root = source_uri(cfg)
     layout = scan_image_folder(root, storage_options)
-    rejects: list[dict] = []
-    non_empty = sorted({c.folder for c in layout.classes if c.files})
+    remote = "://" in layout.root
+    rejects: list[dict] = [_reject(s.uri, "", s.split, s.reason) for s in layout.skipped]
     for c in layout.classes:
         if not c.files:
-            msg = "empty class folder: no image files" + (" in this split" if c.split else "")
-            log.warning("%s/%s: %s", layout.root, c.folder, msg)
-            rejects.append({"uri": f"{layout.root}/{c.folder}", "class_name": c.class_name, "split": c.split or "",
-                            "reason": msg})
-    if not non_empty:
-        raise FileNotFoundError(f"source {root} has no images in any class folder")
-    label_of = {folder: i for i, folder in enumerate(non_empty)}
+            rejects.append(_reject(f"{layout.root}/{c.folder}" if c.split is None
+                                   else f"{layout.root}/{c.split}/{c.folder}", c.class_name, c.split,
+                                   "empty class: no image files" + (" in this split" if c.split else "")))
     jobs: list[tuple[ClassFolder, str, str]] = []
     for c, split, files in _split([c for c in layout.classes if c.files], cfg.test_fraction, cfg.split_seed):
         if cfg.max_per_class:
@@ -116,50 +328,92 @@ def ingest(cfg: SourceConfig, store: Store, storage_options: dict | None = None,
     def read(job: tuple[ClassFolder, str, str]) -> dict:
         c, split, uri = job
         try:
-            with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-                data = f.read()
-            img = decode_image(data)
-        except (OSError, ValueError) as e:
-            return {"reject": {"uri": uri, "class_name": c.class_name, "split": split, "reason": str(e)}}
+            data = _read_bytes(uri, storage_options, remote)
+        except OSError as e:
+            return {"reject": _reject(uri, c.class_name, split, f"unreadable: {type(e).__name__}: {_stable(e)}")}
+        try:
+            decoded = decode(data)
+        except RejectedImage as e:
+            return {"reject": _reject(uri, c.class_name, split, str(e))}
+        img = decoded.image
         return {
             "row": {
                 "sample_id": _relative(layout.root, uri),
                 "split": split,
-                "label": label_of[c.folder],
                 "class_name": c.class_name,
                 "uri": uri,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "width": img.width,
                 "height": img.height,
-            }
+                "_folder": c.folder,
+            },
+            "notes": decoded.notes,
         }
 
     results: Iterable[dict]
+    notes: Counter[str] = Counter()
+    rows: list[dict] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(read, jobs)
         if progress:
             from tqdm import tqdm
 
             results = tqdm(results, total=len(jobs), desc="ingest", unit="img")
-        rows = []
         for r in results:
             if "row" in r:
                 rows.append(r["row"])
+                notes.update(r["notes"])
             else:
                 rejects.append(r["reject"])
                 log.warning("rejected %s: %s", r["reject"]["uri"], r["reject"]["reason"])
     rows.sort(key=lambda r: r["sample_id"])
+    rows, leaks = _deduplicate(rows, rejects, layout.presplit)
+
+    # Labels come last: a class whose every image was rejected must not leave a gap in the label range.
+    folders = sorted({r["_folder"] for r in rows})
+    label_of = {f: i for i, f in enumerate(folders)}
+    for c in layout.classes:
+        if c.files and c.folder not in label_of:
+            uri = f"{layout.root}/{c.folder}" if c.split is None else f"{layout.root}/{c.split}/{c.folder}"
+            rejects.append(_reject(uri, c.class_name, c.split, "empty class: every image was rejected"))
+    for r in rows:
+        r["label"] = label_of[r.pop("_folder")]
+    if not rows:
+        store.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), *REJECTS)
+        raise FileNotFoundError(
+            f"source {root} has no usable image in any class folder ({len(rejects)} rejected; see "
+            f"{store.uri(*REJECTS)})"
+        )
+    class_names = [next(c.class_name for c in layout.classes if c.folder == f) for f in folders]
+    result_warnings = _layout_warnings(rows, class_names)
+    if leaks:
+        result_warnings.append(f"{leaks} image(s) are in both train/ and test/ (same bytes): the test accuracy "
+                               "will be optimistic; remove them from one of the folders")
+    for w in result_warnings:
+        log.warning("%s: %s", root, w)
     store.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), *MANIFEST)
     store.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), *REJECTS)
-    reasons: dict[str, int] = {}
-    for r in rejects:
-        key = r["reason"].split(":")[0].split(" (")[0]
-        reasons[key] = reasons.get(key, 0) + 1
-    class_names = [next(c.class_name for c in layout.classes if c.folder == f) for f in non_empty]
+    reasons = Counter(reject_category(r["reason"]) for r in rejects)
     return IngestResult(
         train=sum(r["split"] == "train" for r in rows),
         test=sum(r["split"] == "test" for r in rows),
         rejects=len(rejects),
         classes=class_names,
-        reject_reasons=reasons,
+        reject_reasons=dict(sorted(reasons.items())),
+        normalised=dict(sorted(notes.items())),
+        warnings=result_warnings,
     )
+
+
+def _layout_warnings(rows: list[dict], class_names: list[str]) -> list[str]:
+    out = []
+    if len(class_names) < 2:
+        out.append(
+            f"only one class ({class_names[0]!r}): synthesis works, but a classifier needs at least two "
+            "classes, so train_eval / measurement will refuse this dataset"
+        )
+    train_labels = {r["label"] for r in rows if r["split"] == "train"}
+    missing = [class_names[i] for i in range(len(class_names)) if i not in train_labels]
+    if missing:
+        out.append(f"{len(missing)} class(es) have no training image, so no synthetic images: {missing[:10]}")
+    return out

@@ -9,14 +9,14 @@ synthetic shards or a test fixture. Both return RGB PIL images, or whatever ``tr
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import fsspec
 import torch.utils.data
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from realfake.data.ingest import decode_image
 from realfake.data.manifest import RealSample, read_manifest
 from realfake.data.storage import StorageError, Store
 
@@ -68,8 +68,8 @@ class RealImages(torch.utils.data.Dataset):
         sample = self.samples[index]
         data = self._read(sample.uri)
         try:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
+            image = decode_image(data)  # the ingest's normalisation: EXIF rotation, 16-bit, alpha on white
+        except ValueError as e:
             raise ValueError(f"image {sample.uri} (sample {sample.sample_id}) cannot be decoded: {e}") from e
         return (self.transform(image) if self.transform else image), sample.label
 
