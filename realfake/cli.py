@@ -141,11 +141,20 @@ def inspect(uri: str) -> None:
 
 
 @app.command("demo-base")
-def demo_base() -> None:
-    """Pre-train (or find in the cache) the demo's tiny base generator and print its folder."""
+def demo_base(
+    retrain: Annotated[bool, typer.Option(help="Train from scratch into the cache, not the shipped copy.")] = False,
+    out: Annotated[str | None, typer.Option(help="Copy the resulting folder here (to re-ship it).")] = None,
+) -> None:
+    """Print the demo base folder; --retrain reproduces the shipped pre-trained tiny base from its recipe."""
+    import shutil
+
     from realfake.models.demo_base import ensure_demo_base
 
-    typer.echo(str(ensure_demo_base()))
+    folder = ensure_demo_base(retrain=retrain)
+    if out:
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+        folder = out
+    typer.echo(str(folder))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -82,3 +82,16 @@ def test_demo_base_pretraining_saves_a_loadable_pipeline(tmp_path):
     with torch.no_grad():
         x = torch.zeros(1, 3, 32, 32)
         assert comps["vae"].encode(x).latent_dist.mean.shape == (1, 4, 8, 8)
+
+
+def test_shipped_demo_base_matches_its_recipe_and_loads(monkeypatch, tmp_path):
+    from realfake.models.demo_base import SHIPPED, DemoBaseRecipe, ensure_demo_base, shipped_demo_base
+
+    assert shipped_demo_base() == SHIPPED  # the shipped weights were trained with the current recipe
+    monkeypatch.setenv("REALFAKE_CACHE", str(tmp_path))
+    assert ensure_demo_base() == SHIPPED
+    comps = load_sd_components("realfake-demo-base")  # the special id resolves through the production loader
+    assert comps["unet"].config.cross_attention_dim == 64
+    # a recipe change makes the shipped copy stale: it is not used for a different recipe
+    monkeypatch.setattr(DemoBaseRecipe, "unet_steps", DemoBaseRecipe.unet_steps + 1)
+    assert shipped_demo_base() is None

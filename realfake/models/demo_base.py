@@ -5,7 +5,9 @@ demo mirrors that at toy scale: the ten digits rendered from the TrueType fonts 
 (random size, position, rotation and stroke weight), prompted ``photo of digit N``, teach a tiny SD
 pipeline what digits are; the demo's real data (handwriting) is a different distribution that Real-Fake
 must then match. The trained pipeline is saved in the standard diffusers layout (plus ``clip/``, the tiny
-guidance encoder) in the user cache and loaded back through the production loader like any SD folder.
+guidance encoder) and loaded back through the production loader like any SD folder. The package ships the
+trained copy (``demo_base_weights/``, reproduced by ``realfake demo-base --retrain``); without it, or with
+``REALFAKE_RETRAIN_BASE=1``, the first demo run trains it and caches it in the user cache.
 
 Pre-training runs in three steps: the VAE (reconstruction + small KL), the latent scaling factor (as SD
 did, 1/std of the latents), then the UNet on cached latents with text conditioning, the guidance slot on
@@ -33,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from realfake.conditioning import inject_guidance
 from realfake.models.tiny import TinySpec, build_clip_tokenizer, build_tiny_clip_vision, build_tiny_sd, save_tiny_sd
 
-__all__ = ["DemoBaseRecipe", "ensure_demo_base", "pretrain_demo_base", "render_font_digits"]
+__all__ = ["DemoBaseRecipe", "ensure_demo_base", "pretrain_demo_base", "render_font_digits", "shipped_demo_base"]
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +207,29 @@ def pretrain_demo_base(folder: str | Path, recipe: type[DemoBaseRecipe] = DemoBa
     return folder
 
 
-def ensure_demo_base(progress: bool = True) -> Path:
-    """The cached demo base folder, trained on first use (a file lock keeps concurrent runs from racing)."""
+SHIPPED = Path(__file__).resolve().parent / "demo_base_weights"
+
+
+def shipped_demo_base() -> Path | None:
+    """The pre-trained base shipped in the package, when it was trained with the current recipe."""
+    meta = SHIPPED / "realfake_demo_base.json"
+    if not meta.exists() or not (SHIPPED / "model_index.json").exists():
+        return None
+    return SHIPPED if json.loads(meta.read_text()).get("recipe") == DemoBaseRecipe.key() else None
+
+
+def ensure_demo_base(progress: bool = True, retrain: bool = False) -> Path:
+    """The demo base folder: the shipped pre-trained copy, else the cached one, else trained now and cached.
+
+    The package ships the base that ``realfake demo-base --retrain`` produces (a few MB), so the demo does not
+    spend its first run pre-training; ``retrain=True`` (or ``REALFAKE_RETRAIN_BASE=1``) ignores the shipped
+    copy and trains into the cache. A file lock keeps concurrent runs from training twice.
+    """
     from filelock import FileLock
 
+    retrain = retrain or os.environ.get("REALFAKE_RETRAIN_BASE") == "1"
+    if not retrain and (shipped := shipped_demo_base()) is not None:
+        return shipped
     cache = Path(os.environ.get("REALFAKE_CACHE", Path.home() / ".cache" / "realfake"))
     folder = cache / "models" / f"demo-base-{DemoBaseRecipe.key()}"
     if (folder / "model_index.json").exists():
