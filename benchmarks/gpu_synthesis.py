@@ -40,26 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from realfake.conditioning import encode_prompts, inject_guidance  # noqa: E402
 from realfake.config import BuildConfig, load_config  # noqa: E402
 from realfake.data.storage import Store, version_store  # noqa: E402
+from realfake.models.sd15 import CLIP_L14_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 
 __all__ = ["ComputeTimer", "dense_bf16_peak", "engine_run", "main", "prepare_version", "reference_run"]
 
-# Stable Diffusion v1.5 (unet/, vae/, text_encoder/ config.json of the hub checkpoint)
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, act_fn="silu",
-    norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2, act_fn="silu",
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.18215,
-)
-CLIP_L14_TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-)
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor data sheets, TFLOP/s; matched by card name.
 BF16_PEAK_TFLOPS = (
     ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),  # H100 SXM5 / HBM3
