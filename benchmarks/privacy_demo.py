@@ -28,6 +28,20 @@ from realfake.config import load_config  # noqa: E402
 from realfake.privacy.audit import CopyDetectionConfig, LiraConfig, PrivacyConfig, run_copy_detection, run_lira  # noqa: E402
 
 
+class _Thumbnail(torch.nn.Module):
+    """Grey 16x16 thumbnail of the (normalised) input: near-duplicate detection by downsampled pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 16).flatten(1)
+
+
+def _thumbnail_descriptor(root: Path) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "thumbnail-descriptor.pt"
+    torch.jit.script(_Thumbnail()).save(str(path))
+    return str(path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="./out/privacy-demo", help="Storage root of the audited version.")
@@ -35,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-per-class", type=int, default=20, help="Real images per class and split.")
     p.add_argument("--finetune-steps", type=int, default=60, help="LoRA steps per version (demo preset: 300).")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    p.add_argument("--descriptor", choices=["clip", "thumbnail"], default="thumbnail",
+                   help="copy descriptor: the demo base's (random-init) CLIP tower, or a 16x16 grey thumbnail saved "
+                   "as TorchScript and loaded through the SSCD path (a classic near-duplicate descriptor for small "
+                   "images; SSCD itself cannot be downloaded here)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="Extra a.b=c config overrides.")
     p.add_argument("--write", default=None, help="Markdown file to record the results in.")
     return p.parse_args(argv)
@@ -53,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         *a.overrides,
     ]
     cfg = load_config(preset="demo", overrides=overrides)
-    privacy = PrivacyConfig(lira=LiraConfig(n_shadows=a.shadows), copy_detection=CopyDetectionConfig())
+    copy_cfg = CopyDetectionConfig()
+    if a.descriptor == "thumbnail":
+        copy_cfg = CopyDetectionConfig(descriptor="sscd", descriptor_path=_thumbnail_descriptor(Path(a.root)),
+                                       center=True)
+    privacy = PrivacyConfig(lira=LiraConfig(n_shadows=a.shadows), copy_detection=copy_cfg)
     timings = {}
     t = time.time()
     build_version(cfg)
