@@ -548,10 +548,15 @@ def kill_loop(
     spool = tempfile.mkdtemp(prefix="realfake-kill-spool-")  # a killed writer leaves its spooled shard here
     args = [sys.executable, __file__, root, json.dumps(storage_options or {}), fmt, spool]
     counts = Counter()
-    for _ in range(kills):
+    attempts = 0
+    # keep going until `kills` real kills (bounded): a writer that finished the whole build before its kill
+    # leaves nothing to interrupt, so that build is wiped and the next start begins a fresh one
+    while counts["killed"] < kills and attempts < 3 * kills:
+        attempts += 1
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(*window_s))
-        if proc.poll() is None:
+        finished = proc.poll() is not None
+        if not finished:
             proc.send_signal(signal.SIGKILL)
             counts["killed"] += 1
         else:
@@ -563,6 +568,8 @@ def kill_loop(
         n = len(committed_shards(store))
         counts["max_committed_at_kill"] = max(counts["max_committed_at_kill"], n)
         counts["kills_with_partial_files"] += bool(partial_shards(store))
+        if finished and store.exists():
+            store.fs.rm(store.path(), recursive=True)
     shutil.rmtree(spool, ignore_errors=True)
     return dict(counts)
 
