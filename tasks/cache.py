@@ -21,6 +21,7 @@ from realfake.config import BuildConfig
 from realfake.data.storage import version_store
 
 __all__ = [
+    "TRANSIENT_RETRY",
     "finetune_cache_key",
     "is_transient",
     "prepare_cache_key",
@@ -137,3 +138,7 @@ def retry_on_transient(task: Any, task_run: TaskRun, state: State) -> bool:
     except BaseException as exc:  # noqa: BLE001 - the state's own exception is what we classify
         return is_transient(exc)
     return False
+
+
+# The retry policy of every stage task: twice, after 10 s then 60 s, and only for transient faults.
+TRANSIENT_RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_on_transient}

@@ -18,7 +18,7 @@ from prefect.concurrency.sync import concurrency
 
 from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig
 from tasks.artifacts import artifact_key, browser_url
-from tasks.cache import retry_on_transient
+from tasks.cache import TRANSIENT_RETRY
 
 __all__ = [
     "copy_detection_task",
@@ -30,16 +30,13 @@ __all__ = [
     "synthetic_shadow_task",
 ]
 
-_RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_on_transient}
-
-
 def _audit() -> Any:
     from realfake.privacy import audit
 
     return audit
 
 
-@task(name="privacy-plan", tags=["realfake", "cpu"], **_RETRY)
+@task(name="privacy-plan", tags=["realfake", "cpu"], **TRANSIENT_RETRY)
 def plan_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
     """Prepare the version if needed and write the shadow membership of its real training set."""
     plan = _audit().plan_lira(cfg, lira)
@@ -48,7 +45,7 @@ def plan_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
     return plan
 
 
-@task(name="privacy-real-shadow", task_run_name="real-shadow-{index}", tags=["realfake", "gpu"], **_RETRY)
+@task(name="privacy-real-shadow", task_run_name="real-shadow-{index}", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
 def real_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str = "realfake-gpu") -> dict:
     """Train real shadow ``index`` on its half of the real training set, holding one GPU slot."""
     with concurrency(gpu_limit, occupy=1):
@@ -58,7 +55,8 @@ def real_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: 
     return result
 
 
-@task(name="privacy-synthetic-shadow", task_run_name="synthetic-shadow-{index}", tags=["realfake", "gpu"], **_RETRY)
+@task(name="privacy-synthetic-shadow", task_run_name="synthetic-shadow-{index}", tags=["realfake", "gpu"],
+      **TRANSIENT_RETRY)
 def synthetic_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str = "realfake-gpu") -> dict:
     """Build synthetic shadow version ``index`` (fine-tune, synthesize on its half) and train its classifier."""
     with concurrency(gpu_limit, occupy=1):
@@ -72,7 +70,7 @@ def synthetic_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_li
     return result
 
 
-@task(name="privacy-score-lira", tags=["realfake", "cpu"], **_RETRY)
+@task(name="privacy-score-lira", tags=["realfake", "cpu"], **TRANSIENT_RETRY)
 def score_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
     """Online and offline LiRA per family from the stored logits; writes the table and the ROC plot."""
     out = _audit().score_lira(cfg, lira)
@@ -80,7 +78,7 @@ def score_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
     return out
 
 
-@task(name="privacy-copy-detection", tags=["realfake", "gpu"], **_RETRY)
+@task(name="privacy-copy-detection", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
 def copy_detection_task(cfg: BuildConfig, copy: CopyDetectionConfig, gpu_limit: str = "realfake-gpu") -> dict:
     """Embed synthetic and real training images and write the copy-detection report, holding one GPU slot."""
     with concurrency(gpu_limit, occupy=1):

@@ -18,7 +18,7 @@ from prefect.deployments import run_deployment
 
 from realfake.config import BuildConfig
 from realfake.data.storage import version_store
-from tasks.cache import finetune_cache_key, prepare_cache_key, retry_on_transient
+from tasks.cache import TRANSIENT_RETRY, finetune_cache_key, prepare_cache_key
 from tasks.gpu import run_group_process
 
 __all__ = [
@@ -35,9 +35,6 @@ __all__ = [
     "synthesize_group_task",
     "train_eval_task",
 ]
-
-_RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_on_transient}
-
 
 def _build() -> Any:
     from realfake import build
@@ -67,7 +64,7 @@ def adapter_exists(result: dict) -> bool:
     return bool(fs.exists(path))
 
 
-@task(name="prepare", cache_key_fn=prepare_cache_key, persist_result=True, tags=["realfake", "cpu"], **_RETRY)
+@task(name="prepare", cache_key_fn=prepare_cache_key, persist_result=True, tags=["realfake", "cpu"], **TRANSIENT_RETRY)
 def prepare_task(cfg: BuildConfig) -> dict:
     """Ingest the real images, then captions and guidance embeddings; returns the counts."""
     log = get_run_logger()
@@ -89,7 +86,7 @@ def finetune_scopes_task(cfg: BuildConfig) -> list[str]:
     cache_key_fn=finetune_cache_key,
     persist_result=True,
     tags=["realfake", "gpu"],
-    **_RETRY,
+    **TRANSIENT_RETRY,
 )
 def finetune_task(
     cfg: BuildConfig, scope: str = "all", device: str | None = None, gpu_limit: str = "realfake-gpu"
@@ -124,7 +121,7 @@ def plan_task(cfg: BuildConfig) -> list[str]:
     return list(_build().plan_synthesis(cfg))
 
 
-@task(name="synthesize-group", tags=["realfake", "gpu"], **_RETRY)
+@task(name="synthesize-group", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
 def synthesize_group_task(
     cfg: BuildConfig, shard_names: list[str], device: str | None = None, gpu_limit: str = "realfake-gpu"
 ) -> dict:
@@ -171,7 +168,7 @@ def run_shard_group_deployment(deployment: str, parameters: dict, group_index: i
     return {"flow_run_id": str(run.id), "flow_run_name": run.name, "group": group_index}
 
 
-@task(name="finalize", tags=["realfake"], **_RETRY)
+@task(name="finalize", tags=["realfake"], **TRANSIENT_RETRY)
 def finalize_task(cfg: BuildConfig, stats: dict | None = None) -> dict:
     """Write the index and the dataset card (with the build's ``stats``), then verify; returns the card."""
     card = _build().finalize(cfg, stats)
@@ -179,7 +176,7 @@ def finalize_task(cfg: BuildConfig, stats: dict | None = None) -> dict:
     return card
 
 
-@task(name="train-eval", task_run_name="train-eval-{data}", tags=["realfake", "gpu"], **_RETRY)
+@task(name="train-eval", task_run_name="train-eval-{data}", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
 def train_eval_task(cfg: BuildConfig, data: str = "synthetic", gpu_limit: str = "realfake-gpu") -> dict:
     """Train the classifier on ``data`` (real / synthetic / baseline) and test it on the real test split."""
     with concurrency(gpu_limit, occupy=1):
@@ -189,7 +186,7 @@ def train_eval_task(cfg: BuildConfig, data: str = "synthetic", gpu_limit: str = 
     return metrics
 
 
-@task(name="measure", tags=["realfake", "gpu"], **_RETRY)
+@task(name="measure", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
 def measure_task(configs: dict[str, BuildConfig], gpu_limit: str = "realfake-gpu") -> dict:
     """The three measures of each built version (accuracy on real test, label fidelity, feature distances)."""
     from realfake.report import measure_versions
@@ -200,7 +197,7 @@ def measure_task(configs: dict[str, BuildConfig], gpu_limit: str = "realfake-gpu
     return measures
 
 
-@task(name="report", tags=["realfake"], **_RETRY)
+@task(name="report", tags=["realfake"], **TRANSIENT_RETRY)
 def report_task(cfg: BuildConfig, report: dict, configs: dict[str, BuildConfig]) -> dict:
     """Write the report files (markdown, sample grid PNG) next to the version; returns their locations."""
     from realfake.report import write_report

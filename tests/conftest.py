@@ -10,6 +10,16 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def harness():
+    """A throwaway Prefect API on loopback for in-process flow runs (prefect imported only where used)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    torch.set_num_threads(1)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> str:
     """A random-weight tiny SD pipeline folder (diffusers layout) with a tiny CLIP vision tower in clip/."""

@@ -11,10 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.build import build_flow
 from flows.finetune import finetune_flow
@@ -29,13 +27,6 @@ from tasks.versions import promote_latest_task, read_latest
 from tests.support.prefect_server import miniature_params, write_tiny_models
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def harness():
-    torch.set_num_threads(1)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.privacy import PrivacyParams, privacy_flow
 from realfake.build import build_version
@@ -22,13 +20,6 @@ from realfake.privacy.audit import LiraConfig
 from tests.support.prefect_server import miniature_params, write_tiny_models
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def harness():
-    torch.set_num_threads(1)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
