@@ -309,6 +309,7 @@ def bench_generation(cfg: BuildConfig, store: Store, device: torch.device, batch
     rows, agreement = [], {}
     for bs in batch_sizes:
         engine.cfg.synthesis.batch_size = bs
+        engine.max_batch = bs  # the engine plans batches with this (set from the config at load)
         n = images_for(bs)
         items = work_items(cfg, store, n)
         engine_run(engine, items[:bs], device)  # warm-up: kernels, allocator, compilation for this shape

@@ -123,6 +123,10 @@ class SynthesisEngine:
                 self.pipe.fuse_lora(lora_scale=syn.lora_scale, adapter_names=["scope_all"])
                 self.pipe.unload_lora_weights()
                 self._active_scope = "all"
+        if self._active_scope == "all" or not self.adapters:
+            # one matmul for q/k/v (self-attention) and k/v (cross-attention) instead of three or two; done only
+            # with no LoRA layers left in the attention projections (per-class adapters keep them)
+            self.pipe.fuse_qkv_projections()
         if syn.compile:
             # after fusing: the compiled graph holds the final weights, no LoRA branches
             self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
