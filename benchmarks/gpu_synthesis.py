@@ -295,7 +295,8 @@ def _mean_abs_diff(a: list, b: list) -> float:
 
 
 def bench_generation(cfg: BuildConfig, store: Store, device: torch.device, batch_sizes: Sequence[int],
-                     images_for, compile_unet: bool, reference: bool, offload: bool, peak: float | None) -> dict:
+                     images_for, compile_unet: bool, reference: bool, offload: bool, peak: float | None,
+                     tuned: bool = False) -> dict:
     from realfake.synthesize import SynthesisEngine
 
     t0 = time.perf_counter()
@@ -305,6 +306,15 @@ def bench_generation(cfg: BuildConfig, store: Store, device: torch.device, batch
     dtype = engine.dtype
     flops = flops_per_image(engine, work_items(cfg, store, 1)[0])
     if compile_unet:
+        if tuned:
+            # inductor settings of PyTorch's "Accelerating generative AI: diffusion" recipe: 1x1 convolutions as
+            # matmuls, coordinate-descent tuning of the generated kernels
+            import torch._inductor.config as inductor
+
+            inductor.conv_1x1_as_mm = True
+            inductor.coordinate_descent_tuning = True
+            inductor.epilogue_fusion = False
+            inductor.coordinate_descent_check_all_directions = True
         engine.pipe.unet = torch.compile(engine.pipe.unet)
     rows, agreement = [], {}
     for bs in batch_sizes:
@@ -314,7 +324,8 @@ def bench_generation(cfg: BuildConfig, store: Store, device: torch.device, batch
         items = work_items(cfg, store, n)
         engine_run(engine, items[:bs], device)  # warm-up: kernels, allocator, compilation for this shape
         ours = engine_run(engine, items, device)
-        rows.append(_row("realfake engine" + (" +compile" if compile_unet else ""), bs, n, ours, flops, peak))
+        label = "realfake engine" + (" +compile" if compile_unet else "") + (" (tuned inductor)" if tuned else "")
+        rows.append(_row(label, bs, n, ours, flops, peak))
         if reference:
             c = cfg.model_copy(update={"synthesis": cfg.synthesis.model_copy(update={"batch_size": bs})})
             ref = reference_run(c, store, items, device, dtype, offload)
@@ -327,72 +338,33 @@ def bench_generation(cfg: BuildConfig, store: Store, device: torch.device, batch
 
 def bench_finetune(cfg: BuildConfig, store: Store, device: torch.device, batch: int, resolution: int,
                    steps: tuple[int, int]) -> dict:
-    """samples/s of realfake's finetune (latents cached) from two run lengths, and of an uncached loop."""
-    from diffusers import DDPMScheduler
+    """samples/s of realfake's ``finetune`` with VAE latents + text states cached once, and without the cache.
 
-    from realfake.data.manifest import read_guidance, read_manifest
-    from realfake.finetune import _pixels, add_lora, finetune, load_real_image
-    from realfake.losses import min_snr_weights, realfake_loss
+    Each mode runs a warm-up (CUDA context, cuDNN autotuning) and then two run lengths; the per-step rate is the
+    difference of the two, so the one-off work (caching, adapter save) falls out and is reported separately.
+    """
+    from realfake.finetune import finetune
     from realfake.models.loading import load_sd_components
 
-    ft = cfg.finetune.model_copy(update={"batch_size": batch, "resolution": resolution})
     comps = load_sd_components(cfg.models.base, cfg.models.base_revision, device)
     if device.type == "cuda":
         comps["unet"].to(memory_format=torch.channels_last)
-    times = []
-    for s in steps:
-        c = cfg.model_copy(update={"finetune": ft.model_copy(update={"max_steps": s})})
-        _sync(device)
-        t0 = time.perf_counter()
-        finetune(c, store, components=comps)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    cached = batch * (steps[1] - steps[0]) / (times[1] - times[0])
-    fixed = times[0] - steps[0] * batch / cached  # latent/text caching + adapter save
-
-    # uncached: every step decodes its images and runs the VAE encoder and the text encoder again
-    vae, unet, text_encoder, tokenizer = (comps[k] for k in ("vae", "unet", "text_encoder", "tokenizer"))
-    noise_sched = DDPMScheduler.from_config(comps["scheduler"].config)
-    samples = read_manifest(store, "train")
-    guidance = read_guidance(store)
-    add_lora(unet, ft.rank, ft.alpha)
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=ft.learning_rate)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    gen = torch.Generator().manual_seed(0)
-    n_steps = steps[1] - steps[0]
-    unet.train()
-
-    def step() -> None:
-        idx = torch.randint(0, len(samples), (batch,), generator=gen).tolist()
-        chosen = [samples[i] for i in idx]
-        px = torch.stack([_pixels(load_real_image(s, resolution)) for s in chosen]).to(device)
-        with torch.no_grad(), autocast:
-            z0 = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
-            states = encode_prompts(tokenizer, text_encoder, [f"photo of {s.class_name}" for s in chosen], device)
-        guide = torch.stack([torch.from_numpy(guidance[s.sample_id]) for s in chosen])
-        states = inject_guidance(states.float(), guide, cfg.guidance.slot)
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
-        zt = noise_sched.add_noise(z0.float(), noise, t)
-        with autocast:
-            pred = unet(zt, t, states).sample
-        w = min_snr_weights(noise_sched.alphas_cumprod, t, ft.snr_gamma)
-        loss, _ = realfake_loss(pred, noise, w, ft.mmd_weight, ft.mmd_kernel)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    _sync(device)
-    uncached = batch * n_steps / (time.perf_counter() - t0)
-    unet.delete_adapters(unet.active_adapters())
-    return {"batch": batch, "resolution": resolution, "steps": list(steps), "finetune_seconds": times,
-            "cached_samples_per_s": cached, "cache_and_save_s": fixed, "uncached_samples_per_s": uncached}
-
+    out: dict = {"batch": batch, "resolution": resolution, "steps": list(steps)}
+    for mode, cached in (("cached", True), ("uncached", False)):
+        ft = cfg.finetune.model_copy(update={"batch_size": batch, "resolution": resolution, "cache_latents": cached})
+        times = []
+        for s in (steps[0], *steps):  # the first is the warm-up
+            c = cfg.model_copy(update={"finetune": ft.model_copy(update={"max_steps": s})})
+            _sync(device)
+            t0 = time.perf_counter()
+            finetune(c, store, components=comps)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        rate = batch * (steps[1] - steps[0]) / (times[2] - times[1])
+        out[f"{mode}_seconds"] = times
+        out[f"{mode}_samples_per_s"] = rate
+        out[f"{mode}_fixed_s"] = times[1] - steps[0] * batch / rate  # caching (if any), model moves, adapter save
+    return out
 
 def _fmt(v) -> str:
     if v is None:
@@ -401,22 +373,26 @@ def _fmt(v) -> str:
 
 
 def markdown(result: dict) -> str:
-    g = result["generation"]
-    head = ["loop", "batch", "images", "images_per_s", "wall_s", "setup_s", "unet_s", "vae_s", "outside_share",
-            "tflops", "peak_fraction"]
-    lines = [f"device: {result['device']} ({result['dtype']}), peak bf16 dense: {_fmt(result['peak_tflops'])} "
-             f"TFLOP/s, FLOPs/image counted: {g['flops_per_image'] / 1e12:.3g} TFLOP "
-             f"(SD v1.5 floor {SD15_FLOOR_TFLOP_PER_IMAGE} at 512 px), engine load {g['engine_load_s']:.1f} s", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in head) + " |" for r in g["rows"]]
-    if g["mean_abs_pixel_diff_engine_vs_reference"]:
-        lines += ["", "mean |engine - reference| per pixel (0-255), same seeds: "
-                  + ", ".join(f"batch {k}: {v:.3g}" for k, v in g["mean_abs_pixel_diff_engine_vs_reference"].items())]
+    lines = [f"device: {result['device']}, command: {result['command']}"]
+    if "generation" in result:
+        g = result["generation"]
+        head = ["loop", "batch", "images", "images_per_s", "wall_s", "setup_s", "unet_s", "vae_s", "outside_share",
+                "tflops", "peak_fraction"]
+        lines += [f"dtype {result['dtype']}, peak bf16 dense: {_fmt(result['peak_tflops'])} "
+                  f"TFLOP/s, FLOPs/image counted: {g['flops_per_image'] / 1e12:.3g} TFLOP "
+                  f"(SD v1.5 floor {SD15_FLOOR_TFLOP_PER_IMAGE} at 512 px), engine load {g['engine_load_s']:.1f} s", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(_fmt(r[k]) for k in head) + " |" for r in g["rows"]]
+        if g["mean_abs_pixel_diff_engine_vs_reference"]:
+            diffs = g["mean_abs_pixel_diff_engine_vs_reference"].items()
+            lines += ["", "mean |engine - reference| per pixel (0-255), same seeds: "
+                      + ", ".join(f"batch {k}: {v:.3g}" for k, v in diffs)]
     if "finetune" in result:
         f = result["finetune"]
-        lines += ["", f"LoRA fine-tune at {f['resolution']} px, batch {f['batch']}: cached latents "
-                  f"{f['cached_samples_per_s']:.3g} samples/s (one-off caching + save {f['cache_and_save_s']:.1f} s); "
-                  f"uncached {f['uncached_samples_per_s']:.3g} samples/s"]
+        lines += ["", f"LoRA fine-tune (realfake finetune) at {f['resolution']} px, batch {f['batch']}: latents "
+                  f"cached {f['cached_samples_per_s']:.3g} samples/s (one-off work {f['cached_fixed_s']:.1f} s), "
+                  f"uncached {f['uncached_samples_per_s']:.3g} samples/s (one-off {f['uncached_fixed_s']:.1f} s); "
+                  f"ratio {f['cached_samples_per_s'] / f['uncached_samples_per_s']:.2f}x"]
     return "\n".join(lines)
 
 
@@ -429,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="sampling steps before strength (default 30; smoke 4)")
     p.add_argument("--resolution", type=int, default=None, help="default 512 (smoke 32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's UNet")
+    p.add_argument("--inductor-tuned", action="store_true", help="with --compile: 1x1 conv as matmul, coordinate "
+                   "descent tuning")
+    p.add_argument("--no-generation", action="store_true", help="skip the generation benchmark")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-style loop")
     p.add_argument("--no-offload", action="store_true", help="reference-style loop without model CPU offload")
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning benchmark")
@@ -463,12 +442,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = {"device": name, "peak_tflops": peak, "torch": torch.__version__, "resolution": res, "steps": steps,
               "strength": 0.75, "guidance_scale": 2.0, "scheduler": "unipc", "compile": a.compile,
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
-    gen = bench_generation(cfg, store, device, batch_sizes, lambda bs: max(a.min_images, a.batches * bs),
-                           a.compile, not a.no_reference, not a.no_offload, peak)
-    result["dtype"] = gen["dtype"]
-    result["generation"] = {k: v for k, v in gen.items() if k != "dtype"}
-    if not a.no_finetune:
+    if not a.no_finetune:  # first: its numbers are in hand even if a long compile below runs out of time
         result["finetune"] = bench_finetune(cfg, store, device, 2 if a.smoke else 8, res, ft_steps)
+        print(json.dumps(result["finetune"]), flush=True)
+    if not a.no_generation:
+        gen = bench_generation(cfg, store, device, batch_sizes, lambda bs: max(a.min_images, a.batches * bs),
+                               a.compile, not a.no_reference, not a.no_offload, peak, a.inductor_tuned)
+        result["dtype"] = gen["dtype"]
+        result["generation"] = {k: v for k, v in gen.items() if k != "dtype"}
     table = markdown(result)
     print(table, flush=True)
     if a.out:
