@@ -2,7 +2,9 @@
 
 Both sides move identical pre-encoded JPEG images and identical label / JSON payloads, so the ratio isolates what
 the storage layer adds: per-image and per-file sha256, the index part and commit record per shard, the size check
-after upload, ``write_index`` (index + ``_info.json``); on reads the size / sha256 / count checks. The raw baseline
+after upload, ``write_index`` (index + ``_info.json``); on reads the size and count checks a training reader makes
+(``read``) and, separately, the verifying read that adds the sha256 pass (``read+sha256``: ``realfake verify``, a
+resumed build), both against the same raw read. The raw baseline
 is a plain ``tarfile`` stream, or one ``pyarrow.parquet.write_table`` per shard with the same columns, row groups
 and compression as ours minus our per-image sha256 column, written straight to the same filesystem, with the same
 fsync policy (``--durable``: both fsync each shard; ``--no-durable``: neither fsyncs anything). Targets: a local
@@ -154,11 +156,11 @@ def ours_write(store: Store, fmt: str, plans: list, durable: bool) -> None:
     write_index(store)
 
 
-def ours_read(store: Store) -> tuple[int, int]:
+def ours_read(store: Store, checksum: bool = False) -> tuple[int, int]:
     n = nbytes = 0
     s = store.child("synthetic")
     for commit in committed_shards(store):
-        for sample in iter_shard(s, commit, check=True):
+        for sample in iter_shard(s, commit, check=True, checksum=checksum):
             n += 1
             nbytes += len(sample.image)
     return n, nbytes
@@ -196,7 +198,8 @@ def bench_target(
         ("webdataset", "tar", raw_write_tar, raw_read_tar),
         ("parquet", "parquet", raw_write_parquet, raw_read_parquet),
     ):
-        times: dict[str, list[float]] = {"raw_write": [], "ours_write": [], "raw_read": [], "ours_read": []}
+        times: dict[str, list[float]] = {"raw_write": [], "ours_write": [], "raw_read": [], "ours_read": [],
+                                         "raw_read+sha256": [], "ours_read+sha256": []}
         for r in range(repeats):
             raw_store, our_store = store_factory(f"raw-{fmt}-{r}"), store_factory(f"ours-{fmt}-{r}")
             raw_dir = raw_store.path("synthetic")
@@ -213,10 +216,14 @@ def bench_target(
             times["raw_read"].append(t)
             t, got = timed(ours_read, our_store)
             times["ours_read"].append(t)
-            got_ours = [got]
-            assert sum(n for n, _ in got_raw) == got_ours[0][0] == len(samples)
-            assert sum(b for _, b in got_raw) == got_ours[0][1] == payload
-        for op in ("write", "read"):
+            # the verifying read (realfake verify, resume) against the same raw read: what the sha256 pass costs
+            times["raw_read+sha256"].append(times["raw_read"][-1])
+            t, got_checked = timed(ours_read, our_store, True)
+            times["ours_read+sha256"].append(t)
+            got_ours = [got, got_checked]
+            assert sum(n for n, _ in got_raw) == got_ours[0][0] == got_ours[1][0] == len(samples)
+            assert sum(b for _, b in got_raw) == got_ours[0][1] == got_ours[1][1] == payload
+        for op in ("write", "read", "read+sha256"):
             raw_t, our_t = statistics.median(times[f"raw_{op}"]), statistics.median(times[f"ours_{op}"])
             rows.append(
                 {

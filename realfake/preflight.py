@@ -3,10 +3,11 @@
 Pydantic validates each field's type and range (:mod:`realfake.config`); this module checks what needs the
 outside world or several fields at once, in seconds: that every model id names a complete local folder or a
 hub model that can be fetched (in the Hugging Face cache when ``HF_HUB_OFFLINE=1``), that the source folder
-exists and holds enough classes, that the storage root can be reached, that the device exists and that the
-prompt template and classifier recipe are usable. :func:`preflight` collects every problem and raises one
-:class:`PreflightError` naming each field, its value and what to do, so a bad build fails in its first
-seconds instead of after an hour of fine-tuning.
+exists and holds enough classes, that the storage root can be reached, that the device exists, that the
+prompt template and classifier recipe are usable, and that pretrained classifier weights can be loaded (a local
+weights file that reads as a state dict of the model, or timm's pretrained tag in the cache). :func:`preflight`
+collects every problem and raises one :class:`PreflightError` naming each field, its value and what to do, so a
+bad build fails in its first seconds instead of after an hour of fine-tuning.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import posixpath
 import string
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from realfake.config import DEMO_BASE, BuildConfig, ConfigError, SourceConfig
+from realfake.config import DEMO_BASE, BuildConfig, ClassifierConfig, ConfigError, SourceConfig
 from realfake.redact import redact
 
 __all__ = ["PreflightError", "check_model", "preflight"]
@@ -70,8 +72,27 @@ def _check_local(kind: str, folder: Path) -> str | None:
     return f"not a complete model save: missing {', '.join(missing)}" if missing else None
 
 
-def _check_hub(repo_id: str, revision: str | None, filename: str) -> str | None:
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+def _hf_cache(cache_dir: str | None = None) -> str:
+    from huggingface_hub import constants
+
+    # read the environment now, not at huggingface_hub's import: a worker may set these after importing it
+    return cache_dir or os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else constants.HF_HUB_CACHE
+    )
+
+
+def _hf_offline() -> bool:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") or bool(
+        constants.HF_HUB_OFFLINE)
+
+
+def _check_hub(repo_id: str, revision: str | None, filename: str, *, alternatives: tuple[str, ...] = (),
+               cache_dir: str | None = None, instead: str = "point to a local folder") -> str | None:
+    """Why ``filename`` (or one of ``alternatives``) of a hub repo cannot be had: not cached while offline, or the
+    hub does not serve it. ``instead`` ends the advice (the local alternative)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -80,34 +101,33 @@ def _check_hub(repo_id: str, revision: str | None, filename: str) -> str | None:
         RevisionNotFoundError,
     )
 
-    # read the environment now, not at huggingface_hub's import: a worker may set these after importing it
-    cache = os.environ.get("HF_HUB_CACHE") or (
-        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else constants.HF_HUB_CACHE
-    )
-    offline_env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    offline = offline_env or constants.HF_HUB_OFFLINE
+    cache = _hf_cache(cache_dir)
+    names = (filename, *alternatives)
     try:
-        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision)
+        if any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache, revision=revision), str) for f in names):
+            return None
     except HFValidationError:
         return "neither an existing local folder nor a valid hub id (org/name)"
-    if isinstance(cached, str):
-        return None
-    if offline:
+    if _hf_offline():
         return (f"not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1: download it on a machine with "
-                "network access (hf download) or point to a local folder")
-    try:
-        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=10)
-    except GatedRepoError:
-        return "a gated hub model: accept its licence on the hub and set HF_TOKEN"
-    except RepositoryNotFoundError:
-        return "no such hub model (or it is private: set HF_TOKEN)"
-    except RevisionNotFoundError:
-        return f"the hub model has no revision {revision!r}"
-    except EntryNotFoundError:
-        return f"the hub model has no {filename}: is it the right kind of model?"
-    except Exception as e:  # noqa: BLE001 - any network failure means the later load would fail the same way
-        return (f"cannot reach the hub to fetch it ({type(e).__name__}: {redact(str(e))[:160]}); set HF_HUB_OFFLINE=1 "
-                "with the model cached, or point to a local folder")
+                f"network access (hf download {repo_id}) or {instead}")
+    for i, name in enumerate(names):
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, name, revision=revision), timeout=10)
+        except GatedRepoError:
+            return "a gated hub model: accept its licence on the hub and set HF_TOKEN"
+        except RepositoryNotFoundError:
+            return "no such hub model (or it is private: set HF_TOKEN)"
+        except RevisionNotFoundError:
+            return f"the hub model has no revision {revision!r}"
+        except EntryNotFoundError:
+            if i + 1 < len(names):
+                continue
+            return f"the hub model has no {' or '.join(names)}: is it the right kind of model?"
+        except Exception as e:  # noqa: BLE001 - any network failure means the later load would fail the same way
+            return (f"cannot reach the hub to fetch it ({type(e).__name__}: {redact(str(e))[:160]}); set "
+                    f"HF_HUB_OFFLINE=1 with the model cached, or {instead}")
+        return None
     return None
 
 
@@ -193,6 +213,120 @@ def _check_template(template: str) -> str | None:
     return None
 
 
+# model_kwargs that are arguments of timm.create_model about weights, not of the model's constructor
+_TIMM_WEIGHT_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+_LOCAL_WEIGHTS_HINT = "give a local weights file as classifier.model_kwargs.pretrained_cfg_overlay = {file: PATH}"
+
+
+def _check_state_dict(path: str, c: ClassifierConfig) -> str | None:
+    """Why the weights file at ``path`` cannot initialise the classifier ``c.model``, or None.
+
+    The file is read with timm's own loader (safetensors, or ``torch.load`` with ``weights_only``; the
+    ``state_dict`` / ``model`` entry of a training checkpoint), then its tensors are compared, by name and shape,
+    with the model built on the meta device (no memory, no time). The classifier head is left out: timm replaces
+    it when the number of classes differs.
+    """
+    import timm
+    import torch
+
+    file = Path(os.path.expanduser(path))
+    if not file.exists():
+        return "the file does not exist"
+    if not file.is_file():
+        return "is a folder, not a weights file"
+    try:
+        state = timm.models.load_state_dict(str(file))
+    except Exception as e:  # noqa: BLE001 - whatever the reason, timm would fail on it the same way
+        first = redact(str(e).strip().splitlines()[0] if str(e).strip() else "")
+        first = first if len(first) <= 160 else first[:157] + "..."
+        return (f"cannot be read as a state dict ({type(e).__name__}: {first}); save one with "
+                "torch.save(model.state_dict(), PATH) or safetensors' save_file")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        return "holds no tensors: not a state dict"
+    arch = timm.models.get_arch_name(c.model)
+    try:
+        with torch.device("meta"):
+            own = timm.create_model(arch, pretrained=False, **_plain_kwargs(c)).state_dict()
+    except Exception:  # noqa: BLE001 - a recipe timm cannot build: the training stage reports it with its own error
+        return None
+    pcfg = timm.models.get_pretrained_cfg(c.model)
+    heads = pcfg.classifier if pcfg is not None and pcfg.classifier else ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    body = [k for k in tensors if not any(k == h or k.startswith(f"{h}.") for h in heads)]
+    common = [k for k in body if k in own]
+    if not common:
+        return (f"none of its {len(tensors)} tensors is a parameter of {arch} (e.g. {sorted(tensors)[:2]}): "
+                "weights of another model?")
+    wrong = [k for k in common if tuple(tensors[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        return (f"{len(wrong)} of its tensors do not fit {arch} with model_kwargs {_plain_kwargs(c)} (e.g. {k}: "
+                f"{tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} in the model): weights of another "
+                "model or of other model_kwargs?")
+    return None
+
+
+def _plain_kwargs(c: ClassifierConfig) -> dict[str, Any]:
+    return {k: v for k, v in c.model_kwargs.items() if k not in _TIMM_WEIGHT_ARGS}
+
+
+def _check_pretrained(c: ClassifierConfig) -> list[str]:
+    """Problems with the classifier's initial weights: a local weights file (``checkpoint_path``, or
+    ``pretrained_cfg_overlay.file`` with ``pretrained``) that does not load as a state dict of the model, or
+    timm's pretrained weights of ``c.model`` (its tag, or the default one) missing from the cache while offline.
+
+    The weights are resolved the way ``timm.create_model(pretrained=True)`` resolves them: a file given in the
+    pretrained config first, then the Hugging Face hub repo of the tag, then its download URL.
+    """
+    import timm
+
+    out: list[str] = []
+    kwargs = c.model_kwargs
+    if kwargs.get("checkpoint_path"):
+        problem = _check_state_dict(str(kwargs["checkpoint_path"]), c)
+        if problem:
+            out.append(f"classifier.model_kwargs.checkpoint_path = {kwargs['checkpoint_path']!r}: {problem}")
+    if not c.pretrained:
+        return out
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    given = kwargs.get("pretrained_cfg")
+    if isinstance(given, dict):
+        overlay = {**given, **overlay}
+    if overlay.get("file"):
+        problem = _check_state_dict(str(overlay["file"]), c)
+        if problem:
+            out.append(f"classifier.model_kwargs.pretrained_cfg_overlay.file = {overlay['file']!r}: {problem}")
+        return out
+    arch = timm.models.get_arch_name(c.model)
+    tag = given if isinstance(given, str) else None
+    pcfg = timm.models.get_pretrained_cfg(f"{arch}.{tag}" if tag else c.model)
+    hub_id = overlay.get("hf_hub_id", pcfg.hf_hub_id if pcfg else None)
+    url = overlay.get("url", pcfg.url if pcfg else None)
+    field = f"classifier.pretrained = True (classifier.model = {c.model!r})"
+    if hub_id:
+        repo, _, revision = hub_id.partition("@")
+        filename = overlay.get("hf_hub_filename", pcfg.hf_hub_filename if pcfg else None)
+        names = (filename,) if filename else ("model.safetensors", "pytorch_model.bin")
+        problem = _check_hub(repo, revision or None, names[0], alternatives=names[1:],
+                             cache_dir=kwargs.get("cache_dir"), instead=_LOCAL_WEIGHTS_HINT)
+        if problem:
+            out.append(f"{field}: its weights, hub repo {hub_id}: {problem}")
+    elif url:
+        import torch.hub
+
+        folder = kwargs.get("cache_dir") or os.path.join(torch.hub.get_dir(), "checkpoints")
+        cached = os.path.join(folder, os.path.basename(urlparse(url).path))
+        if not os.path.isfile(cached) and _hf_offline():
+            out.append(f"{field}: timm downloads its weights from {url}, which are not in the torch hub cache "
+                       f"({cached}) and HF_HUB_OFFLINE=1: download them on a machine with network access, or "
+                       f"{_LOCAL_WEIGHTS_HINT}")
+    else:
+        out.append(f"{field}: timm has no pretrained weights for this model (see timm.list_pretrained()); use "
+                   f"pretrained: false, or {_LOCAL_WEIGHTS_HINT}")
+    return out
+
+
 def _check_classifier(cfg: BuildConfig) -> list[str]:
     import timm
     import timm.optim
@@ -200,6 +334,8 @@ def _check_classifier(cfg: BuildConfig) -> list[str]:
     c, out = cfg.classifier, []
     if not timm.is_model(c.model):
         out.append(f"classifier.model = {c.model!r}: not a timm model name (see timm.list_models())")
+    else:
+        out.extend(_check_pretrained(c))
     opt = c.opt.lower().removeprefix("lookahead_")
     if opt not in timm.optim.list_optimizers():
         out.append(f"classifier.opt = {c.opt!r}: not a timm optimizer (see timm.optim.list_optimizers())")

@@ -1,9 +1,13 @@
 """What a person sees in the Prefect UI: tables of counts and accuracies, the sample grid, the card link,
 and a progress bar of shards done while groups run.
 
-Artifacts are built from the plain dicts the library returns. The sample grid is a PNG on the dataset's
-storage: on object storage it is linked through a presigned URL (image artifacts need a URL the browser can
-fetch); on a local disk the markdown names its path.
+Artifacts are built from the plain dicts the library returns. Artifacts live in the Prefect database, readable
+by everyone with access to the UI, so every artifact of the Prefect layer is published through the
+``create_*_artifact`` functions of this module, which pass its markdown, table, link and description through
+:mod:`realfake.redact` first: a credential that slipped into a path, a URI or an error text is masked. For the
+same reason files on object storage are named by their URI, never linked through a pre-signed URL: that URL
+carries the access key id (and, with temporary credentials, the session token) in its query. The sample grid
+is shown inline from a local disk and named by its URI on object storage.
 """
 
 from __future__ import annotations
@@ -15,25 +19,61 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
-import fsspec
-from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect import artifacts as prefect_artifacts
+
+from realfake.redact import redact, scrub
 
 __all__ = [
     "ProgressReporter",
     "artifact_key",
     "browser_url",
+    "create_link_artifact",
+    "create_markdown_artifact",
+    "create_progress_artifact",
+    "create_table_artifact",
     "publish_card_link",
     "publish_counts",
     "publish_grid",
     "publish_metrics",
     "publish_report",
+    "update_progress_artifact",
 ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every artifact goes through these: Prefect's own functions with the text scrubbed of secrets
+# --------------------------------------------------------------------------------------------------------
+def _text(text: str | None) -> str | None:
+    return redact(text) if text else text
+
+
+def create_markdown_artifact(markdown: str, key: str | None = None, description: str | None = None) -> UUID:
+    """Prefect's markdown artifact, with secrets masked in the markdown and the description."""
+    return prefect_artifacts.create_markdown_artifact(redact(markdown), key=key, description=_text(description))
+
+
+def create_table_artifact(table: dict[str, list[Any]] | list[dict[str, Any]] | list[list[Any]],
+                          key: str | None = None, description: str | None = None) -> UUID:
+    """Prefect's table artifact, scrubbed (:func:`realfake.redact.scrub`): every cell masked of secrets, and the
+    cells of a secret-named column (``token``, ``secret``, ...) replaced."""
+    return prefect_artifacts.create_table_artifact(scrub(table), key=key, description=_text(description))
+
+
+def create_link_artifact(link: str, link_text: str | None = None, key: str | None = None,
+                         description: str | None = None) -> UUID:
+    """Prefect's link artifact, with secrets masked in the link, its text and the description."""
+    return prefect_artifacts.create_link_artifact(redact(link), link_text=_text(link_text), key=key,
+                                                  description=_text(description))
+
+
+def create_progress_artifact(progress: float, key: str | None = None, description: str | None = None) -> UUID:
+    """Prefect's progress artifact, with secrets masked in the description."""
+    return prefect_artifacts.create_progress_artifact(progress, key=key, description=_text(description))
+
+
+def update_progress_artifact(artifact_id: UUID, progress: float, description: str | None = None) -> UUID:
+    """Update a progress artifact, with secrets masked in the new description."""
+    return prefect_artifacts.update_progress_artifact(artifact_id, progress, description=_text(description))
 
 
 def artifact_key(*parts: str) -> str:
@@ -41,15 +81,15 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:120]
 
 
-def browser_url(uri: str, expires: int = 7 * 24 * 3600) -> str:
-    """A URL a browser can open: presigned for object storage, ``file://`` for a local path."""
+def browser_url(uri: str) -> str:
+    """The link of a stored file in an artifact: ``file://`` for a local path, the URI itself on object storage.
+
+    Not pre-signed: a pre-signed URL carries the access key id, and with temporary credentials the session
+    token, which must not be stored in the Prefect database.
+    """
     if "://" not in uri or uri.startswith("file://"):
         return uri if uri.startswith("file://") else f"file://{uri}"
-    fs, path = fsspec.core.url_to_fs(uri)
-    try:
-        return fs.sign(path, expiration=expires)
-    except NotImplementedError:
-        return uri
+    return uri
 
 
 def _class_counts(card: dict) -> list[dict[str, Any]]:
@@ -117,9 +157,11 @@ def publish_card_link(card_uri: str, dataset: str, version: str) -> UUID:
 
 
 def publish_grid(grid_uri: str, dataset: str, version: str) -> UUID:
-    """Markdown artifact showing the real / baseline / Real-Fake sample grid per class."""
+    """Markdown artifact with the real / baseline / Real-Fake sample grid per class: shown from a local disk,
+    named by its URI on object storage (download it with any client of that store)."""
     url = browser_url(grid_uri)
-    md = f"## Samples of {dataset}/{version}\n\n![sample grid]({url})\n\nGrid file: `{grid_uri}`\n"
+    shown = f"![sample grid]({url})\n\n" if url.startswith("file://") else ""
+    md = f"## Samples of {dataset}/{version}\n\n{shown}Grid file: `{grid_uri}`\n"
     return create_markdown_artifact(md, key=artifact_key(dataset, "grid"), description="Sample grid per class")
 
 

@@ -121,8 +121,12 @@ def finetune_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 def is_transient(exc: BaseException) -> bool:
     """True for faults a retry may cure: I/O, network, timeouts, a lost or preempted device."""
     from realfake.config import ConfigError
+    from realfake.data.shards import LeaseHeldError, LeaseLostError
+    from realfake.data.storage import StorageFullError
 
-    if isinstance(exc, ConfigError | ValueError | TypeError | KeyError | FileNotFoundError):
+    # a full disk or quota stays full, another build holds the version: only a person can fix these
+    if isinstance(exc, ConfigError | ValueError | TypeError | KeyError | FileNotFoundError | StorageFullError
+                  | LeaseHeldError | LeaseLostError):
         return False
     if isinstance(exc, OSError | ConnectionError | TimeoutError):
         return True

@@ -141,3 +141,8 @@ def test_only_transient_faults_are_retried():
     assert not is_transient(ConfigError("bad field"))
     assert not is_transient(FileNotFoundError("manifest"))
     assert not is_transient(RuntimeError("shape mismatch"))
+    from realfake.data.shards import LeaseHeldError
+    from realfake.data.storage import StorageFullError
+
+    assert not is_transient(StorageFullError("no space left on /out", "space"))  # stays full until someone acts
+    assert not is_transient(LeaseHeldError("being written by build 'other'"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -116,3 +117,131 @@ def test_device_is_checked(tmp_path, tiny_base, device, ok):
     else:
         with pytest.raises(PreflightError, match=f"device = '{device}'"):
             preflight(cfg, check_models=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pretrained classifier weights: resolved before any training, the way timm resolves them
+# --------------------------------------------------------------------------------------------------------
+NARROW = {"channels": [8, 16, 32, 64]}  # the miniature classifier: resnet18 at 1/8 width
+
+
+def _save_state_dict(path: Path, model: str, **kwargs) -> dict:
+    import timm
+    import torch
+
+    torch.manual_seed(1)
+    state = timm.create_model(model, pretrained=False, **kwargs).state_dict()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return state
+
+
+def _with_weights(tmp_path: Path, tiny_base: str, **classifier):
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True, exist_ok=True)
+    return mini_config(str(tmp_path / "out"), tiny_base, str(tmp_path / "src"),
+                       **{f"classifier__{k}": v for k, v in classifier.items()})
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_local_pretrained_weights_file_passes_and_is_what_timm_loads(tmp_path, tiny_base, suffix):
+    from realfake.classify import build_classifier
+
+    weights = tmp_path / f"narrow-resnet18{suffix}"
+    saved = _save_state_dict(weights, "resnet18", num_classes=1000, **NARROW)
+    cfg = _with_weights(tmp_path, tiny_base, pretrained=True,
+                        model_kwargs={**NARROW, "pretrained_cfg_overlay": {"file": str(weights)}})
+    assert "classifier" in preflight(cfg, check_models=False)
+    # the file preflight accepted is the one the classifier starts from (its head replaced for 2 classes)
+    net = build_classifier(cfg.classifier, 2).net
+    assert all((net.state_dict()[k] == v).all() for k, v in saved.items() if not k.startswith("fc."))
+    assert net.fc.out_features == 2
+
+
+def test_unusable_weights_files_fail_naming_the_field_the_file_and_the_reason(tmp_path, tiny_base):
+    from realfake.classify import build_classifier
+
+    missing = tmp_path / "nowhere" / "weights.pth"
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights")
+    wider = tmp_path / "wide-resnet18.pth"
+    _save_state_dict(wider, "resnet18", num_classes=10, channels=[16, 32, 64, 128])
+    vit = tmp_path / "test-vit.safetensors"
+    _save_state_dict(vit, "test_vit")
+    overlay = "classifier.model_kwargs.pretrained_cfg_overlay.file"
+    cases = {
+        missing: "the file does not exist",
+        tmp_path: "is a folder, not a weights file",
+        text: r"cannot be read as a state dict \(\w+: .+\); save one with torch.save",
+        wider: (r"\d+ of its tensors do not fit resnet18 with model_kwargs \{'channels': \[8, 16, 32, 64\]\} \(e.g. "
+                r"layer1.0.conv1.weight: \(16, 64, 3, 3\) in the file, \(8, 64, 3, 3\) in the model\): weights of "
+                "another model or of other model_kwargs\\?"),
+        vit: r"none of its 80 tensors is a parameter of resnet18 \(e.g. \['blocks.0.attn.proj.bias', ",
+    }
+    for path, expected in cases.items():
+        cfg = _with_weights(tmp_path, tiny_base, pretrained=True,
+                            model_kwargs={**NARROW, "pretrained_cfg_overlay": {"file": str(path)}})
+        t = time.perf_counter()
+        with pytest.raises(PreflightError) as err:
+            preflight(cfg, check_models=False)
+        assert time.perf_counter() - t < 10
+        assert len(err.value.problems) == 1
+        assert re.match(re.escape(f"{overlay} = '{path}': ") + expected, err.value.problems[0]), err.value.problems
+    # what preflight refuses, timm refuses too, only later
+    cfg = _with_weights(tmp_path, tiny_base, pretrained=True,
+                        model_kwargs={**NARROW, "pretrained_cfg_overlay": {"file": str(wider)}})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build_classifier(cfg.classifier, 2)
+    # checkpoint_path is loaded whether or not pretrained is set
+    cfg = _with_weights(tmp_path, tiny_base, model_kwargs={**NARROW, "checkpoint_path": str(missing)})
+    with pytest.raises(PreflightError, match=r"classifier.model_kwargs.checkpoint_path = '.*weights.pth': the file "):
+        preflight(cfg, check_models=False)
+
+
+def test_pretrained_tag_must_be_in_the_hub_cache_when_offline(tmp_path, tiny_base, monkeypatch):
+    import huggingface_hub.constants
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # timm's download, read at import
+    for model in ("test_resnet", "test_resnet.r160_in1k"):
+        cfg = _with_weights(tmp_path, tiny_base, model=model, pretrained=True, model_kwargs={})
+        with pytest.raises(PreflightError) as err:
+            preflight(cfg, check_models=False)
+        assert err.value.problems == [
+            f"classifier.pretrained = True (classifier.model = '{model}'): its weights, hub repo "
+            f"timm/test_resnet.r160_in1k: not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1: download "
+            "it on a machine with network access (hf download timm/test_resnet.r160_in1k) or give a local weights "
+            "file as classifier.model_kwargs.pretrained_cfg_overlay = {file: PATH}"
+        ]
+    # the layout `hf download` leaves: a snapshot with the weights and refs/main pointing at it
+    repo = cache / "models--timm--test_resnet.r160_in1k"
+    snap = repo / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    torch.manual_seed(2)
+    state = timm.create_model("test_resnet", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snap / "model.safetensors"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    cfg = _with_weights(tmp_path, tiny_base, model="test_resnet", pretrained=True, model_kwargs={})
+    assert "classifier" in preflight(cfg, check_models=False)
+    # and timm, offline, loads exactly that file
+    loaded = timm.create_model("test_resnet", pretrained=True, cache_dir=str(cache)).state_dict()
+    assert all((loaded[k] == v).all() for k, v in state.items())
+
+
+def test_a_model_without_pretrained_weights_cannot_ask_for_them(tmp_path, tiny_base):
+    cfg = _with_weights(tmp_path, tiny_base, model="resnet200", pretrained=True, model_kwargs={})
+    with pytest.raises(PreflightError, match=r"classifier.pretrained = True \(classifier.model = 'resnet200'\): timm "
+                                             r"has no pretrained weights for this model"):
+        preflight(cfg, check_models=False)
+    preflight(_with_weights(tmp_path, tiny_base, model="resnet200", pretrained=False, model_kwargs={}),
+              check_models=False)

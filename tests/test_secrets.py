@@ -2,7 +2,9 @@
 
 Unit tests pin down :mod:`realfake.redact` (the log filter, the process-wide installation, dict scrubbing, the
 AWS credentials file). The build test plants secrets in the environment and in ``storage_options``, runs a
-miniature build and two failing builds through the real library, and greps everything they produced.
+miniature build and two failing builds through the real library, and greps everything they produced. The artifact
+tests check that the Prefect layer publishes only through the scrubbing ``create_*_artifact`` functions, then
+publish secret-bearing text through them on a real Prefect server and grep what the server kept.
 """
 
 from __future__ import annotations
@@ -207,3 +209,82 @@ def test_miniature_build_and_its_failures_leak_no_secret(planted, all_logs, capf
                         "exceptions": errors, "card (inspect)": card_text, "written files": written,
                         "report dict": repr(report)}.items():
         _assert_clean(text, planted, where)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prefect artifacts: everything published is scrubbed, read back from a real Prefect server
+# --------------------------------------------------------------------------------------------------------
+def test_every_artifact_of_the_prefect_layer_goes_through_the_scrubbing_functions():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    direct = []
+    for path in sorted([*root.joinpath("flows").rglob("*.py"), *root.joinpath("tasks").rglob("*.py")]):
+        if path == root / "tasks" / "artifacts.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "prefect.artifacts":
+                direct.append(f"{path.relative_to(root)}:{node.lineno}")
+            elif isinstance(node, ast.ImportFrom) and node.module == "prefect" and any(
+                    a.name == "artifacts" for a in node.names):
+                direct.append(f"{path.relative_to(root)}:{node.lineno}")
+            elif isinstance(node, ast.Import) and any(a.name.startswith("prefect.artifacts") for a in node.names):
+                direct.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not direct, f"import the create_*_artifact functions from tasks.artifacts (they scrub secrets): {direct}"
+
+
+@pytest.mark.slow
+def test_artifacts_read_back_from_the_server_hold_no_secret(planted, harness):
+    from prefect import artifacts as prefect_artifacts
+    from prefect import flow, get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from tasks.artifacts import publish_card_link, publish_counts, publish_grid, publish_metrics, publish_report
+    from tasks.privacy import publish_lira_report
+
+    # Free text that reaches artifacts: class names (folder names), measures, URIs with credentials in them,
+    # a report quoting an error message.
+    leaky = f"https://builder:{planted['so_secret']}@minio.internal:9000/bucket/out/mini/v1"
+    card = {"real": {"splits": {"train": {"0": 3, "1": 3}, "test": {"0": 1, "1": 1}},
+                     "class_names": {"0": f"zero {planted['hf']}", "1": "one"}},
+            "synthetic": {"classes": {"0": {"class_name": f"zero {planted['hf']}", "count": 3},
+                                      "1": {"class_name": "one", "count": 3}}}}
+    metrics = {"synthetic": {"top1": 0.5, "source": f"{leaky}/synthetic", "token": planted["so_token"]},
+               "real": {"top1": 0.75, "source": "./out/mini/v1"}}
+    report = (f"# Build report\n\n| stage | seconds |\n|---|---|\n| synthesize | 3 |\n\n"
+              f"Failure: cannot write s3://bucket/x with {planted['aws_secret']} (session {planted['aws_session']})")
+    lira = {"table": f"| shadows | 4 |\n|---|---|\n| source | {leaky} |\n",
+            "files": {"roc": f"{leaky}/runs/privacy-lira/roc.png", "results": f"{leaky}/runs/privacy-lira/lira.json"}}
+
+    @flow(name="secrets-artifacts")
+    def publish() -> None:
+        publish_counts(card, "mini", "v1")
+        publish_metrics(metrics, "mini", "v1")
+        publish_card_link(f"{leaky}/dataset.json", "mini", "v1")
+        publish_grid(f"{leaky}/report/grid.png", "mini", "v1")
+        publish_grid("s3://bucket/out/other/v1/report/grid.png", "other", "v1")
+        publish_report(report, "mini", "v1")
+        publish_lira_report(lira, "mini", "v1")
+        # control: the same text published around the scrubbing functions reaches the server verbatim
+        prefect_artifacts.create_markdown_artifact(report, key="control-unscrubbed")
+
+    state = publish(return_state=True)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in artifacts}
+    assert {"mini-counts", "mini-accuracy", "mini-card", "mini-grid", "other-grid", "mini-report", "mini-privacy-lira",
+            "mini-privacy-lira-roc", "mini-privacy-lira-results", "control-unscrubbed"} <= set(by_key)
+    control = by_key.pop("control-unscrubbed")
+    assert planted["aws_secret"] in str(control.data)  # the grep below would see a leak
+
+    for a in by_key.values():
+        _assert_clean(f"{a.data}\n{a.description}", planted, f"artifact {a.key} ({a.type})")
+    # what is not secret is still there
+    assert "zero ***" in str(by_key["mini-counts"].data) and "one" in str(by_key["mini-counts"].data)
+    assert "builder:***@minio.internal:9000/bucket/out/mini/v1/dataset.json" in str(by_key["mini-card"].data)
+    assert "| synthesize | 3 |" in str(by_key["mini-report"].data)
+    # object storage: named by its URI, no pre-signed URL (it would carry the key id and session token)
+    grid_s3 = str(by_key["other-grid"].data)
+    assert "Grid file: `s3://bucket/out/other/v1/report/grid.png`" in grid_s3 and "X-Amz-" not in grid_s3

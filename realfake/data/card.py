@@ -210,7 +210,7 @@ def verify_version(
     seen: dict[str, tuple[str, int, str]] = {}
     for c in commits:
         try:
-            for s in iter_shard(shard_store, c, check=True):
+            for s in iter_shard(shard_store, c, check=True, checksum=True):
                 if s.key in seen:
                     problems.append(f"key {s.key!r} appears in shard {seen[s.key][0]} and in shard {c.name}")
                 seen[s.key] = (c.name, s.label, hashlib.sha256(s.image).hexdigest())

@@ -9,8 +9,11 @@ shards, so a shard truncated by a crash is never read as data; a re-run skips co
 the rest, which costs a killed worker at most its open shard. Object stores have no atomic rename, so a remote
 shard is built in memory (or, above a size threshold, in a local spool file) and uploaded whole (with retries),
 and a :class:`VersionLease` (exclusive create, heartbeat, stale detection) keeps two builds of one version from
-clobbering each other. Checksums are computed once, from the bytes as they are written or read, on a helper
-thread, so the protocol costs little over writing the same bytes with ``tarfile`` or pyarrow directly.
+clobbering each other. A write refused for lack of room (a full disk, a quota, a file-size limit) removes what the
+shard had written and raises :class:`~realfake.data.storage.StorageFullError` naming the file, the filesystem and the
+fix; committed shards are untouched, and the re-run skips them. Checksums are computed once, from the bytes as
+they are written or read, on a helper thread, so the protocol costs little over writing the same bytes with
+``tarfile`` or pyarrow directly.
 Every byte written derives from the records alone (fixed tar headers, sorted JSON), so the same plan gives
 the same files whatever the number or order of workers.
 """
@@ -23,6 +26,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import queue
 import re
 import socket
@@ -42,7 +46,14 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from realfake.config import ShardConfig
-from realfake.data.storage import StorageError, Store
+from realfake.data.storage import (
+    StorageError,
+    Store,
+    describe_location,
+    full_error,
+    local_location,
+    out_of_space,
+)
 
 __all__ = [
     "COMMITS_DIR",
@@ -431,9 +442,10 @@ class _ChecksumWriter(io.RawIOBase):
         return n
 
     def flush(self) -> None:
-        if self._buf and not self.sums.abandoned:
-            self.sums.stream(bytes(self._buf))
-        self._buf = bytearray()
+        # the filled buffer itself goes to the stream (no copy); a fresh one takes the next writes
+        buf, self._buf = self._buf, bytearray()
+        if buf and not self.sums.abandoned:
+            self.sums.stream(buf)
 
     def tell(self) -> int:
         return self._pos
@@ -464,12 +476,17 @@ class _Spool(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:
-        if self._mem is not None and self._mem.tell() + len(b) > self.memory_limit:
-            fd, self.path = tempfile.mkstemp(prefix="realfake-shard-", suffix=f"-{self.label}", dir=self.spool_dir)
-            self._file = os.fdopen(fd, "wb")
-            self._file.write(self._mem.getbuffer())
-            self._mem = None
-        return (self._mem if self._mem is not None else self._file).write(b)  # type: ignore[union-attr]
+        try:
+            if self._mem is not None and self._mem.tell() + len(b) > self.memory_limit:
+                fd, self.path = tempfile.mkstemp(prefix="realfake-shard-", suffix=f"-{self.label}", dir=self.spool_dir)
+                self._file = os.fdopen(fd, "wb")
+                self._file.write(self._mem.getbuffer())
+                self._mem = None
+            return (self._mem if self._mem is not None else self._file).write(b)  # type: ignore[union-attr]
+        except OSError as e:
+            # A full local disk under a remote store: the message must name this folder, not the bucket.
+            e.realfake_local_dir = self.spool_dir or tempfile.gettempdir()  # type: ignore[attr-defined]
+            raise
 
     @property
     def in_memory(self) -> bool:
@@ -486,7 +503,10 @@ class _Spool(io.RawIOBase):
 
     def discard(self) -> None:
         """Close and delete whatever the spool holds."""
-        self.close()
+        try:
+            self.close()
+        except OSError:  # the spill file's last buffer cannot be flushed (disk full): it is deleted anyway
+            pass
         self._mem = None
         if self.path and os.path.exists(self.path):
             os.unlink(self.path)
@@ -718,6 +738,8 @@ class _ParquetPart:
 def _transient(e: BaseException) -> bool:
     if isinstance(e, FileNotFoundError | FileExistsError | PermissionError | IsADirectoryError):
         return False
+    if out_of_space(e):
+        return False  # a full disk or an exhausted quota stays so until someone acts
     if isinstance(e, OSError) and e.errno == errno.EINVAL and "recondition" in str(e):
         return False  # a failed conditional write is an answer, not a fault
     return isinstance(e, OSError | TimeoutError | ConnectionError)
@@ -829,6 +851,7 @@ class VersionLease:
         self.pid = os.getpid()
         self.held = False
         self._lost: str | None = None
+        self._joined = False  # working under another process's hold: never removes the lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -898,6 +921,24 @@ class VersionLease:
             self._thread.start()
         return self
 
+    def join(self) -> VersionLease:
+        """Work under a lease that another process of the same build holds (same ``owner``): a shard-group
+        worker or a child flow run. Takes nothing and renews nothing (the holder does); :meth:`check` before each
+        commit then stops this worker as soon as the lease passes to another build.
+
+        Raises:
+            LeaseLostError: the version has no lease, or another build holds it.
+        """
+        rec = self.read()
+        if rec is None or rec.get("owner") != self.owner:
+            holder = f"build {rec.get('owner')!r}" if rec else "nobody"
+            raise LeaseLostError(
+                f"this worker belongs to build {self.owner!r}, but the lease {self.uri} is held by {holder}: the "
+                "build that started it has ended or lost the version; re-run that build"
+            )
+        self.held, self._lost, self.heartbeat, self._joined = True, None, False, True
+        return self
+
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
@@ -931,7 +972,7 @@ class VersionLease:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        if self.held:
+        if self.held and not self._joined:
             rec = self.read()
             if rec is not None and rec.get("owner") == self.owner:
                 io_retry(lambda: self.store.remove(LEASE_FILE), f"remove {self.uri}")
@@ -972,6 +1013,26 @@ def _index_row(
         "image_sha256": sha,
         "meta": meta_json.decode(),
     }
+
+
+@dataclass
+class _Attempt:
+    """What one :meth:`ShardWriter.write_shard` call has written so far, for its clean-up and error message."""
+
+    rel: str  # the file being written now, relative to the shard folder
+    written: list[str] = field(default_factory=list)  # files this call may have created (never a commit record)
+
+
+def _local_dir(e: BaseException) -> str | None:
+    """The local folder an error was met in, when a remote shard's local spool tagged it (see :class:`_Spool`)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        folder = getattr(e, "realfake_local_dir", None)
+        if folder:
+            return folder
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return None
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -1066,7 +1127,10 @@ class ShardWriter:
         if isinstance(dest, _Spool):
             dest.discard()
         else:
-            dest.close()
+            try:
+                dest.close()
+            except OSError:  # its last buffer cannot be flushed (disk full): the file goes anyway
+                pass
             if tmp and os.path.exists(tmp):
                 os.unlink(tmp)
 
@@ -1100,7 +1164,8 @@ class ShardWriter:
 
         Each file's sha256 and every image's sha256 are computed from the very bytes written, in one pass on a
         helper thread; after the upload the stored size is checked against the bytes written. Only then are the
-        index part and, last, the commit record written.
+        index part and, last, the commit record written. When anything fails before the commit, the files this
+        call wrote are removed (best effort; :func:`plan_pending` removes whatever is left on the next run).
 
         Args:
             name: Shard name (a :class:`ShardPlan` name); letters, digits, '_' and '-'.
@@ -1113,6 +1178,8 @@ class ShardWriter:
         Raises:
             ShardExistsError: The shard is committed and ``replace`` is False.
             LeaseLostError: The writer's lease was taken over by another build.
+            StorageFullError: No room for the shard (disk full, quota, file or object size limit); the message
+                names the file, the filesystem and what to do. Nothing of the shard is committed.
             StorageError: Storage kept failing after the retries.
         """
         if not _NAME_OK.match(name):
@@ -1121,6 +1188,45 @@ class ShardWriter:
             raise ShardExistsError(f"shard {self.store.uri(name)} is already committed; skip it or pass replace=True")
         if self.lease is not None:
             self.lease.check()
+        attempt = _Attempt(self._part_path(name, 0))
+        try:
+            return self._write(name, records, attempt)
+        except LeaseLostError:
+            raise  # the version belongs to another build now: files under these names are not ours to remove
+        except BaseException as e:
+            self._remove_uncommitted(name, attempt.written)
+            kind = out_of_space(e)
+            if kind is None:
+                raise
+            spool = _local_dir(e)
+            where = local_location(spool) + " (the local spool folder)" if spool else describe_location(
+                self.store, attempt.rel)
+            raise full_error(
+                f"cannot write shard {name} ({self.store.uri(attempt.rel)})", where, kind, e,
+                f"Shard {name} was not committed and the files it had written were removed; shards committed "
+                "earlier are intact.",
+                "then re-run the same command: committed shards are kept and skipped",
+                self.store.storage_options,
+            ) from e
+
+    def _remove_uncommitted(self, name: str, written: list[str]) -> None:
+        """Remove the files a failed :meth:`write_shard` wrote, unless its commit landed after all."""
+        if not written:
+            return
+        try:
+            if self.read_commit(name) is not None:
+                return  # a commit whose answer was lost, or the shard being replaced: its files stay
+        except Exception as e:  # noqa: BLE001 - cannot tell: leave the files to plan_pending's clean-up
+            log.warning("not removing the files of failed shard %s: %s", self.store.uri(name), e)
+            return
+        for rel in written:
+            try:
+                self.store.remove(rel)
+            except Exception as e:  # noqa: BLE001 - best effort: plan_pending removes leftovers on the next run
+                log.warning("could not remove %s of uncommitted shard %s: %s", self.store.uri(rel), name, e)
+
+    def _write(self, name: str, records: Iterable[SyntheticRecord], attempt: _Attempt) -> CommitRecord:
+        """The body of :meth:`write_shard`; records in ``attempt`` what it writes, for the clean-up."""
         fmt, ext = self.cfg.format, self.cfg.image_format
         part_cls = _TarPart if fmt == "webdataset" else _ParquetPart
         files: list[ShardFile] = []
@@ -1138,6 +1244,8 @@ class ShardWriter:
             assert part is not None and dest is not None
             done, out, part, dest = part, dest, None, None  # the error path must not close them twice
             rel = self._part_path(name, part_no)
+            attempt.rel = rel
+            attempt.written.append(rel)  # before publishing: a file moved in place but not verified is ours too
             try:
                 nbytes, sha = done.close()
                 self._publish(out, tmp, rel, nbytes)
@@ -1162,7 +1270,8 @@ class ShardWriter:
                 if part is not None and part.count and part_bytes + cost + trailer > self.cfg.max_bytes:
                     close_part()
                 if part is None:
-                    dest, tmp = self._open_dest(self._part_path(name, part_no))
+                    attempt.rel = self._part_path(name, part_no)
+                    dest, tmp = self._open_dest(attempt.rel)
                     part = _TarPart(dest) if fmt == "webdataset" else _ParquetPart(dest, self.class_names)
                     part_bytes = 0
                 sha = part.add(rec, image, ext, meta_json)
@@ -1186,6 +1295,8 @@ class ShardWriter:
         # Column lists, not a dict per row: pyarrow converts them in C.
         index_table = pa.Table.from_pydict({n: [r[n] for r in rows] for n in INDEX_SCHEMA.names}, schema=INDEX_SCHEMA)
         index_data = _table_bytes(index_table)
+        attempt.rel = index_rel
+        attempt.written.append(index_rel)
         _retry(
             lambda: self.store.write_bytes(index_data, index_rel, durable=self.durable),
             f"write {self.store.uri(index_rel)}",
@@ -1206,6 +1317,7 @@ class ShardWriter:
         if self.lease is not None:
             self.lease.check()  # fencing: a build that lost the version must not publish a commit
         payload = json.dumps(commit.to_json(), indent=1, sort_keys=True).encode()
+        attempt.rel = posixpath.join(*self._commit_path(name))
         _retry(
             lambda: self.store.write_bytes(payload, *self._commit_path(name), durable=self.durable),
             f"commit {self.store.uri(COMMITS_DIR, name + '.json')}",
@@ -1345,7 +1457,8 @@ def _iter_tar(f: IO[bytes], path: str, image_format: str) -> Iterator[ShardSampl
 def _iter_parquet(f: IO[bytes], path: str, image_format: str) -> Iterator[ShardSample]:
     pf = pq.ParquetFile(f)
     for i in range(pf.num_row_groups):
-        for row in pf.read_row_group(i).to_pylist():
+        # only what a sample carries: the typed provenance columns duplicate ``meta`` (for SQL-style readers)
+        for row in pf.read_row_group(i, columns=["key", "label", "image", "meta"]).to_pylist():
             yield ShardSample(
                 key=row["key"],
                 label=int(row["label"]),
@@ -1355,12 +1468,16 @@ def _iter_parquet(f: IO[bytes], path: str, image_format: str) -> Iterator[ShardS
             )
 
 
-def iter_shard(store: Store, commit: CommitRecord, check: bool = True) -> Iterator[ShardSample]:
+def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum: bool = False
+               ) -> Iterator[ShardSample]:
     """Samples of one committed shard (store rooted at the shard folder), images still encoded.
 
-    With ``check``, each file's size is compared before reading (a truncated shard yields nothing) and its
-    sha256 and sample count after; a mismatch raises :class:`ShardIntegrityError`. The sha256 is computed on a
-    helper thread from the bytes as they are read, so checking costs no second pass.
+    With ``check``, each file's size is compared with its commit record before reading (a truncated shard
+    yields nothing) and its sample count after. With ``checksum`` as well, its sha256 is compared after reading
+    (computed on a helper thread from the bytes as they are read, no second pass): what ``realfake verify`` and
+    a resumed build do. Training readers skip it: a commit record is written only after the file's size was
+    confirmed in storage, and the sha256 pass would cost more than parsing a Parquet shard. A mismatch raises
+    :class:`ShardIntegrityError`.
     """
     for sf in commit.files:
         uri = store.uri(sf.path)
@@ -1369,7 +1486,7 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True) -> Iterat
                 size = _opened_size(store, raw, sf.path)
                 if size != sf.bytes:
                     raise ShardIntegrityError(f"{uri} has {size} bytes, its commit record says {sf.bytes}")
-            hashing = _HashingReader(raw) if check else None
+            hashing = _HashingReader(raw) if check and checksum else None
             try:
                 n = 0
                 if commit.format == "webdataset":
@@ -1389,8 +1506,8 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True) -> Iterat
                     _, digest = hashing.sums.close()
                     if digest != sf.sha256:
                         raise ShardIntegrityError(f"{uri}: sha256 {digest} does not match its commit record")
-                    if n != sf.count:
-                        raise ShardIntegrityError(f"{uri}: {n} samples, its commit record says {sf.count}")
+                if check and n != sf.count:
+                    raise ShardIntegrityError(f"{uri}: {n} samples, its commit record says {sf.count}")
             finally:
                 if hashing is not None:
                     hashing.sums.abandon()
@@ -1400,7 +1517,7 @@ def verify_shard(store: Store, commit: CommitRecord) -> list[str]:
     """Problems with one committed shard (store rooted at the shard folder); empty when it is intact."""
     problems: list[str] = []
     try:
-        keys = [s.key for s in iter_shard(store, commit, check=True)]
+        keys = [s.key for s in iter_shard(store, commit, check=True, checksum=True)]
     except FileNotFoundError as e:
         return [f"shard {commit.name}: file missing ({e})"]
     except (ShardIntegrityError, tarfile.TarError, OSError, ValueError, KeyError) as e:
@@ -1421,12 +1538,15 @@ def verify_shard(store: Store, commit: CommitRecord) -> list[str]:
 
 
 def iter_synthetic(
-    store: Store, folder: str = "synthetic", check: bool = True
+    store: Store, folder: str = "synthetic", check: bool = True, checksum: bool = False
 ) -> Iterator[tuple[Image.Image, int, dict[str, Any]]]:
-    """Decoded ``(image, label, meta)`` of every committed shard, in shard-name order; uncommitted files are ignored."""
+    """Decoded ``(image, label, meta)`` of every committed shard, in shard-name order; uncommitted files are ignored.
+
+    ``check`` / ``checksum`` as in :func:`iter_shard`.
+    """
     s = store.child(folder)
     for commit in committed_shards(store, folder):
-        for sample in iter_shard(s, commit, check=check):
+        for sample in iter_shard(s, commit, check=check, checksum=checksum):
             img = Image.open(io.BytesIO(sample.image))
             img.load()
             yield img, sample.label, sample.meta

@@ -3,15 +3,19 @@
 Every stage reads and writes through a :class:`Store` rooted at ``{root}/{dataset}/{version}``, so the
 same code runs on a laptop folder (``./out``, ``file://``) and on object storage (``s3://bucket/prefix``).
 Object stores have no atomic rename, so small records are written whole in one ``put`` and large ones
-follow the shard commit protocol (:mod:`realfake.data.shards`): write, verify, then commit.
+follow the shard commit protocol (:mod:`realfake.data.shards`): write, verify, then commit. A write refused for
+lack of room (a full disk, an exhausted quota, a file or object larger than allowed) raises
+:class:`StorageFullError`, which names the filesystem and what to do; the object keeps its previous content.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,11 +25,145 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["Store", "StorageError", "version_store"]
+from realfake.redact import redact
+
+__all__ = [
+    "Store",
+    "StorageError",
+    "StorageFullError",
+    "describe_location",
+    "full_error",
+    "local_location",
+    "out_of_space",
+    "version_store",
+]
 
 
 class StorageError(OSError):
     """A read or write on the dataset store failed; the message names the URI."""
+
+
+class StorageFullError(StorageError):
+    """A write was refused for lack of room: the filesystem is full, a quota is exhausted, or the file or object
+    is larger than the filesystem, the process limit or the object store allows.
+
+    Not transient: retrying cannot help until someone frees space or raises the limit. The message names the
+    object, the filesystem and what to do; ``kind`` is ``space``, ``quota``, ``file size`` or ``object size``.
+    """
+
+    def __init__(self, message: str, kind: str = "space") -> None:  # a default, so that pickling round-trips
+        super().__init__(message)
+        self.kind = kind
+
+
+# errno values and object-store error codes that mean "no room for this write". EFBIG (a file past the
+# filesystem's maximum or the process's RLIMIT_FSIZE) leaves the data as unwritten as ENOSPC does.
+_FULL_ERRNOS = {errno.ENOSPC: "space", getattr(errno, "EDQUOT", -1): "quota", errno.EFBIG: "file size"}
+_FULL_CODES = {
+    "QuotaExceeded": "quota",  # Ceph RGW (user / bucket quota)
+    "XMinioAdminBucketQuotaExceeded": "quota",  # MinIO bucket quota
+    "XMinioStorageFull": "space",  # MinIO: drives below their free-space threshold (HTTP 507)
+    "InsufficientStorage": "space",
+    "EntityTooLarge": "object size",  # S3: a single PUT above the service's object limit
+}
+_FULL_STATUS = {507: "space", 413: "object size"}  # Insufficient Storage, Payload Too Large
+_FULL_REASON = {
+    "space": "no space left",
+    "quota": "quota exceeded",
+    "file size": "file larger than this process or the filesystem allows",
+    "object size": "object larger than the store accepts",
+}
+_FULL_ADVICE = {
+    "space": "Free space there",
+    "quota": "Raise the quota or delete data under it",
+    "file size": "Raise the limit (`ulimit -f` of the process, or the filesystem's maximum file size)",
+    "object size": "Lower the object size (shards.max_bytes for shards)",
+}
+
+
+def out_of_space(exc: BaseException) -> str | None:
+    """The kind of "no room" behind an error (``space``, ``quota``, ``file size``, ``object size``), or None.
+
+    Looks through the whole chain of causes, because the original error arrives wrapped: an ``OSError`` with
+    ``ENOSPC`` / ``EDQUOT`` / ``EFBIG`` from a local file, or a botocore ``ClientError`` (code ``QuotaExceeded``,
+    ``XMinioStorageFull``, ``EntityTooLarge``, HTTP 507, ...) that s3fs re-raises as a plain ``OSError``.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageFullError):
+            return e.kind
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return _FULL_ERRNOS[e.errno]
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in _FULL_CODES:
+                return _FULL_CODES[code]
+            if status in _FULL_STATUS:
+                return _FULL_STATUS[status]
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def local_location(path: str) -> str:
+    """``the local filesystem mounted at /x (N free of M)`` for a local path (which need not exist yet)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    mount = p
+    while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+        mount = os.path.dirname(mount)
+    try:
+        usage = shutil.disk_usage(p)
+        return f"the local filesystem mounted at {mount} ({_size(usage.free)} free of {_size(usage.total)})"
+    except OSError:
+        return f"the local filesystem mounted at {mount}"
+
+
+def describe_location(store: Store, *parts: str) -> str:
+    """Where an object of ``store`` lives, for messages: the local mount point and its free space, or the bucket
+    (and endpoint) of an object store."""
+    if store.local:
+        return local_location(store.path(*parts))
+    bucket = store.path(*parts).lstrip("/").split("/", 1)[0]
+    opts = store.storage_options
+    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+    return f"the {store.protocol} bucket {bucket!r}" + (f" at {endpoint}" if endpoint else "")
+
+
+def full_error(what: str, where: str, kind: str, cause: BaseException, outcome: str, rerun: str,
+               storage_options: dict[str, Any] | None = None) -> StorageFullError:
+    """A :class:`StorageFullError`: what failed, on which filesystem and why, what was kept, and what to do.
+
+    Args:
+        what: The write that failed, with the object's URI (``cannot write s3://b/x/dataset.json``); the message
+            goes on with `` on {where}: {reason} ({cause}).``
+        where: The filesystem (:func:`describe_location`).
+        kind: The kind of :func:`out_of_space`.
+        cause: The original error; its text is kept, with secrets masked.
+        outcome: What the store holds now (``Nothing was replaced.``).
+        rerun: The end of the advice (``then re-run the same command``).
+        storage_options: Their secrets are masked from the message too.
+    """
+    while isinstance(cause, StorageFullError) and cause.__cause__ is not None:
+        cause = cause.__cause__  # quote the refusal itself, not a message already built around it
+    cause_text = redact(f"{type(cause).__name__}: {cause}", storage_options)
+    message = f"{what} on {where}: {_FULL_REASON[kind]} ({cause_text}). {outcome} {_FULL_ADVICE[kind]}, {rerun}."
+    return StorageFullError(redact(message, storage_options), kind)
 
 
 class Store:
@@ -92,6 +230,7 @@ class Store:
                 writer; object stores acknowledge a put only once it is stored, so the flag changes nothing there.
         """
         target = self.path(*parts)
+        tmp = ""
         try:
             if self.local:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -105,6 +244,13 @@ class Store:
             else:
                 self.fs.pipe_file(target, data)
         except OSError as e:
+            if tmp:
+                _unlink_quietly(tmp)  # a half-written temp file would hold the very space that ran out
+            kind = out_of_space(e)
+            if kind:
+                raise full_error(f"cannot write {self.uri(*parts)}", describe_location(self, *parts), kind, e,
+                                 "Nothing was replaced: the object keeps its previous content, if any.",
+                                 "then re-run the same command", self.storage_options) from e
             raise StorageError(f"cannot write {self.uri(*parts)}: {e}") from e
 
     def read_json(self, *parts: str) -> Any:
@@ -138,6 +284,13 @@ class Store:
         if not self.local:
             raise StorageError(f"{self.uri(*parts)} is not on a local filesystem")
         return self.path(*parts)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def version_store(root: str, dataset: str, version: str, storage_options: dict[str, Any] | None = None) -> Store:
