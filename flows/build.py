@@ -22,7 +22,8 @@ from flows.synthesize import run_synthesis
 from realfake.config import BuildConfig, ConfigError
 from realfake.data.storage import version_store
 from tasks.artifacts import publish_card_link, publish_counts, publish_grid, publish_metrics, publish_report
-from tasks.stages import finalize_task, measure_task, report_task
+from tasks.lease import build_lease
+from tasks.stages import finalize_task, measure_task, report_task, verify_task
 
 __all__ = ["build_flow", "build_version_stages", "main", "run_build_stages"]
 
@@ -43,11 +44,15 @@ def build_version_stages(cfg: BuildConfig, params: BuildParams) -> dict:
 
     store = version_store(cfg.root, cfg.dataset, cfg.version)
     get_run_logger().info("building %s (device %s)", store.uri(), cfg.device)
-    prepared = timed("prepare", run_prepare, cfg)
-    adapters = list(timed("finetune", run_finetune, cfg, params.fanout).values())
-    synthesis = timed("synthesize", run_synthesis, cfg, params.fanout, params.pinned(cfg))
-    stats = {"prepare": prepared, "adapters": adapters, "synthesis": _summary(synthesis), "timings_s": dict(timings)}
-    card = timed("finalize", finalize_task, cfg, stats)
+    # One build writes a version at a time: a second build of it fails here, naming this one
+    with build_lease(cfg) as lease:
+        prepared = timed("prepare", run_prepare, cfg)
+        adapters = list(timed("finetune", run_finetune, cfg, params.fanout).values())
+        synthesis = timed("synthesize", run_synthesis, cfg, params.fanout, params.pinned(cfg), lease.owner)
+        stats = {"prepare": prepared, "adapters": adapters, "synthesis": _summary(synthesis),
+                 "timings_s": dict(timings)}
+        card = timed("finalize", finalize_task, cfg, stats, False)
+    verify_task(cfg)  # after the release: verification reports a lease still present as a problem
     return {"uri": store.uri(), "prepare": prepared, "adapters": adapters, "synthesis": synthesis, "card": card,
             "timings_s": timings}
 

@@ -3,7 +3,8 @@
 Each scope is one cached task (key: manifest hash, model fingerprints, recipe, scope), so a re-run trains
 only the adapters that are missing. With several GPUs on the node, scopes are dealt into one lane per GPU
 and each adapter trains in a worker process pinned to its lane's device; every adapter holds one slot of
-the GPU global concurrency limit.
+the GPU global concurrency limit. One adapter for the whole dataset on a multi-GPU node trains on all of its
+GPUs at once instead (``torchrun``, DDP, holding one slot per GPU).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def run_finetune(cfg: BuildConfig, fanout: FanoutParams) -> dict[str, dict]:
         log.warning("cached adapter %r of %s/%s is gone from storage: retraining", scope, cfg.dataset, cfg.version)
         return finetune_task.with_options(refresh_cache=True)(cfg, scope, device, fanout.gpu_limit)
 
+    if scopes == ["all"] and len(gpus) > 1 and fanout.data_parallel_finetune:
+        # One adapter, several GPUs: all of them train it together (one process per GPU, gradients all-reduced)
+        result = finetune_task(cfg, "all", None, fanout.gpu_limit, len(gpus))
+        return {"all": check("all", result, None)}
     if len(gpus) <= 1:
         # One device: adapters train one after another in this process (the GPU limit would serialise them).
         return {s: check(s, finetune_task(cfg, s, None, fanout.gpu_limit), None) for s in scopes}

@@ -20,7 +20,8 @@ from realfake.config import BuildConfig
 from realfake.data.storage import version_store
 from tasks.artifacts import ProgressReporter, artifact_key
 from tasks.gpu import ensure_gpu_limit, split_groups, visible_gpus
-from tasks.stages import finalize_task, plan_task, run_shard_group_deployment, synthesize_group_task
+from tasks.lease import build_lease
+from tasks.stages import finalize_task, plan_task, run_shard_group_deployment, synthesize_group_task, verify_task
 
 __all__ = ["run_synthesis", "synthesize_flow", "synthesize_shards_flow"]
 
@@ -38,10 +39,11 @@ def _progress_counter(cfg: BuildConfig, names: list[str]):
     return count
 
 
-def run_synthesis(cfg: BuildConfig, fanout: FanoutParams, pinned: dict) -> dict:
+def run_synthesis(cfg: BuildConfig, fanout: FanoutParams, pinned: dict, lease_owner: str | None = None) -> dict:
     """Plan the shards of ``cfg`` and run them in parallel groups; returns a summary for the report.
 
-    Must be called inside a flow run. ``pinned`` are the parameters that reproduce ``cfg`` in a child run.
+    Must be called inside a flow run. ``pinned`` are the parameters that reproduce ``cfg`` in a child run;
+    ``lease_owner`` the build holding the version's lease (every group's commits check it).
     """
     log = get_run_logger()
     names = plan_task(cfg)
@@ -63,18 +65,18 @@ def run_synthesis(cfg: BuildConfig, fanout: FanoutParams, pinned: dict) -> dict:
             futures = [
                 run_shard_group_deployment.submit(
                     fanout.shard_deployment,
-                    {"params": ShardGroupParams(**pinned, shard_names=g, gpu_limit=fanout.gpu_limit).model_dump(
-                        mode="json")},
+                    {"params": ShardGroupParams(**pinned, shard_names=g, gpu_limit=fanout.gpu_limit,
+                                                lease_owner=lease_owner).model_dump(mode="json")},
                     i,
                 )
                 for i, g in enumerate(groups)
             ]
         elif len(groups) == 1 or not gpus:
             # Groups share this process's device; they still run concurrently, bounded by the GPU limit.
-            futures = [synthesize_group_task.submit(cfg, g, None, fanout.gpu_limit) for g in groups]
+            futures = [synthesize_group_task.submit(cfg, g, None, fanout.gpu_limit, lease_owner) for g in groups]
         else:
             futures = [
-                synthesize_group_task.submit(cfg, g, gpus[i % len(gpus)], fanout.gpu_limit)
+                synthesize_group_task.submit(cfg, g, gpus[i % len(gpus)], fanout.gpu_limit, lease_owner)
                 for i, g in enumerate(groups)
             ]
         results = [f.result() for f in futures]
@@ -97,16 +99,19 @@ def synthesize_shards_flow(params: ShardGroupParams = ShardGroupParams()) -> dic
     ensure_gpu_limit(params.gpu_limit, len(visible_gpus()) or 1)
     gpus = visible_gpus()
     # A pod / container sees its own GPU(s); the process runs in place and keeps the model warm across shards.
-    return synthesize_group_task(cfg, names, None, params.gpu_limit) | {"devices": gpus}
+    return synthesize_group_task(cfg, names, None, params.gpu_limit, params.lease_owner) | {"devices": gpus}
 
 
 @flow(name="synthesize", log_prints=True, persist_result=True)
 def synthesize_flow(params: SynthesizeParams = SynthesizeParams()) -> dict:
     """Plan the shards of a prepared (and fine-tuned) version, synthesize them in parallel, then finalize."""
     cfg = params.to_config()
-    summary = run_synthesis(cfg, params.fanout, params.pinned(cfg))
+    with build_lease(cfg) as lease:  # a concurrent build or synthesis of this version fails here, naming it
+        summary = run_synthesis(cfg, params.fanout, params.pinned(cfg), lease.owner)
+        if params.finalize:
+            summary["card"] = finalize_task(cfg, None, False)
     if params.finalize:
-        summary["card"] = finalize_task(cfg)
+        verify_task(cfg)
     return summary
 
 

@@ -11,8 +11,10 @@ steps and a re-run resumes from the last one. The adapter is saved in the diffus
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -111,6 +113,17 @@ def _upload_folder(store: Store, local: Path, *parts: str) -> None:
             store.write_bytes(f.read_bytes(), *parts, *f.relative_to(local).parts)
 
 
+def _data_parallel(device: torch.device):
+    """``(accelerator, rank, world)`` when started by ``torchrun`` / ``accelerate launch`` with several processes
+    (``WORLD_SIZE`` > 1: one per GPU, NCCL; gloo on CPU), else ``(None, 0, 1)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, 0, 1
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=device.type == "cpu")
+    return acc, acc.process_index, acc.num_processes
+
+
 def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dict | None = None,
              progress: bool = False, storage_options: dict | None = None) -> AdapterResult:
     """Train (or resume) one LoRA adapter and save it under ``adapters/{scope}/``.
@@ -130,6 +143,14 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
 
     ft = cfg.finetune
     device = resolve_device(cfg.device)
+    accelerator, rank, world = _data_parallel(device)
+    if accelerator is not None:
+        device = accelerator.device  # this process's GPU (cuda:LOCAL_RANK), or the CPU
+    micro = max(1, ft.batch_size)
+    if micro % world:
+        raise ValueError(f"finetune.batch_size={micro} must be a multiple of the number of training processes "
+                         f"({world}): each process takes an equal slice of every batch")
+    main = rank == 0  # writes checkpoints, the adapter and its log; the others only compute
     t0 = time.time()
     if components is None:
         components = load_sd_components(cfg.models.base, cfg.models.base_revision, device)
@@ -179,9 +200,13 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
                                  "re-run the prepare stage")
             guide = torch.from_numpy(np.stack([guidance[s.sample_id] for s in samples]))
 
-    add_lora(unet, ft.rank, ft.alpha)
+    with torch.random.fork_rng(devices=[]):  # the adapter's initial weights follow finetune.seed, not the caller's RNG
+        torch.manual_seed(ft.seed)
+        add_lora(unet, ft.rank, ft.alpha)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ft.learning_rate)
+    # several processes: DDP through accelerate, gradients of the LoRA weights all-reduced (averaged) each step
+    model = accelerator.prepare_model(unet) if accelerator is not None else unet
     folder = adapter_dir(scope)
     start = 0
     ckpt = (*folder, "checkpoint")
@@ -197,40 +222,55 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
     history: list[dict] = []
     unet.train()
     n = len(samples)
-    micro = max(1, ft.batch_size)
+    # Every process draws the whole batch from the same generator and keeps its slice: with the MMD term off,
+    # N processes take exactly the optimiser steps of one (the MMD term is computed per process, over its slice).
+    local = slice(rank * (micro // world), (rank + 1) * (micro // world))
     loss_value = float("nan")
     steps = range(start, ft.max_steps)
     if progress:
         from tqdm import tqdm
 
         steps = tqdm(steps, desc=f"finetune[{scope}]", initial=start, total=ft.max_steps)
+    amp = device.type == "cuda" and ft.mixed_precision != "no"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if ft.mixed_precision == "bf16" else torch.float16,
-                              enabled=device.type == "cuda" and ft.mixed_precision != "no")
+                              enabled=amp)
+    scaler = torch.amp.GradScaler("cuda") if amp and ft.mixed_precision == "fp16" else None  # fp16 gradients underflow
     for step in steps:
         opt.zero_grad(set_to_none=True)
         parts: dict[str, float] = {}
-        for _ in range(ft.gradient_accumulation):
+        for k in range(ft.gradient_accumulation):
             idx = torch.randint(0, n, (micro,), generator=gen)
             flip = torch.rand(micro, generator=gen) < 0.5 if ft.random_flip else None
+            idx, flip = idx[local], (flip[local] if flip is not None else None)
             if lat is None:  # no cache: read and encode this batch's images, as the reference script does
                 with torch.no_grad():
                     z0 = encode(pixels([samples[i] for i in idx.tolist()]), flip)
             else:
                 z0 = lat[idx] if flip is None else torch.where(flip[:, None, None, None], lat_flip[idx], lat[idx])
-            noise = torch.randn(z0.shape, generator=gen)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (micro,), generator=gen)
+            noise = torch.randn((micro, *z0.shape[1:]), generator=gen)[local]
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (micro,), generator=gen)[local]
             zt = noise_sched.add_noise(z0, noise, t).to(device)
             states = inject_guidance(text[prompt_idx[idx]], guide[idx] if guide is not None else None,
                                      cfg.guidance.slot).to(device)
-            with autocast:
-                pred = unet(zt, t.to(device), states).sample
-            w = min_snr_weights(noise_sched.alphas_cumprod, t, ft.snr_gamma).to(device)
-            loss, parts = realfake_loss(pred, noise.to(device), w, ft.mmd_weight, ft.mmd_kernel)
-            (loss / ft.gradient_accumulation).backward()
-        opt.step()
-        loss_value = float(loss.detach())
+            # all-reduce once per optimiser step, not per micro-batch
+            sync = accelerator.no_sync(model) if accelerator is not None and k + 1 < ft.gradient_accumulation \
+                else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    pred = model(zt, t.to(device), states).sample
+                w = min_snr_weights(noise_sched.alphas_cumprod, t, ft.snr_gamma).to(device)
+                loss, parts = realfake_loss(pred, noise.to(device), w, ft.mmd_weight, ft.mmd_kernel)
+                scaled = loss / ft.gradient_accumulation
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        done = loss.detach()
+        loss_value = float(accelerator.reduce(done, "mean") if accelerator is not None else done)
         history.append({"step": step + 1, "loss": loss_value, **parts})
-        if (step + 1) % ft.checkpoint_every == 0 and step + 1 < ft.max_steps:
+        if main and (step + 1) % ft.checkpoint_every == 0 and step + 1 < ft.max_steps:
             with tempfile.TemporaryDirectory() as tmp:
                 save_file(get_peft_model_state_dict(unet), Path(tmp, "a.safetensors"))
                 store.write_bytes(Path(tmp, "a.safetensors").read_bytes(), *ckpt, "adapter.safetensors")
@@ -239,14 +279,17 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
             store.write_bytes(buf.getvalue(), *ckpt, "optimizer.pt")
             store.write_json({"step": step + 1}, *ckpt, "state.json")  # written last: the checkpoint's commit
     unet.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        _save_adapter(unet, Path(tmp))
-        _upload_folder(store, Path(tmp), *folder)
-    prev = store.read_json(*folder, "train_log.json")["history"] if start and store.exists(*folder, "train_log.json") \
-        else []
-    store.write_json({"scope": scope, "config": ft.model_dump(), "images": n, "history": prev + history,
-                      "seconds": round(time.time() - t0, 2)}, *folder, "train_log.json")
-    store.remove(*ckpt, recursive=True)
+    if main:
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_adapter(unet, Path(tmp))
+            _upload_folder(store, Path(tmp), *folder)
+        prev = store.read_json(*folder, "train_log.json")["history"] \
+            if start and store.exists(*folder, "train_log.json") else []
+        store.write_json({"scope": scope, "config": ft.model_dump(), "images": n, "history": prev + history,
+                          "processes": world, "seconds": round(time.time() - t0, 2)}, *folder, "train_log.json")
+        store.remove(*ckpt, recursive=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # the adapter is written before any process returns
     unet.unload_lora()  # leave shared components as they came: base layers back, no peft wrappers
     return AdapterResult(scope, store.uri(*folder), ft.max_steps, time.time() - t0, loss_value, start)
 

@@ -282,22 +282,94 @@ def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(p.items) for p in pending), desc="synthesize", unit="img")
-    for plan in pending:
-        s0 = time.time()
-        records = engine.generate(list(plan.items))  # type: ignore[union-attr]
+    ahead = _GenerateAhead(engine, pending, 2 * engine.max_batch) if pending and cfg.synthesis.overlap_writes \
+        else None
+    try:
+        for plan in pending:
+            s0 = time.time()
+            records = ahead.records() if ahead else engine.generate(list(plan.items))  # type: ignore[union-attr]
+            if bar is not None:
+                records = _counting(records, bar)
+            writer.write_shard(plan.name, records)
+            images += len(plan.items)
+            if on_shard is not None:
+                on_shard(plan.name, len(plan.items), time.time() - s0)
+    finally:
+        if ahead is not None:
+            ahead.close()
         if bar is not None:
-            records = _counting(records, bar)
-        writer.write_shard(plan.name, records)
-        images += len(plan.items)
-        if on_shard is not None:
-            on_shard(plan.name, len(plan.items), time.time() - s0)
-    if bar is not None:
-        bar.close()
+            bar.close()
     seconds = time.time() - t0
     total = len(plan_shards(items, cfg.shards.max_count))
     return {"shards_written": [p.name for p in pending], "shards_total": total, "images": images,
             "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 3) if images else 0.0,
             "oom_retries": getattr(engine, "oom_retries", 0)}
+
+
+class _GenerateAhead:
+    """The engine runs over every pending shard on a background thread, up to ``depth`` records ahead.
+
+    While the writer encodes, hashes and uploads one batch (CPU and network work, mostly outside the GIL), the
+    engine computes the next. Records reach the writer in plan order, shard by shard, so the output is the same
+    as without it. An engine error is raised in the writer's thread at the record it would have produced; a
+    writer error (or the end of the run) stops the engine at its next record.
+    """
+
+    _END = object()
+
+    def __init__(self, engine: SynthesisEngine, plans: Sequence, depth: int) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(engine, list(plans)), name="realfake-generate",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, engine: SynthesisEngine, plans: list) -> None:
+        try:
+            for plan in plans:
+                for rec in engine.generate(list(plan.items)):
+                    if not self._put(rec):
+                        return
+                if not self._put(self._END):
+                    return
+        except BaseException as e:  # handed to the writer's thread, which raises it
+            self._put(_Failed(e))
+
+    def records(self) -> Iterator[SyntheticRecord]:
+        """The next shard's records."""
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        """Stop the engine thread (after the batch it is computing) and wait for it."""
+        self._stop.set()
+        self._thread.join(timeout=600)
+        if self._thread.is_alive():
+            log.warning("the generation thread did not stop within 600 s of the writer ending")
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 def _counting(records, bar):

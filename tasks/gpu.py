@@ -71,7 +71,8 @@ def ensure_gpu_limit(name: str, slots: int) -> None:
                 raise
 
 
-def run_group_process(cfg: BuildConfig, verb: str, items: list[str], device: str | None) -> dict:
+def run_group_process(cfg: BuildConfig, verb: str, items: list[str], device: str | None,
+                      lease_owner: str | None = None, nproc: int = 1) -> dict:
     """Run one group in a fresh worker process pinned to ``device`` and return its JSON result.
 
     Args:
@@ -79,18 +80,28 @@ def run_group_process(cfg: BuildConfig, verb: str, items: list[str], device: str
         verb: ``synthesize`` (items are shard names) or ``finetune`` (items are adapter scopes).
         items: the group's shards or scopes.
         device: CUDA device id to pin, or None to inherit this process's devices.
+        lease_owner: the build whose lease the worker's commits check (synthesize only).
+        nproc: worker processes started by ``torchrun`` on this node, one per GPU, training data-parallel
+            (finetune only); rank 0 writes the result.
 
     Raises:
         RuntimeError: the worker failed; the message carries the tail of its output.
     """
+    from tasks.group_worker import LEASE_OWNER_ENV
+
     env = dict(os.environ)
+    env.pop(LEASE_OWNER_ENV, None)
+    if lease_owner:
+        env[LEASE_OWNER_ENV] = lease_owner
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     with tempfile.TemporaryDirectory(prefix="realfake-group-") as tmp:
         cfg_path = Path(tmp) / "config.json"
         out_path = Path(tmp) / "result.json"
         cfg_path.write_text(cfg.model_dump_json())
-        cmd = [sys.executable, "-m", "tasks.group_worker", verb, str(cfg_path), str(out_path), *items]
+        launcher = [sys.executable] if nproc <= 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        cmd = [*launcher, "-m", "tasks.group_worker", verb, str(cfg_path), str(out_path), *items]
         log.info("starting %s worker on device %s for %d item(s)", verb, device or "(inherited)", len(items))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
         if proc.returncode != 0:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["LEASE_OWNER_ENV", "main"]
+
+LEASE_OWNER_ENV = "REALFAKE_LEASE_OWNER"
 
 
 def main(argv: list[str]) -> int:
@@ -29,10 +32,12 @@ def main(argv: list[str]) -> int:
 
     cfg = BuildConfig.model_validate_json(cfg_path.read_text())
     if verb == "synthesize":
-        result = build.synthesize(cfg, list(items) or None)
+        # the parent build's lease owner travels in the environment (tasks.gpu.run_group_process)
+        result = build.synthesize(cfg, list(items) or None, lease_owner=os.environ.get(LEASE_OWNER_ENV) or None)
     else:
         result = {"adapters": {scope: build.finetune(cfg, scope) for scope in items}}
-    out_path.write_text(json.dumps(result, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this; one writes the result
+        out_path.write_text(json.dumps(result, default=str))
     return 0
 
 

@@ -1,0 +1,19 @@
+"""The flows' parameter forms mirror the library config: a new config section that a form lacks would make every
+child run (which receives the parent's whole config) fail validation, so it fails here first."""
+
+from __future__ import annotations
+
+from flows.params import _SECTIONS, ConfigParams, ShardGroupParams
+from realfake.config import BuildConfig, load_config
+
+
+def test_the_form_has_every_config_section() -> None:
+    scalars = {"dataset", "version", "root", "device"}
+    assert set(_SECTIONS) == set(BuildConfig.model_fields) - scalars
+    assert set(_SECTIONS) | scalars <= set(ConfigParams.model_fields)
+
+
+def test_a_child_run_rebuilds_the_parents_config_exactly(tmp_path) -> None:
+    cfg = load_config(preset="demo", overrides=[f"root={tmp_path}", "synthesis.seed=7", "classifier.epochs=3"])
+    child = ShardGroupParams(**ConfigParams().pinned(cfg), shard_names=["shard-000000"])
+    assert child.to_config() == cfg
