@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from realfake.config import (
     BuildConfig,
@@ -22,9 +22,11 @@ from realfake.config import (
     FinetuneConfig,
     GuidanceConfig,
     ModelsConfig,
+    OODConfig,
     ShardConfig,
     SourceConfig,
     SynthesisConfig,
+    TrainDataConfig,
     load_config,
 )
 
@@ -42,7 +44,9 @@ __all__ = [
 ]
 
 EvalData = Literal["real", "synthetic", "real+synthetic"]
-_SECTIONS = ("source", "models", "caption", "guidance", "finetune", "synthesis", "shards", "classifier")
+# every section of BuildConfig (tests/test_config.py checks): a child run gets the parent's whole config
+_SECTIONS = ("source", "models", "caption", "guidance", "finetune", "synthesis", "shards", "classifier", "train_data",
+             "ood")
 
 
 class _Params(BaseModel):
@@ -77,6 +81,10 @@ class FanoutParams(_Params):
     poll_seconds: float = Field(
         5.0, gt=0, le=600, description="How often the parent refreshes its progress artifact while groups run."
     )
+    data_parallel_finetune: bool = Field(
+        True, description="With one adapter for the whole dataset and several GPUs on the node, train it on all of "
+        "them at once (torchrun + DDP; finetune.batch_size is split across GPUs) instead of on one.",
+    )
 
 
 class ConfigParams(_Params):
@@ -104,6 +112,11 @@ class ConfigParams(_Params):
     synthesis: SynthesisConfig | None = Field(None, description="img2img generation recipe.")
     shards: ShardConfig | None = Field(None, description="Shard format and size.")
     classifier: ClassifierConfig | None = Field(None, description="Downstream classifier recipe.")
+    train_data: TrainDataConfig | None = Field(
+        None, description="What the classifier trains on: synthetic versions pooled, scale xK, synthetic:real "
+        "ratio, streaming; replaces the preset's fields sent.",
+    )
+    ood: OODConfig | None = Field(None, description="Out-of-distribution test folders (ImageNet-V2/-Sketch/-R/-A).")
     overrides: list[str] = Field(
         default_factory=list,
         description="Dotted overrides applied last, e.g. 'finetune.max_steps=200' or 'synthesis.seed=3'.",
@@ -165,6 +178,10 @@ class ShardGroupParams(ConfigParams):
         default_factory=list, description="Shards of the plan this group writes (empty: the whole plan)."
     )
     gpu_limit: str = Field("realfake-gpu", description="Global concurrency limit holding one GPU slot per group.")
+    lease_owner: str | None = Field(
+        None, description="The build holding the version's lease (set by the parent run); each commit checks it "
+        "still does. Empty when the group is run by hand: it then writes without a lease.",
+    )
 
 
 class TrainEvalParams(ConfigParams):
@@ -172,8 +189,27 @@ class TrainEvalParams(ConfigParams):
 
     data: list[EvalData] = Field(
         default_factory=lambda: ["real", "synthetic"],
-        description="Training sets to measure: real train, the synthetic version, or both together (x2).",
+        description="Training sets to measure: real train, the synthetic version, or both together (mixed at "
+        "train_data.mix_ratio).",
     )
+    nproc_per_node: int = Field(
+        1, ge=1, le=64, description="Training processes per set on the worker (torchrun + DDP, one per GPU); 1 "
+        "trains in the task's own process.",
+    )
+    synthetic_scales: list[int] = Field(
+        default_factory=list, description="Also train on synthetic data at each of these scales (x1..x10 synthetic "
+        "images per real image, replicas 0..K-1 of the synthetic versions): one run per scale, named "
+        "synthetic-xK in the results.",
+    )
+
+    @field_validator("synthetic_scales")
+    @classmethod
+    def _scales(cls, v: list[int]) -> list[int]:
+        bad = [k for k in v if not 1 <= k <= 10]
+        if bad:
+            raise ValueError(f"synthetic_scales must lie in 1..10 (train_data.synthetic_scale), got {bad[0]}")
+        return list(dict.fromkeys(v))
+
 
 
 class BuildParams(ConfigParams):

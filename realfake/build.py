@@ -128,12 +128,20 @@ def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> lis
 
 
 def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress: bool = False,
-               engine=None, on_shard: Callable | None = None, storage_options: dict | None = None) -> dict:
-    """Write and commit the named shards (default: all still missing); committed shards are skipped."""
+               engine=None, on_shard: Callable | None = None, storage_options: dict | None = None,
+               lease_owner: str | None = None) -> dict:
+    """Write and commit the named shards (default: all still missing); committed shards are skipped.
+
+    ``lease_owner``: the build this call works for, whose process holds the version's lease (a shard group of
+    a Prefect build); every commit first checks that build still holds it.
+    """
+    from realfake.data.shards import VersionLease
     from realfake.synthesize import synthesize as run
 
-    return run(cfg, store_of(cfg, storage_options), shard_names, engine=engine, on_shard=on_shard,
-               progress=progress, storage_options=storage_options)
+    store = store_of(cfg, storage_options)
+    lease = VersionLease(store, owner=lease_owner, heartbeat=False).join() if lease_owner else None
+    return run(cfg, store, shard_names, engine=engine, on_shard=on_shard, progress=progress,
+               storage_options=storage_options, lease=lease)
 
 
 def finalize(cfg: BuildConfig, stats: dict | None = None, storage_options: dict | None = None,
@@ -177,12 +185,16 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
                storage_options: dict | None = None, return_model: bool = False) -> dict:
     """Train ``cfg.classifier`` on real, synthetic or real+synthetic data; evaluate on the real test split.
 
-    Writes ``runs/{run}/metrics.json`` (config, data version, seed, metrics) and returns the metrics.
-    """
-    import torch.utils.data
+    ``cfg.train_data`` refines the mode (see :func:`realfake.data.loaders.training_data`): the synthetic
+    versions pooled, the scale xK (replicas ``0..K-1``), the synthetic:real ratio of a mix, streaming.
 
-    from realfake.classify import evaluate, train_classifier
-    from realfake.data.loaders import RealImages
+    Writes ``runs/{run}/metrics.json`` (config, data version, seed, metrics) and returns the metrics. Training
+    checkpoints to ``runs/{run}/checkpoint`` and a re-run resumes from it; the checkpoint is removed once the
+    metrics are written. Under torchrun (:mod:`realfake.train_dist`) every process trains and rank 0 alone
+    evaluates and writes; the other ranks return ``{"data", "rank"}``.
+    """
+    from realfake.classify import evaluate, process_rank, train_classifier
+    from realfake.data.loaders import RealImages, training_data
     from realfake.data.manifest import read_manifest
     from realfake.models.loading import resolve_device
 
@@ -195,22 +207,34 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
         raise ValueError(
             f"{store.uri('real', 'manifest.parquet')} has {num_classes} class: a classifier needs at least 2"
         )
-    parts = []
-    if data in ("real", "real+synthetic"):
-        parts.append(RealImages(store, "train"))
-    if data in ("synthetic", "real+synthetic"):
-        parts.append(synthetic_dataset(store))
-    train_set = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    from realfake.ood import check_ood_folders, class_folders, evaluate_ood
+    from realfake.report import write_confusion_plot
+
+    ood_sets = [k for k in ("imagenet_v2", "imagenet_sketch", "imagenet_r", "imagenet_a") if getattr(cfg.ood, k)]
+    folders = class_folders(store) if ood_sets else None
+    if ood_sets:
+        check_ood_folders(cfg, folders, storage_options)  # a wrong OOD folder fails now, not after training
+    selection = training_data(cfg, data, storage_options)  # mode, versions, scale, ratio: cfg.train_data
+    train_set = selection.dataset
+    run = run or f"{data.replace('+', '-')}{selection.tag}-{cfg.classifier.model}-s{cfg.classifier.seed}"
     t0 = time.time()
-    model = train_classifier(train_set, num_classes, cfg.classifier, device=device, progress=progress)
+    model = train_classifier(train_set, num_classes, cfg.classifier, device=device, progress=progress,
+                             checkpoint=store.child("runs", run, "checkpoint"))
     train_s = time.time() - t0
+    rank, world = process_rank()
+    if rank:
+        return {"data": data, "rank": rank}
     metrics = evaluate(model, RealImages(store, "test"), num_classes, device=device)
-    out = {"data": data, "train_images": len(train_set), "top1": metrics["top1"], "top5": metrics["top5"],
+    out = {"data": data, "train_images": selection.real_images + selection.synthetic_images, **selection.summary(),
+           "top1": metrics["top1"], "top5": metrics["top5"],
            "per_class": metrics["per_class"], "confusion": metrics["confusion"], "train_s": round(train_s, 2),
-           "seed": cfg.classifier.seed}
-    run = run or f"{data.replace('+', '-')}-{cfg.classifier.model}-s{cfg.classifier.seed}"
+           "seed": cfg.classifier.seed, "processes": world, "resumed_from_epoch": model.resumed_from_epoch}
+    if ood_sets and (ood := evaluate_ood(model, cfg, folders, device, storage_options)):
+        out["ood"] = ood  # per set: top-1/top-5 on the classes it shares with training (-R/-A: logits restricted)
+    out["confusion_plot"] = write_confusion_plot(store, run, out)
     store.write_json({"config": cfg.model_dump(mode="json"), "version": store.uri(), "metrics": out,
                       "git_revision": _git_revision()}, "runs", run, "metrics.json")
+    store.remove("runs", run, "checkpoint", recursive=True)  # the run is recorded: nothing left to resume
     if return_model:
         out["model"] = model
     return out

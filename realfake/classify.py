@@ -13,31 +13,47 @@ first filters are fitted to the synthetic intensity distribution. ``input_norm="
 every image on its own (zero mean, unit variance over its pixels), which makes the network's input
 invariant to such affine intensity shifts, and brightness / contrast jitter covers the residual; both are
 train-time choices that never look at test images (no test-time batch statistics or BN re-estimation).
+
+Training scales out under ``torchrun`` (DistributedDataParallel, one process per GPU, a global batch split
+over the processes) and survives preemption: with a checkpoint folder it commits a resumable checkpoint
+(``state.json`` written last) every few epochs and a re-run continues the same trajectory from it. Sampling
+and augmentation are functions of the seed, epoch and image index, which is what makes both exact.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import logging
 import math
+import os
 import random
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import timm
 import timm.data
+import timm.layers
 import timm.loss
 import timm.optim
 import timm.scheduler
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.data
 from PIL import Image
 
 from realfake.config import ClassifierConfig
 
+if TYPE_CHECKING:
+    from realfake.data.storage import Store
+
 __all__ = [
+    "CHECKPOINT_STATE",
     "Classifier",
     "PerImageStandardize",
     "build_classifier",
@@ -45,10 +61,12 @@ __all__ = [
     "evaluate",
     "extract_features",
     "predict",
+    "process_rank",
     "train_classifier",
 ]
 
 log = logging.getLogger(__name__)
+CHECKPOINT_STATE = "state.json"  # a checkpoint folder's commit record, written after the weights it names
 
 
 class PerImageStandardize:
@@ -121,6 +139,7 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
         self.eval_transform = build_transforms(cfg, train=False)
         self.train_log: list[dict[str, float]] = []
+        self.resumed_from_epoch = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -154,16 +173,24 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int) -> Classifier:
 
 
 class _Transformed(torch.utils.data.Dataset):
-    """Applies a transform to datasets that yield PIL images; tensors pass through unchanged."""
+    """Applies a transform to datasets that yield PIL images; tensors pass through unchanged.
 
-    def __init__(self, dataset: torch.utils.data.Dataset, transform: Callable | None) -> None:
+    Indexed by ``(epoch, index)`` keys (the training sampler's), the transform runs under random number
+    generators seeded from ``(seed, epoch, index)``: an image's augmentation is then a function of the recipe,
+    not of which process, worker or restart happens to load it. Plain integer indices (evaluation) apply the
+    transform as it is.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, transform: Callable | None, seed: int | None = None) -> None:
         self.dataset = dataset
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         image, label = self.dataset[index]
         if isinstance(image, Image.Image):
             if self.transform is None:
@@ -171,8 +198,81 @@ class _Transformed(torch.utils.data.Dataset):
                     "the dataset yields PIL images but no transform is known: pass transform="
                     "build_transforms(cfg, train=False) or a model returned by train_classifier"
                 )
-            image = self.transform(image)
+            if epoch is None or self.seed is None:
+                image = self.transform(image)
+            else:
+                with _seeded_rngs(self.seed, epoch, index):
+                    image = self.transform(image)
         return image, int(label)
+
+
+class _TransformedStream(torch.utils.data.IterableDataset):
+    """The iterable counterpart of :class:`_Transformed`, for datasets that stream their own order.
+
+    Such a dataset (:class:`~realfake.data.streaming.StreamingImages`) shuffles per epoch and splits itself over
+    ranks and loader workers; its ``len()`` is what one epoch yields in this process. Its augmentation draws
+    come from the worker's generators, so unlike a map-style dataset's they depend on the number of workers.
+    """
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset, transform: Callable) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for image, label in self.dataset:
+            yield (self.transform(image) if isinstance(image, Image.Image) else image), int(label)
+
+
+@contextmanager
+def _seeded_rngs(*key: int) -> Iterator[None]:
+    """Seed the CPU torch, numpy and python generators from ``key`` for the block, then restore their streams.
+
+    timm's and torchvision's transforms draw from all three; restoring keeps the training loop's own streams
+    (dropout, mixup) independent of how many images were loaded in this process.
+    """
+    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    a, b, c = (int(v) for v in np.random.SeedSequence(list(key)).generate_state(3))
+    torch.default_generator.manual_seed(a)  # CPU only: CUDA generators belong to the training loop
+    np.random.seed(b)
+    random.seed(c)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+
+
+class _EpochKeys(torch.utils.data.Sampler):
+    """This process's share of each epoch's seeded permutation, as ``(epoch, index)`` keys.
+
+    The permutation is torch's :class:`~torch.utils.data.DistributedSampler` (``seed + epoch``; padded so every
+    process gets as many images): process ``r`` of ``w`` takes positions ``r, r + w, ...``, so consecutive
+    per-process batches of ``B / w`` together hold exactly the images of the one-process batch of ``B``.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int, world: int) -> None:
+        self.order = torch.utils.data.DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -202,46 +302,247 @@ def _autocast(device: torch.device, cfg: ClassifierConfig) -> tuple[torch.autoca
     return torch.autocast("cuda", dtype=torch.float16), True
 
 
+# -- processes and checkpoints --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Ranks:
+    """Where this process stands in a distributed run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # this call started the process group, so it ends it
+
+
+def process_rank() -> tuple[int, int]:
+    """This process's rank and the world size of its distributed run; ``(0, 1)`` outside one.
+
+    Read from the process group while one is initialised, else from torchrun's environment (``RANK``,
+    ``WORLD_SIZE``), which outlives the group :func:`train_classifier` ends.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def _join_process_group(device: torch.device) -> tuple[_Ranks, torch.device]:
+    """Join the run torchrun started (env ``WORLD_SIZE`` > 1), or one a caller already initialised.
+
+    Each process trains on its own GPU (``cuda:LOCAL_RANK``) with NCCL, or on the CPU with gloo.
+    """
+    if not dist.is_available():
+        return _Ranks(), device
+    owned = False
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return _Ranks(), device
+        owned = True
+    if device.type == "cuda":  # one GPU per process, whatever index the config named
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
+        torch.cuda.set_device(device)
+    if owned:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ranks = _Ranks(dist.get_rank(), dist.get_world_size(), owned)
+    if ranks.world > 1:
+        log.info("training as rank %d of %d on %s (%s)", ranks.rank, ranks.world, device, dist.get_backend())
+    return ranks, device
+
+
+# Fields that change how a run is executed, not what it computes: a checkpoint stays valid across them.
+_EXECUTION_FIELDS = {"workers", "checkpoint_every_epochs"}
+
+
+def _recipe(cfg: ClassifierConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude=_EXECUTION_FIELDS)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _open_checkpoint(checkpoint: Store | str | None) -> Store | None:
+    from realfake.data.storage import Store
+
+    if checkpoint is None or isinstance(checkpoint, Store):
+        return checkpoint
+    return Store(str(checkpoint))
+
+
+def _read_checkpoint(store: Store, cfg: ClassifierConfig, num_classes: int, n: int) -> dict[str, Any] | None:
+    """The committed checkpoint in ``store`` (``state.json`` + the weights file it names), or None."""
+    if not store.exists(CHECKPOINT_STATE):
+        return None
+    state = store.read_json(CHECKPOINT_STATE)
+    wanted = {"recipe": _recipe(cfg), "num_classes": num_classes, "train_images": n}
+    saved = {k: state.get(k) for k in wanted}
+    if saved != wanted:
+        differ = sorted(
+            f"classifier.{k}"
+            for k in set(wanted["recipe"]) | set(saved["recipe"] or {})
+            if (saved["recipe"] or {}).get(k) != wanted["recipe"].get(k)
+        ) + [k for k in ("num_classes", "train_images") if saved[k] != wanted[k]]
+        raise ValueError(
+            f"the checkpoint at {store.uri()} was written for another training run (differs in: "
+            f"{', '.join(differ)}); remove that folder to start over, or train under another run name"
+        )
+    if not store.exists(state["file"]):
+        raise FileNotFoundError(
+            f"{store.uri(CHECKPOINT_STATE)} names {state['file']}, which is missing; remove {store.uri()} to start over"
+        )
+    state["payload"] = torch.load(io.BytesIO(store.read_bytes(state["file"])), map_location="cpu", weights_only=True)
+    return state
+
+
+def _write_checkpoint(store: Store, state: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Weights file first, ``state.json`` naming it last (the commit), then drop what the commit superseded."""
+    name = f"epoch-{state['epoch']:05d}.pt"
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    store.write_bytes(buf.getvalue(), name)
+    store.write_json({**state, "file": name}, CHECKPOINT_STATE)
+    for old in store.listdir():
+        if old not in (name, CHECKPOINT_STATE):
+            store.remove(old)
+
+
 def train_classifier(
     train_set: torch.utils.data.Dataset,
     num_classes: int,
     cfg: ClassifierConfig,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    checkpoint: Store | str | None = None,
 ) -> Classifier:
     """Train ``cfg.model`` from scratch (or ImageNet weights) on ``train_set`` with the recipe in ``cfg``.
 
+    Launched by torchrun (``WORLD_SIZE`` > 1 in the environment), every process calls this with the same
+    arguments: it joins the process group (NCCL on CUDA, gloo on CPU), trains its share of each global batch
+    of ``cfg.batch_size`` (``batch_size / world_size`` images per process) under DistributedDataParallel, and
+    returns the same weights in every process. Sampling and augmentation depend only on the seed, epoch and
+    image index, so with per-image normalisation (GroupNorm, or batch norm synchronised by ``cfg.sync_bn``) and
+    no mixup, ``w`` processes follow the trajectory of one up to floating-point summation order; with plain
+    batch norm each process normalises its own share, as in timm's distributed training.
+
+    With ``checkpoint``, a resumable checkpoint is written every ``cfg.checkpoint_every_epochs`` epochs and
+    after the last one (by rank 0 only), and training resumes from the committed one found there: weights,
+    optimizer, scheduler, gradient scaler, epoch, train log and every process's RNG states, so the resumed run
+    continues the interrupted trajectory. The caller removes the folder once it has kept the result.
+
     Args:
         train_set: Yields ``(image, label)``; PIL images get :func:`build_transforms` (train), tensors are used
-            as they are.
+            as they are. A map-style dataset is shuffled here; an ``IterableDataset`` (streamed shards) orders
+            and splits itself over processes and workers, gets ``set_epoch(epoch)`` if it has one, and its
+            ``len()`` is one epoch's images in this process. Only the map-style path makes sampling and
+            augmentation independent of the number of processes and workers.
         num_classes: Width of the classifier head; labels must lie in ``[0, num_classes)``.
         cfg: The recipe: model, optimizer, schedule, augmentation, loss and seed.
-        device: Torch device to train on.
-        progress: Show a progress bar over epochs.
+        device: Torch device to train on (a distributed run uses ``cuda:LOCAL_RANK`` for ``cuda``).
+        progress: Show a progress bar over epochs (rank 0).
+        checkpoint: Folder (local path, fsspec URI or :class:`~realfake.data.storage.Store`) of the checkpoint.
 
     Returns:
-        The trained :class:`Classifier` in eval mode; its ``train_log`` attribute holds one dict per epoch.
+        The trained :class:`Classifier` in eval mode; its ``train_log`` attribute holds one dict per epoch and
+        ``resumed_from_epoch`` the epoch a checkpoint supplied (0 for a fresh run).
     """
-    n = len(train_set)  # type: ignore[arg-type]
+    try:
+        n = len(train_set)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{type(train_set).__name__} has no len(): an iterable train_set must say how many images one epoch "
+            "yields in this process, which sizes the schedule"
+        ) from None
     if n == 0:
         raise ValueError("train_set is empty: nothing to train the classifier on")
-    device = torch.device(device)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    store = _open_checkpoint(checkpoint)
+    ranks, device = _join_process_group(torch.device(device))
+    try:
+        return _train(train_set, n, num_classes, cfg, device, progress, store, ranks)
+    finally:
+        if ranks.owned:
+            dist.destroy_process_group()
+
+
+def _train(
+    train_set: torch.utils.data.Dataset,
+    n: int,
+    num_classes: int,
+    cfg: ClassifierConfig,
+    device: torch.device,
+    progress: bool,
+    store: Store | None,
+    ranks: _Ranks,
+) -> Classifier:
+    if cfg.batch_size % ranks.world:
+        raise ValueError(
+            f"classifier.batch_size ({cfg.batch_size}) is the global batch and must be a multiple of the "
+            f"{ranks.world} training processes; change it or --nproc-per-node"
+        )
+    # Rank 0 keeps the one-process streams; other ranks draw their own (dropout, drop-path, mixup), as timm does.
+    random.seed(cfg.seed + ranks.rank)
+    np.random.seed(cfg.seed + ranks.rank)
     model = build_classifier(cfg, num_classes).to(device)
+    if ranks.rank:
+        torch.manual_seed(cfg.seed + ranks.rank)
+    net = model.net
+    if ranks.world > 1 and cfg.sync_bn:
+        if device.type == "cuda":
+            # timm's conversion also keeps the activation of its fused BatchNormAct layers; on a copy, since it
+            # shares parameters with the layers it replaces.
+            net = timm.layers.convert_sync_batchnorm(copy.deepcopy(model.net))
+        elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            log.warning("classifier.sync_bn needs CUDA: batch norm on %s normalises each process's share", device)
 
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    train_transform = build_transforms(cfg, train=True)
+    dataset: _Transformed | _TransformedStream
+    if isinstance(train_set, torch.utils.data.IterableDataset):
+        sampler, dataset, share = None, _TransformedStream(train_set, train_transform), n
+    else:
+        sampler = _EpochKeys(n, cfg.seed, ranks.rank, ranks.world)
+        dataset, share = _Transformed(train_set, train_transform, seed=cfg.seed), len(sampler)
+    batch = min(cfg.batch_size // ranks.world, share)
+    if mixing and batch % 2:
+        raise ValueError(
+            f"mixup/cutmix pair images inside a batch of {batch} per process, which must be even; "
+            "change classifier.batch_size"
+        )
     # Mixup pairs samples inside a batch and needs an even batch size, hence drop_last when mixing.
-    drop_last = mixing or n > cfg.batch_size
-    generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
-        _Transformed(train_set, build_transforms(cfg, train=True)),
-        batch_size=min(cfg.batch_size, n),
-        shuffle=True,
-        drop_last=drop_last,
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        drop_last=mixing or share > batch,
         num_workers=cfg.workers,
         worker_init_fn=_seed_worker,
-        generator=generator,
+        generator=torch.Generator().manual_seed(cfg.seed),
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0,
     )
@@ -257,7 +558,7 @@ def train_classifier(
         )
     criterion = _loss_fn(cfg, mixing).to(device)
     optimizer = timm.optim.create_optimizer_v2(
-        model.net, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+        net, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
     )
     # Stepped per update, so warm-up and cosine are smooth even for the few epochs of a demo; epoch-valued
     # milestones keep their meaning because timm scales them by updates_per_epoch.
@@ -274,15 +575,44 @@ def train_classifier(
     autocast, use_scaler = _autocast(device, cfg)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
-    updates = 0
-    epochs = range(num_epochs)
-    if progress:
+    start, updates = 0, 0
+    saved = _read_checkpoint(store, cfg, num_classes, n) if store is not None else None
+    if saved is not None:
+        payload = saved["payload"]
+        net.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
+        start, updates = int(saved["epoch"]), int(saved["updates"])
+        model.train_log = list(saved["train_log"])
+        model.resumed_from_epoch = start
+        if len(payload["rng"]) == ranks.world:
+            _set_rng_state(payload["rng"][ranks.rank], device)
+        else:  # another world size: the data order is the same, only per-process draws (dropout) start anew
+            log.info(
+                "checkpoint of %d process(es) resumed by %d: reseeding per-process RNGs",
+                len(payload["rng"]),
+                ranks.world,
+            )
+            random.seed(cfg.seed + ranks.rank + 1_000_003 * start)
+            np.random.seed(cfg.seed + ranks.rank + 1_000_003 * start)
+            torch.manual_seed(cfg.seed + ranks.rank + 1_000_003 * start)
+        log.info("resuming %s from epoch %d/%d (%s)", cfg.model, start, num_epochs, store.uri())
+    trained = net
+    if ranks.world > 1:
+        # Wrapping broadcasts rank 0's weights; every rank then applies the same averaged gradients.
+        trained = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    epochs: Iterable[int] = range(start, num_epochs)
+    if progress and ranks.rank == 0:
         from tqdm.auto import tqdm
 
-        epochs = tqdm(epochs, desc=f"train {cfg.model}", unit="epoch")
+        epochs = tqdm(epochs, desc=f"train {cfg.model}", unit="epoch", initial=start, total=num_epochs)
     for epoch in epochs:
-        model.train()
-        start, total_loss, seen = time.perf_counter(), 0.0, 0
+        (sampler or dataset).set_epoch(epoch)
+        trained.train()
+        t0, total_loss, seen = time.perf_counter(), 0.0, 0
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -293,9 +623,9 @@ def train_classifier(
                 images, targets = mixup_fn(images, labels)
             if autocast is not None:
                 with autocast:
-                    loss = criterion(model(images), targets)
+                    loss = criterion(trained(images), targets)
             else:
-                loss = criterion(model(images), targets)
+                loss = criterion(trained(images), targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch}; lower classifier.lr ({cfg.lr})"
@@ -313,16 +643,52 @@ def train_classifier(
             total_loss += loss.item() * len(labels)
             seen += len(labels)
         scheduler.step(epoch + 1)
+        if ranks.world > 1:  # the logged loss is the mean over every process's images
+            sums = torch.tensor([total_loss, float(seen)], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            total_loss, seen = float(sums[0]), int(sums[1])
         entry = {
             "epoch": epoch + 1,
             "loss": total_loss / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - t0,
         }
         model.train_log.append(entry)
-        log.info(
-            "epoch %d/%d loss %.4f lr %.4g (%.1fs)", epoch + 1, num_epochs, entry["loss"], entry["lr"], entry["seconds"]
-        )
+        if ranks.rank == 0:
+            log.info(
+                "epoch %d/%d loss %.4f lr %.4g (%.1fs)",
+                epoch + 1,
+                num_epochs,
+                entry["loss"],
+                entry["lr"],
+                entry["seconds"],
+            )
+        every = cfg.checkpoint_every_epochs
+        if store is not None and every and ((epoch + 1) % every == 0 or epoch + 1 == num_epochs):
+            rng = [_rng_state(device)]
+            if ranks.world > 1:
+                rng = [None] * ranks.world
+                dist.all_gather_object(rng, _rng_state(device))
+            if ranks.rank == 0:
+                payload = {
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rng,
+                }
+                state = {
+                    "epoch": epoch + 1,
+                    "updates": updates,
+                    "train_log": model.train_log,
+                    "world_size": ranks.world,
+                    "recipe": _recipe(cfg),
+                    "num_classes": num_classes,
+                    "train_images": n,
+                }
+                _write_checkpoint(store, state, payload)
+    if net is not model.net:  # SyncBatchNorm copy: the returned model keeps plain batch norm
+        model.net.load_state_dict(net.state_dict())
     return model.eval()
 
 

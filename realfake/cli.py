@@ -15,7 +15,9 @@ import typer
 
 from realfake.config import BuildConfig, ConfigError, available_presets, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-Fake synthetic dataset factory.")
+# Plain tracebacks: the error's message stays on one line, whole (rich's boxes wrap and cut it)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-Fake synthetic dataset factory.",
+                  pretty_exceptions_enable=False)
 
 Preset = Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (see `realfake presets`).")]
 ConfigFile = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file (overrides the preset).")]
@@ -110,12 +112,38 @@ def finalize(preset: Preset = None, config: ConfigFile = None, set: Sets = None)
 
 
 @app.command("train-eval")
-def train_eval(preset: Preset = None, config: ConfigFile = None, set: Sets = None,
-               data: Annotated[str, typer.Option(help="real, synthetic or real+synthetic.")] = "synthetic") -> None:
+def train_eval(
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set: Sets = None,
+    data: Annotated[str, typer.Option(help="real, synthetic or real+synthetic.")] = "synthetic",
+    mix_ratio: Annotated[float | None, typer.Option(
+        help="real+synthetic: synthetic images per real image, the larger side subsampled per class "
+        "(train_data.mix_ratio; default 1 = equal amounts).")] = None,
+    scale: Annotated[int | None, typer.Option(
+        help="Synthetic images per real image, 1-10: replicas 0..K-1 of the synthetic version(s) "
+        "(train_data.synthetic_scale; default: every image).")] = None,
+    synthetic_version: Annotated[list[str] | None, typer.Option(
+        "--synthetic-version", help="Pool the synthetic images of this version of the dataset (repeatable; "
+        "train_data.synthetic_versions; default: the configured version).")] = None,
+    streaming: Annotated[bool | None, typer.Option(
+        "--streaming/--in-memory", help="Stream synthetic shards in the DataLoader workers, or decode them into "
+        "memory first (train_data.streaming).")] = None,
+) -> None:
     """Train the classifier on a version's data and evaluate it on the real test split."""
     from realfake.build import train_eval as run
+    from realfake.data.loaders import DATA_MODES
 
-    m = run(_cfg(preset, config, set), data, progress=True)
+    if data not in DATA_MODES:
+        typer.echo(f"error: --data must be one of {', '.join(DATA_MODES)}, got {data!r}", err=True)
+        raise typer.Exit(2)
+    sets = list(set or [])
+    for name, value in (("mix_ratio", mix_ratio), ("synthetic_scale", scale), ("streaming", streaming)):
+        if value is not None:
+            sets.append(f"train_data.{name}={json.dumps(value)}")
+    if synthetic_version:
+        sets.append(f"train_data.synthetic_versions={json.dumps(list(synthetic_version))}")
+    m = run(_cfg(preset, config, sets), data, progress=True)
     _print({k: v for k, v in m.items() if k not in ("confusion",)})
 
 
@@ -155,6 +183,34 @@ def demo_base(
         shutil.copytree(folder, out, dirs_exist_ok=True)
         folder = out
     typer.echo(str(folder))
+
+
+@app.command()
+def report(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name (the folder under the root).")],
+    root: Annotated[str, typer.Option(help="Storage root: a local path or an fsspec URI such as s3://b/p.")] = "./out",
+    version: Annotated[list[str] | None, typer.Option(
+        "--version", help="Only this version (repeatable; default: every version with runs).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of the table.")] = False,
+) -> None:
+    """Table of every train-eval run of a dataset: mean +- std over seeds per training data and recipe.
+
+    Writes {root}/{dataset}/reports/results.md and results.json.
+    """
+    from realfake.results import ResultsError, results_report
+
+    try:
+        res = results_report(root, dataset, version)
+    except ResultsError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        _print(res["rows"])
+    else:
+        typer.echo(res["table"])
+    for note in res["notes"]:
+        typer.echo(f"left out: {note}", err=True)
+    typer.echo(f"\nwritten: {res['markdown']}\n         {res['json']}", err=as_json)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -28,11 +28,13 @@ __all__ = [
     "LiraConfig",
     "ModelsConfig",
     "NEGATIVE_PROMPT",
+    "OODConfig",
     "PrivacyConfig",
     "ShadowFamily",
     "ShardConfig",
     "SourceConfig",
     "SynthesisConfig",
+    "TrainDataConfig",
     "available_presets",
     "load_config",
 ]
@@ -160,6 +162,8 @@ class SynthesisConfig(_Strict):
     batch_size: int = Field(16, ge=1, le=4096, description="Images per denoising batch.")
     compile: bool = Field(False, description="torch.compile the UNet (after the LoRA is fused); pays off on GPU "
                           "for long runs.")
+    overlap_writes: bool = Field(True, description="Generate on a background thread while the shard writer encodes, "
+                                 "hashes and uploads the previous batch (up to two batches ahead).")
     seed: int = Field(0, ge=0, description="Generation seed; each image's seed derives from it and its source.")
 
     @field_validator("prompt_template")
@@ -187,7 +191,10 @@ class ClassifierConfig(_Strict):
     pretrained: bool = Field(False, description="Start from ImageNet weights (CUB / Cars / Pets).")
     image_size: int = Field(224, ge=8, le=1024, description="Training and evaluation resolution.")
     epochs: int = Field(200, ge=1, description="Training epochs.")
-    batch_size: int = Field(128, ge=1, description="Batch size per device.")
+    batch_size: int = Field(
+        128, ge=1, description="Global batch size per optimizer step. A distributed run (torchrun) splits it evenly "
+        "over its processes, so it must be a multiple of their number and lr keeps its meaning at any scale."
+    )
     opt: str = Field("sgd", description="timm optimizer name.")
     lr: float = Field(0.1, gt=0, description="Peak learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
@@ -229,6 +236,85 @@ class ClassifierConfig(_Strict):
     bce_loss: bool = Field(False, description="Binary cross-entropy instead of softmax cross-entropy (IN-1K recipe).")
     amp: bool = Field(True, description="Mixed precision on CUDA (bf16 where supported, else fp16); no effect on CPU.")
     workers: int = Field(4, ge=0, le=256, description="DataLoader worker processes (0 loads in the main process).")
+    checkpoint_every_epochs: int = Field(
+        1, ge=0, description="Write a resumable checkpoint (weights, optimizer, scheduler, RNG states) every N "
+        "epochs and after the last one, when training has a checkpoint folder (train-eval: runs/{run}/checkpoint); "
+        "a re-run resumes from it. 0 never checkpoints."
+    )
+    sync_bn: bool = Field(
+        True, description="Distributed runs on CUDA: synchronise batch-norm statistics over all processes "
+        "(SyncBatchNorm), so batch norm sees the global batch as one process would. CPU (gloo) runs keep "
+        "per-process statistics."
+    )
+
+
+class TrainDataConfig(_Strict):
+    """What train-eval trains on besides the data mode (real, synthetic, real+synthetic), and how it is read."""
+
+    mix_ratio: float | None = Field(
+        1.0, gt=0, le=1000, description="real+synthetic: synthetic images per real image. The larger side is "
+        "subsampled per class (seeded by classifier.seed) to this ratio: 1 trains on equal amounts; None keeps "
+        "every image of both sides.",
+    )
+    synthetic_scale: int | None = Field(
+        None, ge=1, le=10, description="Synthetic images per real training image (x1..x10), taken as replicas "
+        "0..K-1: replica 0 of every version in synthetic_versions, then replica 1 of every version, and so on. "
+        "None uses every committed synthetic image.",
+    )
+    synthetic_versions: list[str] = Field(
+        [], description="Versions of this dataset (same root) whose synthetic images are pooled, e.g. [v1, v1-s2] "
+        "for x2 from two builds of one image per real image; empty: this version alone. The real train and test "
+        "images always come from this version.",
+    )
+    streaming: bool = Field(
+        True, description="Stream synthetic shards through the DataLoader workers (decoded there, shuffled per "
+        "epoch, never all in memory); False decodes them into memory first.",
+    )
+    shuffle_buffer: int = Field(
+        1000, ge=1, le=1_000_000, description="Encoded images each DataLoader worker holds to shuffle the stream "
+        "beyond the shard order (1: shard order only).",
+    )
+    open_shards: int = Field(
+        8, ge=1, le=256, description="Shards each DataLoader worker reads at once, drawing every image from a random "
+        "one of them; shards are written in class order, so this is what gives each batch many classes.",
+    )
+    verify_shards: bool = Field(
+        True, description="Check each shard's size, sha256 and image count against its commit record as it is read.",
+    )
+    draft_decode: bool = Field(
+        True, description="Decode JPEG shards at a reduced DCT scale when even the smallest training crop "
+        "(classifier.scale, ratio, image_size) keeps full resolution; a speed-up only for images much larger than "
+        "the classifier input.",
+    )
+
+    @field_validator("synthetic_versions")
+    @classmethod
+    def _version_names(cls, v: list[str]) -> list[str]:
+        bad = [name for name in v if not _NAME.match(name)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a version name (letters, digits, '_', '.', '-')")
+        return v
+
+
+class OODConfig(_Strict):
+    """Out-of-distribution test folders, scored in the training label space after training (the paper's Tab. 9)."""
+
+    imagenet_v2: str | None = Field(
+        None, description="ImageNet-V2 folder (local path or fsspec URI) with one sub-folder per class, named by "
+        "WordNet id (n01440764) or, as released, by ImageNet-1k class index 0-999; None skips it.",
+    )
+    imagenet_sketch: str | None = Field(
+        None, description="ImageNet-Sketch folder with one sub-folder per WordNet id; None skips it."
+    )
+    imagenet_r: str | None = Field(
+        None, description="ImageNet-R folder with one sub-folder per WordNet id; logits are restricted to its 200 "
+        "classes before the argmax. None skips it.",
+    )
+    imagenet_a: str | None = Field(
+        None, description="ImageNet-A folder with one sub-folder per WordNet id; logits are restricted to its 200 "
+        "classes before the argmax. None skips it.",
+    )
+    batch_size: int = Field(256, ge=1, le=65536, description="Images per forward pass in the OOD evaluation.")
 
 
 ShadowFamily = Literal["real", "synthetic"]
@@ -317,6 +403,8 @@ class BuildConfig(_Strict):
     synthesis: SynthesisConfig = SynthesisConfig()
     shards: ShardConfig = ShardConfig()
     classifier: ClassifierConfig = ClassifierConfig()
+    train_data: TrainDataConfig = TrainDataConfig()
+    ood: OODConfig = OODConfig()
 
     @field_validator("dataset", "version")
     @classmethod

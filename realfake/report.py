@@ -4,21 +4,32 @@ Three measures per synthetic dataset, because one number hides why: the accuracy
 of a classifier trained on it (the paper's measure); label fidelity, the accuracy of the real-trained
 classifier on the synthetic images (are they recognisably their class?); and the distance the method
 minimises, an MMD and a Frechet distance between real-test and synthetic features, both taken from one
-fixed feature extractor (the real-trained classifier's penultimate layer).
+fixed feature extractor (the real-trained classifier's penultimate layer). A run's confusion matrix is drawn
+next to its metrics (``runs/{run}/confusion.png``) to show which classes the accuracy is lost on.
 """
 
 from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from realfake.config import BuildConfig
 from realfake.data.storage import Store
 
-__all__ = ["format_table", "measure_versions", "report_markdown", "sample_grid", "write_report"]
+__all__ = [
+    "confusion_png",
+    "format_table",
+    "measure_versions",
+    "report_markdown",
+    "sample_grid",
+    "write_confusion_plot",
+    "write_report",
+]
 
 
 def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
@@ -152,6 +163,73 @@ def write_report(cfg: BuildConfig, report: dict[str, Any], configs: dict[str, Bu
     slim = {k: v for k, v in report.items() if k != "versions"}
     store.write_json({**slim, "locations": locations}, "report", "report.json")
     return {"table": table, "grid": locations["grid"], "locations": locations, "report": store.uri("report")}
+
+
+def confusion_png(confusion: Sequence[Sequence[int]], class_names: Sequence[str] | None = None,
+                  title: str | None = None) -> bytes:
+    """A confusion matrix as a PNG: rows are true classes, each row normalised to the share of that class.
+
+    Row normalisation makes a rare class as readable as a common one; the counts are written in the cells
+    while there are at most 20 classes, class names label the axes up to 40 classes.
+
+    Raises:
+        ValueError: the matrix is not square, or ``class_names`` does not have one name per row.
+    """
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(confusion, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
+        raise ValueError(f"a confusion matrix must be square and non-empty, got shape {cm.shape}")
+    if (cm < 0).any() or not np.isfinite(cm).all():
+        raise ValueError("a confusion matrix holds counts: negative or non-finite entries found")
+    n = cm.shape[0]
+    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"{len(names)} class names for a {n}x{n} confusion matrix")
+    support = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
+    side = min(max(4.0, 0.3 * n + 2.5), 20.0)
+    fig = Figure(figsize=(side + 1.2, side), dpi=100)  # no pyplot: safe in worker threads, no display needed
+    ax = fig.add_subplot()
+    image = ax.imshow(share, vmin=0.0, vmax=1.0, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if n <= 40:
+        ticks = list(range(n))
+        ax.set_xticks(ticks, labels=names, rotation=90, fontsize=8)
+        ax.set_yticks(ticks, labels=names, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = cm.sum()
+    accuracy = f"top-1 {np.trace(cm) / total:.1%} of {int(total)}" if total else "no images"
+    ax.set_title(f"{title}: {accuracy}" if title else accuracy)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_confusion_plot(store: Store, run: str, metrics: dict[str, Any],
+                         class_names: Sequence[str] | None = None) -> str:
+    """Write ``runs/{run}/confusion.png`` of a version from a metrics dict holding ``confusion``; returns its URI.
+
+    Class names default to the version's manifest (label -> class name).
+    """
+    if "confusion" not in metrics:
+        raise ValueError(f"the metrics of run {run!r} have no 'confusion' matrix to plot")
+    if class_names is None:
+        from realfake.data.manifest import read_manifest
+
+        by_label = {s.label: s.class_name for s in read_manifest(store)}
+        n = len(metrics["confusion"])
+        class_names = [by_label.get(i, str(i)) for i in range(n)]
+    title = f"{metrics.get('data', run)} -> real test" if metrics.get("data") else run
+    store.write_bytes(confusion_png(metrics["confusion"], class_names, title), "runs", run, "confusion.png")
+    return store.uri("runs", run, "confusion.png")
 
 
 report_markdown = format_table

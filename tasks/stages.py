@@ -24,6 +24,7 @@ from tasks.gpu import run_group_process
 __all__ = [
     "adapter_exists",
     "finalize_task",
+    "verify_task",
     "measure_task",
     "report_task",
     "finetune_scopes_task",
@@ -89,22 +90,26 @@ def finetune_scopes_task(cfg: BuildConfig) -> list[str]:
     **TRANSIENT_RETRY,
 )
 def finetune_task(
-    cfg: BuildConfig, scope: str = "all", device: str | None = None, gpu_limit: str = "realfake-gpu"
+    cfg: BuildConfig, scope: str = "all", device: str | None = None, gpu_limit: str = "realfake-gpu",
+    nproc: int = 1,
 ) -> dict:
-    """Train (or load) the LoRA adapter of one scope while holding one GPU slot.
+    """Train (or load) the LoRA adapter of one scope while holding one GPU slot (``nproc`` slots data-parallel).
 
     Args:
         cfg: validated build config.
         scope: ``all`` or a class id.
         device: CUDA device to pin a worker process to; None trains in this process.
         gpu_limit: global concurrency limit to hold a slot of.
+        nproc: >1: train on that many GPUs of this node at once (``torchrun``, one process per GPU, DDP).
     """
     log = get_run_logger()
-    with concurrency(gpu_limit, occupy=1):
+    with concurrency(gpu_limit, occupy=max(1, nproc)):
         log.info("fine-tuning adapter %r of %s/%s on device %s", scope, cfg.dataset, cfg.version,
                  device or "default")
         try:
-            if device is None:
+            if nproc > 1:
+                result = run_group_process(cfg, "finetune", [scope], None, nproc=nproc)["adapters"][scope]
+            elif device is None:
                 result = _build().finetune(cfg, scope)
             else:
                 result = run_group_process(cfg, "finetune", [scope], device)["adapters"][scope]
@@ -123,11 +128,13 @@ def plan_task(cfg: BuildConfig) -> list[str]:
 
 @task(name="synthesize-group", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
 def synthesize_group_task(
-    cfg: BuildConfig, shard_names: list[str], device: str | None = None, gpu_limit: str = "realfake-gpu"
+    cfg: BuildConfig, shard_names: list[str], device: str | None = None, gpu_limit: str = "realfake-gpu",
+    lease_owner: str | None = None,
 ) -> dict:
     """Write and commit one group of shards, holding one GPU slot; committed shards are skipped.
 
     A retry after a crash resumes at shard granularity: the library skips shards whose commit record exists.
+    ``lease_owner`` names the build holding the version's lease; each commit checks it still does.
     """
     log = get_run_logger()
     with concurrency(gpu_limit, occupy=1):
@@ -136,9 +143,9 @@ def synthesize_group_task(
                  device or "default")
         try:
             if device is None:
-                result = _build().synthesize(cfg, shard_names)
+                result = _build().synthesize(cfg, shard_names, lease_owner=lease_owner)
             else:
-                result = run_group_process(cfg, "synthesize", shard_names, device)
+                result = run_group_process(cfg, "synthesize", shard_names, device, lease_owner)
         except Exception as e:
             _name_the_input(e, f"synthesize stage, shards {shard_names[0]}..{shard_names[-1]} of {cfg.dataset}/"
                                f"{cfg.version} on device {device or 'default'}")
@@ -169,18 +176,41 @@ def run_shard_group_deployment(deployment: str, parameters: dict, group_index: i
 
 
 @task(name="finalize", tags=["realfake"], **TRANSIENT_RETRY)
-def finalize_task(cfg: BuildConfig, stats: dict | None = None) -> dict:
-    """Write the index and the dataset card (with the build's ``stats``), then verify; returns the card."""
-    card = _build().finalize(cfg, stats)
-    get_run_logger().info("finalized and verified %s/%s", cfg.dataset, cfg.version)
+def finalize_task(cfg: BuildConfig, stats: dict | None = None, verify: bool = True) -> dict:
+    """Write the index and the dataset card (with the build's ``stats``), then verify; returns the card.
+
+    A flow holding the version's lease passes ``verify=False`` and runs :func:`verify_task` once it released it.
+    """
+    card = _build().finalize(cfg, stats, verify=verify)
+    get_run_logger().info("finalized%s %s/%s", " and verified" if verify else "", cfg.dataset, cfg.version)
     return card
 
 
+@task(name="verify", tags=["realfake"], **TRANSIENT_RETRY)
+def verify_task(cfg: BuildConfig) -> None:
+    """Verify a version end to end (every commit record, checksum, index row and the card); raise listing problems."""
+    _build().verify_or_raise(cfg)
+    get_run_logger().info("verified %s/%s", cfg.dataset, cfg.version)
+
+
 @task(name="train-eval", task_run_name="train-eval-{data}", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
-def train_eval_task(cfg: BuildConfig, data: str = "synthetic", gpu_limit: str = "realfake-gpu") -> dict:
-    """Train the classifier on ``data`` (real / synthetic / baseline) and test it on the real test split."""
-    with concurrency(gpu_limit, occupy=1):
-        metrics = _build().train_eval(cfg, data)
+def train_eval_task(
+    cfg: BuildConfig, data: str = "synthetic", gpu_limit: str = "realfake-gpu", nproc_per_node: int = 1
+) -> dict:
+    """Train the classifier on ``data`` (real / synthetic / baseline) and test it on the real test split.
+
+    ``nproc_per_node`` > 1 trains under torchrun (DDP) in that many processes on this worker, holding one GPU
+    slot per process it can place on a GPU. A retry resumes from the run's checkpoint.
+    """
+    from tasks.gpu import visible_gpus
+
+    with concurrency(gpu_limit, occupy=max(1, min(nproc_per_node, len(visible_gpus())))):
+        if nproc_per_node > 1:
+            from realfake.train_dist import launch
+
+            metrics = launch(cfg, data, nproc_per_node, on_line=get_run_logger().info)
+        else:
+            metrics = _build().train_eval(cfg, data)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
     get_run_logger().info("train-eval on %s: %s", data, scalars)
     return metrics

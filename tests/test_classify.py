@@ -8,14 +8,23 @@ hard enough to collapse a recipe that lacks the protection.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 from sklearn.datasets import load_digits
+from support.train_digits import digits as small_digits
 
 from realfake.classify import (
+    CHECKPOINT_STATE,
     Classifier,
     PerImageStandardize,
     build_classifier,
@@ -225,3 +234,142 @@ def test_errors_name_the_fix(digits):
     with pytest.raises(ValueError, match="empty"):
         train_classifier(LabelledImages([]), 10, ClassifierConfig(**SMALL))
     assert isinstance(model, Classifier)
+
+
+# -- checkpoints and resume -------------------------------------------------------------------------------------------
+TRAIN_DIGITS = Path(__file__).parent / "support" / "train_digits.py"
+# 16 px digits with random crops, flips and jitter, mixup (numpy's RNG) and stochastic depth (torch's), so a resume
+# must reproduce the augmentation draws and the training loop's own random streams.
+RESUMABLE = dict(
+    model="resnet18",
+    model_kwargs={"channels": [8, 16, 32, 64]},
+    drop_path_rate=0.1,
+    mixup=0.2,
+    image_size=16,
+    epochs=5,
+    batch_size=32,
+    lr=0.05,
+    sched="cosine",
+    hflip=0.5,
+    scale=(0.7, 1.0),
+    color_jitter=0.3,
+    input_norm="per_image",
+    workers=0,
+)
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module, atol: float) -> None:
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(wb, wa, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_on_the_same_trajectory(tmp_path):
+    cfg = ClassifierConfig(**RESUMABLE)
+    ckpt, out = tmp_path / "checkpoint", tmp_path / "never.pt"
+    proc = subprocess.Popen([sys.executable, str(TRAIN_DIGITS), cfg.model_dump_json(), str(out), "256", str(ckpt)])
+    try:
+        deadline = time.monotonic() + 600
+        while not (ckpt / CHECKPOINT_STATE).exists():
+            assert proc.poll() is None, f"the training process exited {proc.returncode} before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+            time.sleep(0.01)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, as when a node is preempted
+        proc.wait()
+    state = json.loads((ckpt / CHECKPOINT_STATE).read_text())
+    assert 1 <= state["epoch"] < cfg.epochs and not out.exists(), "the process was killed too late to test a resume"
+
+    data = small_digits(256)
+    resumed = train_classifier(data, 10, cfg, checkpoint=str(ckpt))
+    reference = train_classifier(data, 10, cfg)
+    assert resumed.resumed_from_epoch == state["epoch"] and reference.resumed_from_epoch == 0
+    assert [e["loss"] for e in resumed.train_log[: state["epoch"]]] == [e["loss"] for e in state["train_log"]]
+    # Same operations in the same order on the same CPU: equal to the last bit in practice; the tolerance only
+    # allows for rounding, while a resume that redrew any batch or augmentation moves weights by ~1e-2.
+    assert [e["loss"] for e in resumed.train_log] == pytest.approx([e["loss"] for e in reference.train_log], abs=1e-6)
+    _assert_same_weights(reference, resumed, atol=1e-6)
+    control = train_classifier(data, 10, cfg.model_copy(update={"seed": 1}))
+    assert (control.net.fc.weight - reference.net.fc.weight).abs().max() > 1e-3
+
+    # After the last epoch the checkpoint holds exactly that epoch, and a re-run only loads it.
+    assert sorted(os.listdir(ckpt)) == [f"epoch-{cfg.epochs:05d}.pt", CHECKPOINT_STATE]
+    again = train_classifier(data, 10, cfg, checkpoint=str(ckpt))
+    assert again.resumed_from_epoch == cfg.epochs and len(again.train_log) == cfg.epochs
+    _assert_same_weights(resumed, again, atol=0)
+
+
+def test_a_checkpoint_of_another_recipe_or_without_its_weights_is_refused(tmp_path):
+    data = small_digits(64)
+    cfg = ClassifierConfig(**{**RESUMABLE, "epochs": 1})
+    train_classifier(data, 10, cfg, checkpoint=str(tmp_path))
+    with pytest.raises(ValueError, match=r"differs in: classifier\.lr\).*remove that folder"):
+        train_classifier(data, 10, cfg.model_copy(update={"lr": 0.1}), checkpoint=str(tmp_path))
+    with pytest.raises(ValueError, match="differs in: train_images"):
+        train_classifier(small_digits(96), 10, cfg, checkpoint=str(tmp_path))
+    # How a run executes is not part of its recipe: more loader workers resume the same checkpoint.
+    more_workers = cfg.model_copy(update={"workers": 2})
+    assert train_classifier(data, 10, more_workers, checkpoint=str(tmp_path)).resumed_from_epoch == 1
+    (tmp_path / "epoch-00001.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="epoch-00001.pt, which is missing"):
+        train_classifier(data, 10, cfg, checkpoint=str(tmp_path))
+
+
+def test_checkpoint_every_zero_writes_nothing(tmp_path):
+    cfg = ClassifierConfig(**{**RESUMABLE, "epochs": 1, "checkpoint_every_epochs": 0})
+    assert train_classifier(small_digits(64), 10, cfg, checkpoint=str(tmp_path / "c")).resumed_from_epoch == 0
+    assert not (tmp_path / "c").exists()
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_image(digits):
+    from realfake.classify import _Transformed
+
+    x_tr, y_tr, _, _ = digits
+    cfg = ClassifierConfig(**RESUMABLE)
+    data = _Transformed(_pairs(x_tr[:4], y_tr[:4]), build_transforms(cfg, train=True), seed=cfg.seed)
+    before = torch.get_rng_state()
+    first, again, later = data[(0, 2)][0], data[(0, 2)][0], data[(1, 2)][0]
+    assert torch.equal(first, again) and not torch.equal(first, later)
+    assert torch.equal(before, torch.get_rng_state())  # the training loop's own stream is left alone
+    # Hence the result does not depend on which process loads an image: loader workers train the same weights.
+    images = small_digits(64)
+    one = ClassifierConfig(**{**RESUMABLE, "epochs": 1})
+    in_process = train_classifier(images, 10, one)
+    _assert_same_weights(in_process, train_classifier(images, 10, one.model_copy(update={"workers": 2})), atol=1e-6)
+
+
+def test_mixup_needs_an_even_batch():
+    cfg = ClassifierConfig(**{**RESUMABLE, "mixup": 0.2, "batch_size": 15})
+    with pytest.raises(ValueError, match="must be even; change classifier.batch_size"):
+        train_classifier(small_digits(64), 10, cfg)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A dataset that streams its own seeded order per epoch, as the shard streaming reader does."""
+
+    def __init__(self, pairs: LabelledImages, sized: bool = True) -> None:
+        self.pairs, self.sized, self.epochs = pairs, sized, []
+
+    def __len__(self) -> int:
+        if not self.sized:
+            raise TypeError("unsized stream")
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        order = np.random.default_rng([0, self.epochs[-1]]).permutation(len(self.pairs))
+        return (self.pairs[int(i)] for i in order)
+
+
+def test_an_iterable_dataset_streams_its_own_epochs_and_resumes(tmp_path):
+    cfg = ClassifierConfig(**{**RESUMABLE, "epochs": 2, "drop_path_rate": 0.0, "mixup": 0.0})
+    stream = _Stream(small_digits(64))
+    model = train_classifier(stream, 10, cfg, checkpoint=str(tmp_path))
+    assert stream.epochs == [0, 1] and len(model.train_log) == 2
+    assert model.train_log[-1]["loss"] < model.train_log[0]["loss"]
+    assert json.loads((tmp_path / CHECKPOINT_STATE).read_text())["train_images"] == 64
+    again = _Stream(small_digits(64))
+    assert train_classifier(again, 10, cfg, checkpoint=str(tmp_path)).resumed_from_epoch == 2 and again.epochs == []
+    with pytest.raises(TypeError, match="_Stream has no len\\(\\): an iterable train_set must say how many images"):
+        train_classifier(_Stream(small_digits(64), sized=False), 10, cfg)
