@@ -2,9 +2,12 @@
 
 Each shadow pipeline is one task holding one slot of the GPU global concurrency limit, so the flow can submit
 all of them and the limit decides how many run at once; with several GPUs on the node each shadow is pinned to
-one of them (round robin) through its config's ``device``. Shadows store their logits next to the version and
-skip themselves when logits of the same recipe and half exist, so a retried task or a re-run flow resumes
-instead of retraining. The library is imported inside the tasks so that serving the flow does not load torch.
+one of them (round robin) through its config's ``device``. Across nodes the same tasks run inside child flow
+runs of the ``privacy-shadows`` deployment, one batch of shadows each (:func:`run_shadow_deployment`).
+Shadows store their logits next to the version and skip themselves when logits of the same recipe and half
+exist, so a retried task or a re-run flow resumes instead of retraining; :func:`pending_shadows_task` makes the
+same check up front so a re-run does not start child runs for finished shadows. The library is imported
+inside the tasks so that serving the flow does not load torch.
 """
 
 from __future__ import annotations
@@ -13,20 +16,25 @@ from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
 from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig
-from tasks.artifacts import artifact_key, browser_url
+from tasks.artifacts import artifact_key, browser_url, create_link_artifact, create_markdown_artifact
 from tasks.cache import TRANSIENT_RETRY
+from tasks.child_runs import retry_on_lost_child, run_child_deployment
 
 __all__ = [
     "copy_detection_task",
+    "pending_shadows_task",
     "plan_lira_task",
     "publish_copy_report",
     "publish_lira_report",
     "real_shadow_task",
+    "require_lira_plan",
+    "run_shadow_deployment",
     "score_lira_task",
+    "shadow_label",
+    "shadow_task",
     "synthetic_shadow_task",
 ]
 
@@ -34,6 +42,14 @@ def _audit() -> Any:
     from realfake.privacy import audit
 
     return audit
+
+
+def _name_the_shadow(e: Exception, cfg: BuildConfig, family: str, index: int) -> None:
+    # Name the shadow in the run's log and as a note on the traceback without changing the exception's type,
+    # so the retry condition still tells a transient fault from a bad recipe.
+    where = f"privacy audit of {cfg.dataset}/{cfg.version}, {family} shadow {index}"
+    get_run_logger().error("%s failed: %s: %s", where, type(e).__name__, e)
+    e.add_note(where)
 
 
 @task(name="privacy-plan", tags=["realfake", "cpu"], **TRANSIENT_RETRY)
@@ -49,7 +65,11 @@ def plan_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
 def real_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str = "realfake-gpu") -> dict:
     """Train real shadow ``index`` on its half of the real training set, holding one GPU slot."""
     with concurrency(gpu_limit, occupy=1):
-        result = _audit().run_real_shadow(cfg, lira, index)
+        try:
+            result = _audit().run_real_shadow(cfg, lira, index)
+        except Exception as e:
+            _name_the_shadow(e, cfg, "real", index)
+            raise
     get_run_logger().info("real shadow %d: test top-1 %.3f%s", index, result["test_top1"],
                           " (stored logits reused)" if result["skipped"] else "")
     return result
@@ -63,11 +83,101 @@ def synthetic_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_li
         try:
             result = _audit().run_synthetic_shadow(cfg, lira, index)
         except Exception as e:
-            raise RuntimeError(f"privacy audit, synthetic shadow {index} of {cfg.dataset}/{cfg.version}: {e}") from e
+            _name_the_shadow(e, cfg, "synthetic", index)
+            raise
     get_run_logger().info("synthetic shadow %d: %s synthetic images, test top-1 %.3f%s", index,
                           result.get("synthetic_images"), result["test_top1"],
                           " (stored logits reused)" if result["skipped"] else "")
     return result
+
+
+def shadow_task(family: str) -> Any:
+    """The task that runs one shadow pipeline of ``family`` (``real`` or ``synthetic``)."""
+    tasks = {"real": real_shadow_task, "synthetic": synthetic_shadow_task}
+    if family not in tasks:
+        raise ValueError(f"unknown shadow family {family!r}; expected one of {sorted(tasks)}")
+    return tasks[family]
+
+
+def shadow_label(family: str, indices: list[int]) -> str:
+    """``real shadow 3`` or ``synthetic shadows 0, 1``: how messages name a batch of shadows."""
+    return f"{family} shadow{'s' if len(indices) > 1 else ''} {', '.join(str(i) for i in indices)}"
+
+
+def require_lira_plan(cfg: BuildConfig, lira: LiraConfig) -> dict:
+    """The stored LiRA plan of ``cfg``'s version, checked against ``lira``; for runs that train shadows only.
+
+    A child run trains shadows of a plan its parent wrote; without the plan (or with one drawn under other
+    settings) its halves would not be the ones the parent scores.
+
+    Raises:
+        FileNotFoundError: no ``runs/privacy-lira/plan.json`` (run the privacy-audit flow, which plans first).
+        ValueError: the plan was drawn with other ``lira`` settings; the message names them.
+    """
+    from realfake.build import store_of
+
+    audit = _audit()
+    run = store_of(cfg).child(*audit.LIRA_RUN)
+    if not run.exists("plan.json"):
+        raise FileNotFoundError(
+            f"{run.uri('plan.json')}: no LiRA plan for this version; the privacy-audit flow writes it before it "
+            "starts shadows (run that flow, not the shadow flow alone)"
+        )
+    plan = run.read_json("plan.json")
+    wrong = {k: (plan.get(k), getattr(lira, k)) for k in ("n_shadows", "split_seed", "paired")
+             if plan.get(k) != getattr(lira, k)}
+    if wrong:
+        raise ValueError(
+            f"{run.uri('plan.json')} was drawn with other LiRA settings than this run's: "
+            + ", ".join(f"lira.{k} {p!r} in the plan, {v!r} here" for k, (p, v) in wrong.items())
+        )
+    return plan
+
+
+@task(name="privacy-pending-shadows", tags=["realfake", "cpu"], **TRANSIENT_RETRY)
+def pending_shadows_task(cfg: BuildConfig, lira: LiraConfig) -> dict[str, list[int]]:
+    """Family -> indices of the shadows that have no stored logits of this recipe and half yet.
+
+    The same test the shadow pipelines make before training (logits stored under the shadow's fingerprint),
+    made up front so that a re-run starts no child run for a finished shadow.
+    """
+    import numpy as np
+
+    from realfake.build import store_of
+
+    audit = _audit()
+    samples, mask = audit.shadow_membership(cfg, lira)
+    ids = [s.sample_id for s in samples]
+    run = store_of(cfg).child(*audit.LIRA_RUN)
+    pending: dict[str, list[int]] = {}
+    for family in lira.families:
+        pending[family] = []
+        for i in range(lira.n_shadows):
+            members = [ids[j] for j in np.flatnonzero(mask[i])]
+            key = audit._shadow_key(audit.shadow_config(cfg, i), family, i, members, ids)
+            if audit._load_logits(run, family, i, key) is None:
+                pending[family].append(i)
+    done = {f: lira.n_shadows - len(v) for f, v in pending.items()}
+    get_run_logger().info("LiRA shadows of %s/%s still to train: %s (finished: %s)", cfg.dataset, cfg.version,
+                          pending, done)
+    return pending
+
+
+@task(name="privacy-shadow-run", task_run_name="child-{family}-{indices}", tags=["realfake"], retries=1,
+      retry_delay_seconds=30, retry_condition_fn=retry_on_lost_child)
+def run_shadow_deployment(deployment: str, parameters: dict, cfg: BuildConfig, family: str,
+                          indices: list[int]) -> dict:
+    """Run one batch of shadows as a child flow run of ``deployment`` and wait; fail naming the shadows.
+
+    The shadow tasks inside the child retry transient faults; this task retries once more only for a child
+    lost with its pod or process (a failed child would fail again).
+    """
+    what = f"privacy audit of {cfg.dataset}/{cfg.version}, {shadow_label(family, indices)}"
+    run = run_child_deployment(deployment, parameters, what,
+                               flow_run_name=f"{cfg.dataset}-{cfg.version}-{family}-shadow-"
+                               + "-".join(str(i) for i in indices))
+    get_run_logger().info("%s done in child flow run %s (%s)", shadow_label(family, indices), run.name, run.id)
+    return {"family": family, "indices": list(indices), "flow_run_id": str(run.id), "flow_run_name": run.name}
 
 
 @task(name="privacy-score-lira", tags=["realfake", "cpu"], **TRANSIENT_RETRY)
