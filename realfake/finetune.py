@@ -235,9 +235,10 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if ft.mixed_precision == "bf16" else torch.float16,
                               enabled=amp)
     scaler = torch.amp.GradScaler("cuda") if amp and ft.mixed_precision == "fp16" else None  # fp16 gradients underflow
-    for step in steps:
-        opt.zero_grad(set_to_none=True)
-        parts: dict[str, float] = {}
+
+    def accumulate() -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward and backward over ``finetune.gradient_accumulation`` micro-batches; the last loss and parts."""
+        loss, parts = torch.zeros(()), {}
         for k in range(ft.gradient_accumulation):
             idx = torch.randint(0, n, (micro,), generator=gen)
             flip = torch.rand(micro, generator=gen) < 0.5 if ft.random_flip else None
@@ -262,6 +263,23 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
                 loss, parts = realfake_loss(pred, noise.to(device), w, ft.mmd_weight, ft.mmd_kernel)
                 scaled = loss / ft.gradient_accumulation
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        return loss, parts
+
+    saved = start  # the step of the last committed checkpoint (or of the one resumed from)
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        try:
+            loss, parts = accumulate()
+        except torch.cuda.OutOfMemoryError as e:
+            cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+            kept = f"the checkpoint of step {saved} is kept and a re-run resumes from it" if saved else \
+                "no checkpoint was written yet (finetune.checkpoint_every)"
+            raise torch.cuda.OutOfMemoryError(
+                f"GPU out of memory fine-tuning adapter {scope!r} at step {step + 1} with finetune.batch_size="
+                f"{ft.batch_size} at finetune.resolution={ft.resolution} ({world} process(es)): lower "
+                "finetune.batch_size and raise finetune.gradient_accumulation to keep the effective batch, or use "
+                f"finetune.mixed_precision=bf16; {kept}. Cause: {cause}"
+            ) from e
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -278,6 +296,7 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
             torch.save(opt.state_dict(), buf)
             store.write_bytes(buf.getvalue(), *ckpt, "optimizer.pt")
             store.write_json({"step": step + 1}, *ckpt, "state.json")  # written last: the checkpoint's commit
+            saved = step + 1
     unet.eval()
     if main:
         with tempfile.TemporaryDirectory() as tmp:

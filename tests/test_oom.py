@@ -1,4 +1,5 @@
-"""GPU out-of-memory during synthesis: the batch is retried in halves instead of failing the run.
+"""GPU out-of-memory during synthesis: the batch is retried in halves instead of failing the run. During
+fine-tuning: a clear error naming the fix, with the last checkpoint kept for the re-run.
 
 The error is raised by a real forward pre-hook on the UNet whenever the UNet is called with more latents than
 a set limit, exactly where a real CUDA allocation would fail; the engine's real retry path handles it on CPU.
@@ -16,6 +17,7 @@ from conftest import mini_config
 
 from realfake.build import store_of
 from realfake.data.ingest import ingest
+from realfake.models.loading import load_sd_components
 from realfake.synthesize import SynthesisEngine, plan_work, synthesize
 
 
@@ -106,3 +108,31 @@ def test_synthesize_run_survives_oom_and_commits_every_shard(engine_and_store, c
     from realfake.data.shards import committed_shards
 
     assert [(c.name, c.count) for c in committed_shards(store, "synthetic")] == [("shard-000000", 16)]
+
+
+def test_oom_while_fine_tuning_names_the_fix_and_keeps_the_last_checkpoint(tmp_path, tiny_base, digits_folder):
+    from realfake import build
+    from realfake.finetune import adapter_dir
+
+    cfg = mini_config(str(tmp_path), tiny_base, digits_folder, finetune__max_steps=4, finetune__checkpoint_every=2)
+    build.prepare(cfg)
+    comps = load_sd_components(cfg.models.base, None, torch.device("cpu"))
+    calls: list[int] = []
+
+    def third_step_fails(module, args, kwargs):  # one UNet call per step here (no gradient accumulation)
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    handle = comps["unet"].register_forward_pre_hook(third_step_fails, with_kwargs=True)
+    try:
+        with pytest.raises(torch.cuda.OutOfMemoryError, match=r"adapter 'all' at step 3 with finetune.batch_size=4 "
+                           r".*raise finetune.gradient_accumulation.*checkpoint of step 2 is kept"):
+            build.finetune(cfg, "all", components=comps)
+    finally:
+        handle.remove()
+    store = store_of(cfg)
+    assert store.read_json(*adapter_dir("all"), "checkpoint", "state.json") == {"step": 2}
+    comps["unet"].unload_lora()  # the failed run left its adapter layers on the shared UNet
+    result = build.finetune(cfg, "all", components=comps)
+    assert result["steps"] == 4 and result["resumed_from"] == 2

@@ -317,7 +317,7 @@ def read_shard(store: Store, commit: CommitRecord, check: bool = True, meta: boo
     samples' JSON.
     """
     if commit.format != "webdataset":
-        yield from iter_shard(store, commit, check=check)
+        yield from iter_shard(store, commit, check=check, checksum=check)  # verify_shards: sha256 included
         return
     for sf in commit.files:
         uri = store.uri(sf.path)
