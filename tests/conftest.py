@@ -10,6 +10,16 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread: the test machine's cores are shared, and spin-waiting under contention makes
+    multi-threaded kernels slower (and float reductions differ between thread counts)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def harness():
     """A throwaway Prefect API on loopback for in-process flow runs (prefect imported only where used)."""

@@ -59,12 +59,8 @@ SMALL = dict(
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine's cores are shared; one intra-op thread avoids spin-waiting under contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test of this module with one intra-op thread (conftest's ``one_thread``)."""
 
 
 def _digit(x: np.ndarray, contrast: float = 1.0, offset: float = 0.0) -> Image.Image:

@@ -49,11 +49,8 @@ DDP = dict(
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test of this module with one intra-op thread (conftest's ``one_thread``)."""
 
 
 def _process_tree(pid: int) -> list[int]:

@@ -43,11 +43,8 @@ R_OF_IN12 = [1, 2, 4, 6, 8, 9, 11]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test of this module with one intra-op thread (conftest's ``one_thread``)."""
 
 
 def test_shipped_lists_are_the_datasets_class_lists():

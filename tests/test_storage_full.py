@@ -15,7 +15,6 @@ Run as a script, this module is the size-limited writer process.
 from __future__ import annotations
 
 import errno
-import http.client
 import json
 import pickle
 import resource
@@ -23,12 +22,10 @@ import subprocess
 import sys
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support.s3 import BUCKET, S3Env, free_port, moto, s3_options  # noqa: F401 - moto is a pytest fixture
+from support.s3 import BUCKET, S3Env, S3Interceptor, moto, s3_options  # noqa: F401 - moto is a pytest fixture
 from test_shards import CLASSES, item_key, items_for, record_for
 
 from realfake.config import ShardConfig
@@ -196,7 +193,7 @@ def test_a_store_full_error_quotes_the_refusal_once_and_survives_pickling(tmp_pa
 # --------------------------------------------------------------------------------------------------------
 # S3: a gateway that enforces a byte quota on the prefix
 # --------------------------------------------------------------------------------------------------------
-class QuotaGateway:
+class QuotaGateway(S3Interceptor):
     """An HTTP proxy to an S3 server that refuses any ``PUT`` that would take the stored bytes under ``prefix``
     above ``quota`` (None: no quota). Object sizes are tracked per key, so overwriting an object (a lease renewal)
     counts once, and a ``DELETE`` gives its bytes back.
@@ -214,15 +211,14 @@ class QuotaGateway:
     }
 
     def __init__(self, upstream_port: int, prefix: str, quota: int | None, style: str) -> None:
-        self.upstream_port, self.prefix, self.quota, self.style = upstream_port, prefix, quota, style
+        self.prefix, self.quota, self.style = prefix, quota, style
         self.sizes: dict[str, int] = {}
         self.refused: list[str] = []
         self.lock = threading.Lock()
-        self.port = free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(upstream_port)
+
+    def decide(self, method: str, path: str, body: bytes) -> tuple[str, tuple[int, str, str] | None]:
+        return ("pass", None) if self._admit(method, path, len(body)) else ("before", self.ANSWERS[self.style])
 
     def _admit(self, method: str, path: str, size: int) -> bool:
         key = path.split("?", 1)[0]
@@ -238,75 +234,6 @@ class QuotaGateway:
             elif method == "DELETE":
                 self.sizes.pop(key, None)
         return True
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        gateway = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = bytearray()
-                    while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
-                        out += self.rfile.read(size)
-                        self.rfile.readline()
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return bytes(out)
-                return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-
-            def _refuse(self) -> None:
-                status, code, message = QuotaGateway.ANSWERS[gateway.style]
-                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}'
-                        f"</Message><Resource>{self.path}</Resource></Error>").encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _forward(self) -> None:
-                body = self._body()
-                if not gateway._admit(self.command, self.path, len(body)):
-                    self._refuse()
-                    return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "host")}
-                headers["Host"] = f"127.0.0.1:{gateway.upstream_port}"
-                if body or self.command in ("PUT", "POST"):
-                    headers["Content-Length"] = str(len(body))
-                conn = http.client.HTTPConnection("127.0.0.1", gateway.upstream_port, timeout=60)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
-                        self.send_header(k, v)
-                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
-                self.send_header("Content-Length", length)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815
-
-        return Handler
-
-    def __enter__(self) -> QuotaGateway:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
 
 
 @pytest.mark.s3

@@ -77,6 +77,7 @@ __all__ = [
     "committed_keys",
     "committed_shards",
     "encode_image",
+    "check_file_size",
     "iter_shard",
     "io_retry",
     "iter_synthetic",
@@ -1468,6 +1469,14 @@ def _iter_parquet(f: IO[bytes], path: str, image_format: str) -> Iterator[ShardS
             )
 
 
+def check_file_size(store: Store, raw: IO[bytes], sf: ShardFile) -> None:
+    """Raise :class:`ShardIntegrityError` unless the opened shard file has the size its commit record gives
+    (a truncated or overwritten file is never read as data)."""
+    size = _opened_size(store, raw, sf.path)
+    if size != sf.bytes:
+        raise ShardIntegrityError(f"{store.uri(sf.path)} has {size} bytes, its commit record says {sf.bytes}")
+
+
 def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum: bool = False
                ) -> Iterator[ShardSample]:
     """Samples of one committed shard (store rooted at the shard folder), images still encoded.
@@ -1483,9 +1492,7 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
         uri = store.uri(sf.path)
         with store.open(sf.path) as raw:
             if check:
-                size = _opened_size(store, raw, sf.path)
-                if size != sf.bytes:
-                    raise ShardIntegrityError(f"{uri} has {size} bytes, its commit record says {sf.bytes}")
+                check_file_size(store, raw, sf)
             hashing = _HashingReader(raw) if check and checksum else None
             try:
                 n = 0

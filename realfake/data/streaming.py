@@ -53,8 +53,8 @@ from realfake.data.shards import (
     CommitRecord,
     ShardIntegrityError,
     ShardSample,
-    _opened_size,
     _transient,
+    check_file_size,
     committed_shards,
     io_retry,
     iter_shard,
@@ -323,9 +323,7 @@ def read_shard(store: Store, commit: CommitRecord, check: bool = True, meta: boo
         uri = store.uri(sf.path)
         with store.open(sf.path) as raw:
             if check:
-                size = _opened_size(store, raw, sf.path)
-                if size != sf.bytes:
-                    raise ShardIntegrityError(f"{uri} has {size} bytes, its commit record says {sf.bytes}")
+                check_file_size(store, raw, sf)
             sums = hashlib.sha256() if check else None
             n = 0
             for n, sample in enumerate(iter_tar_samples(raw, uri, commit.image_format, sums, meta), 1):  # noqa: B007

@@ -107,42 +107,28 @@ class ProxyCounts:
         return self.failed_before + self.failed_after
 
 
-class FaultyProxy:
-    """An HTTP proxy to ``upstream`` that fails a seeded share of requests.
+class S3Interceptor:
+    """An HTTP server on loopback in front of an S3 server: each request is read whole, handed to :meth:`decide`,
+    then forwarded and its answer relayed, or answered with an S3 error instead (before or after forwarding).
 
-    Args:
-        upstream_port: Port of the S3 server on 127.0.0.1.
-        failure_rate: Share of requests that fail.
-        after_share: Of the failing requests, the share that is forwarded first and then answered with an error
-            (the server acted, the client sees a failure); the rest fail before reaching the server.
-        seed: Seed of the failure draw.
+    Subclasses decide: :class:`FaultyProxy` fails a seeded share of requests, a quota gateway refuses writes.
     """
 
-    def __init__(self, upstream_port: int, failure_rate: float, after_share: float = 0.3, seed: int = 0) -> None:
+    def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.failure_rate = failure_rate
-        self.after_share = after_share
-        self.rng = random.Random(seed)
-        self.counts = ProxyCounts()
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def _draw(self) -> str:
-        with self.counts.lock:
-            self.counts.requests += 1
-            if self.rng.random() >= self.failure_rate:
-                return "pass"
-            if self.rng.random() < self.after_share:
-                self.counts.failed_after += 1
-                return "after"
-            self.counts.failed_before += 1
-            return "before"
+    def decide(self, method: str, path: str, body: bytes) -> tuple[str, tuple[int, str, str] | None]:
+        """``("pass", None)``, or ``("before" | "after", (status, code, message))``: the S3 error to answer with,
+        before the request reaches the server or after it acted on it."""
+        return "pass", None
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
+        relay = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -153,22 +139,18 @@ class FaultyProxy:
             def _body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                     out = bytearray()
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return bytes(out)
+                    while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
                         out += self.rfile.read(size)
                         self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
                 return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
 
-            def _fail(self) -> None:
-                body = (
-                    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                    b"<Message>Please reduce your request rate. (injected)</Message></Error>"
-                )
-                self.send_response(503)
+            def _error(self, status: int, code: str, message: str) -> None:
+                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}'
+                        f"</Message><Resource>{self.path}</Resource></Error>").encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -177,23 +159,23 @@ class FaultyProxy:
 
             def _forward(self) -> None:
                 body = self._body()
-                fate = proxy._draw()
-                if fate == "before":
-                    self._fail()
+                when, error = relay.decide(self.command, self.path, body)
+                if when == "before":
+                    self._error(*error)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "host")}
-                headers["Host"] = f"127.0.0.1:{proxy.upstream_port}"
+                headers["Host"] = f"127.0.0.1:{relay.upstream_port}"
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
-                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                conn = http.client.HTTPConnection("127.0.0.1", relay.upstream_port, timeout=60)
                 try:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
                 finally:
                     conn.close()
-                if fate == "after":
-                    self._fail()
+                if when == "after":
+                    self._error(*error)
                     return
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
@@ -210,7 +192,7 @@ class FaultyProxy:
 
         return Handler
 
-    def start(self) -> FaultyProxy:
+    def start(self):
         self._thread.start()
         return self
 
@@ -218,6 +200,45 @@ class FaultyProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate. (injected)")
+
+
+class FaultyProxy(S3Interceptor):
+    """An HTTP proxy to ``upstream`` that fails a seeded share of requests with ``503 SlowDown``.
+
+    Args:
+        upstream_port: Port of the S3 server on 127.0.0.1.
+        failure_rate: Share of requests that fail.
+        after_share: Of the failing requests, the share that is forwarded first and then answered with an error
+            (the server acted, the client sees a failure); the rest fail before reaching the server.
+        seed: Seed of the failure draw.
+    """
+
+    def __init__(self, upstream_port: int, failure_rate: float, after_share: float = 0.3, seed: int = 0) -> None:
+        self.failure_rate = failure_rate
+        self.after_share = after_share
+        self.rng = random.Random(seed)
+        self.counts = ProxyCounts()
+        super().__init__(upstream_port)
+
+    def decide(self, method: str, path: str, body: bytes) -> tuple[str, tuple[int, str, str] | None]:
+        with self.counts.lock:
+            self.counts.requests += 1
+            if self.rng.random() >= self.failure_rate:
+                return "pass", None
+            if self.rng.random() < self.after_share:
+                self.counts.failed_after += 1
+                return "after", SLOW_DOWN
+            self.counts.failed_before += 1
+            return "before", SLOW_DOWN
 
 
 @dataclass
