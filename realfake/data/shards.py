@@ -1503,11 +1503,16 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
                     if hashing is not None:
                         hashing.drain()  # the tar end-of-archive blocks count towards the checksum
                 else:
-                    # Parquet needs random access: read the (verified-size) object whole, hash it meanwhile.
-                    data = raw.read()
-                    if hashing is not None:
-                        hashing.sums.stream(data)
-                    for n, sample in enumerate(_iter_parquet(io.BytesIO(data), uri, commit.image_format), 1):  # noqa: B007
+                    # Parquet needs random access: a local file is read in place; a remote object (or one being
+                    # hashed) is read whole, in one request, and hashed meanwhile.
+                    if hashing is None and store.local:
+                        src: IO[bytes] = raw
+                    else:
+                        data = raw.read()
+                        if hashing is not None:
+                            hashing.sums.stream(data)
+                        src = io.BytesIO(data)
+                    for n, sample in enumerate(_iter_parquet(src, uri, commit.image_format), 1):  # noqa: B007
                         yield sample
                 if hashing is not None:
                     _, digest = hashing.sums.close()
