@@ -207,10 +207,10 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
         raise ValueError(
             f"{store.uri('real', 'manifest.parquet')} has {num_classes} class: a classifier needs at least 2"
         )
-    from realfake.ood import check_ood_folders, class_folders, evaluate_ood
+    from realfake.ood import check_ood_folders, class_folders, configured_sets, evaluate_ood
     from realfake.report import write_confusion_plot
 
-    ood_sets = [k for k in ("imagenet_v2", "imagenet_sketch", "imagenet_r", "imagenet_a") if getattr(cfg.ood, k)]
+    ood_sets = configured_sets(cfg)
     folders = class_folders(store) if ood_sets else None
     if ood_sets:
         check_ood_folders(cfg, folders, storage_options)  # a wrong OOD folder fails now, not after training

@@ -35,6 +35,7 @@ __all__ = [
     "OOD_SETS",
     "OODImages",
     "check_ood_folders",
+    "configured_sets",
     "class_folders",
     "evaluate_ood",
     "ood_dataset",
@@ -224,6 +225,12 @@ def _ood_config(cfg: BuildConfig | OODConfig) -> OODConfig:
     return cfg.ood if isinstance(cfg, BuildConfig) else cfg
 
 
+def configured_sets(cfg: BuildConfig | OODConfig) -> list[tuple[str, str]]:
+    """``(set name, folder)`` of every OOD set configured in ``cfg.ood``, in :data:`OOD_SETS` order."""
+    ood = _ood_config(cfg)
+    return [(name, getattr(ood, name)) for name in OOD_SETS if getattr(ood, name)]
+
+
 def check_ood_folders(cfg: BuildConfig | OODConfig, class_names: Sequence[str] | None = None,
                       storage_options: dict | None = None) -> dict[str, int]:
     """Check the configured OOD folders before training, so a wrong path fails in seconds, not after training.
@@ -238,12 +245,8 @@ def check_ood_folders(cfg: BuildConfig | OODConfig, class_names: Sequence[str] |
         FileNotFoundError: a folder does not exist (the message names the field and the folder).
         ValueError: as :func:`ood_dataset`.
     """
-    ood = _ood_config(cfg)
     counts: dict[str, int] = {}
-    for name in OOD_SETS:
-        uri = getattr(ood, name)
-        if not uri:
-            continue
+    for name, uri in configured_sets(cfg):
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         if not fs.isdir(path):
             raise FileNotFoundError(f"ood.{name} = {uri} does not exist or is not a folder")
@@ -272,10 +275,7 @@ def evaluate_ood(model: nn.Module, cfg: BuildConfig | OODConfig, class_names: Se
 
     ood = _ood_config(cfg)
     out: dict[str, Any] = {}
-    for name in OOD_SETS:
-        uri = getattr(ood, name)
-        if not uri:
-            continue
+    for name, uri in configured_sets(cfg):
         data = ood_dataset(name, uri, class_names, storage_options)
         subset = subset_indices(name, class_names)
         m = evaluate(model, data, len(class_names), device=device, class_subset=subset, batch_size=ood.batch_size)
