@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from realfake.data.storage import Store, version_store
+from realfake.data.storage import Store, dataset_store, version_store
 from realfake.ood import OOD_SETS
 
 __all__ = [
@@ -71,14 +70,6 @@ class RunResult:
     def group(self) -> tuple[str, str, str]:
         """What a row shares: training data, version and the recipe (every field outside :data:`NOT_RECIPE`)."""
         return self.data, self.version, json.dumps(self.recipe, sort_keys=True, default=str)
-
-
-def dataset_store(root: str, dataset: str, storage_options: dict | None = None) -> Store:
-    """The folder of a dataset, ``{root}/{dataset}``, which holds its versions and ``reports/``."""
-    root = root.rstrip("/")
-    if "://" not in root:
-        root = os.path.abspath(os.path.expanduser(root))
-    return Store(f"{root}/{dataset}", storage_options)
 
 
 def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -37,7 +37,17 @@ from realfake.data.shards import (
 )
 from realfake.data.storage import Store
 
-__all__ = ["CARD_FILE", "CARD_FORMAT", "inspect_version", "read_card", "verify_version", "write_card"]
+__all__ = [
+    "CARD_FILE",
+    "CARD_FORMAT",
+    "LATEST",
+    "inspect_version",
+    "promote_latest",
+    "read_card",
+    "read_latest",
+    "verify_version",
+    "write_card",
+]
 
 CARD_FILE = "dataset.json"
 CARD_FORMAT = "realfake-dataset/1"
@@ -319,3 +329,51 @@ def inspect_version(uri_or_store: str | Store, storage_options: dict[str, Any] |
     if card.get("stats"):
         lines += ["", "stats: " + json.dumps(card["stats"], sort_keys=True)[:400]]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The dataset's ``latest`` pointer
+# --------------------------------------------------------------------------------------------------------
+LATEST = "latest.json"
+
+
+def read_latest(root: str, dataset: str, storage_options: dict | None = None) -> dict | None:
+    """The pointer ``{root}/{dataset}/latest.json`` (``version``, ``previous``, ``updated``, ``card``), or None."""
+    import json
+
+    from realfake.data.storage import dataset_store
+
+    store = dataset_store(root, dataset, storage_options)
+    if not store.exists(LATEST):
+        return None
+    return json.loads(store.read_bytes(LATEST))
+
+
+def promote_latest(root: str, dataset: str, version: str, storage_options: dict | None = None) -> dict:
+    """Verify a version end to end, then point the dataset's ``latest`` at it (one whole-object write, so a reader
+    sees the old pointer or the new one). Versions never change; regeneration writes a new one and moves this.
+
+    Raises:
+        RuntimeError: the version does not verify; the pointer is left where it was.
+    """
+    import datetime as dt
+    import json
+
+    from realfake.data.storage import dataset_store
+
+    top = dataset_store(root, dataset, storage_options)
+    store = top.child(version)
+    problems = verify_version(store)
+    if problems:
+        raise RuntimeError(
+            f"{store.uri()} does not verify, `latest` stays where it was:\n  " + "\n  ".join(map(str, problems[:20]))
+        )
+    previous = read_latest(root, dataset, storage_options)
+    pointer = {
+        "version": version,
+        "previous": previous.get("version") if previous else None,
+        "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "card": store.uri("dataset.json"),
+    }
+    top.write_bytes(json.dumps(pointer, indent=2).encode(), LATEST)
+    return pointer

@@ -31,6 +31,7 @@ __all__ = [
     "Store",
     "StorageError",
     "StorageFullError",
+    "dataset_store",
     "describe_location",
     "full_error",
     "local_location",
@@ -293,9 +294,14 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def version_store(root: str, dataset: str, version: str, storage_options: dict[str, Any] | None = None) -> Store:
-    """The store of one dataset version: ``{root}/{dataset}/{version}``."""
+def dataset_store(root: str, dataset: str, storage_options: dict[str, Any] | None = None) -> Store:
+    """The folder of a dataset, ``{root}/{dataset}``: its versions, ``latest.json`` and ``reports/``."""
     root = root.rstrip("/")
     if "://" not in root:
         root = os.path.abspath(os.path.expanduser(root))
-    return Store(f"{root}/{dataset}/{version}", storage_options)
+    return Store(f"{root}/{dataset}", storage_options)
+
+
+def version_store(root: str, dataset: str, version: str, storage_options: dict[str, Any] | None = None) -> Store:
+    """The store of one dataset version: ``{root}/{dataset}/{version}``."""
+    return dataset_store(root, dataset, storage_options).child(version)
