@@ -162,8 +162,9 @@ def run_lira_fanout(cfg: BuildConfig, lira: LiraConfig, gpu_limit: str, fanout: 
         gpus = visible_gpus()
         for family in lira.families:
             for i in range(lira.n_shadows):
-                # Round-robin pinning: threads of this process share its GPUs; the limit bounds how many run.
-                shadow_cfg = cfg.model_copy(update={"device": f"cuda:{gpus[i % len(gpus)]}"}) if len(gpus) > 1 else cfg
+                # Round-robin pinning: threads of this process share its GPUs; the limit bounds how many run. In
+                # this process the visible GPUs are numbered from 0, whatever CUDA_VISIBLE_DEVICES calls them.
+                shadow_cfg = cfg.model_copy(update={"device": f"cuda:{i % len(gpus)}"}) if len(gpus) > 1 else cfg
                 futures.append((shadow_label(family, [i]),
                                 shadow_task(family).submit(shadow_cfg, lira, i, gpu_limit)))
         skipped = None  # each task reports its own skip

@@ -79,7 +79,7 @@ def run_synthesis(cfg: BuildConfig, fanout: FanoutParams, pinned: dict, lease_ow
                 synthesize_group_task.submit(cfg, g, gpus[i % len(gpus)], fanout.gpu_limit, lease_owner)
                 for i, g in enumerate(groups)
             ]
-        results = [f.result() for f in futures]
+        results = _wait_for_every_group(futures, cfg)
     shards, images = reporter.refresh()
     if shards < len(names):
         raise RuntimeError(
@@ -89,6 +89,25 @@ def run_synthesis(cfg: BuildConfig, fanout: FanoutParams, pinned: dict, lease_ow
     seconds = max((r.get("seconds", 0.0) for r in results), default=0.0)
     return {"shards": shards, "images": images, "groups": len(groups), "mode": fanout.mode, "results": results,
             "images_per_s": images / seconds if seconds else None}
+
+
+def _wait_for_every_group(futures: list, cfg: BuildConfig) -> list[dict]:
+    """Every group's result, after all of them ended: a failed group does not end the build (and release its
+    lease) while the others still write. Raises the one failure, or one error listing each failed group."""
+    results, failed = [], []
+    for i, f in enumerate(futures):
+        try:
+            results.append(f.result())
+        except Exception as e:  # noqa: BLE001 - collected, then raised below
+            failed.append((i, e))
+    if len(failed) == 1:
+        raise failed[0][1]
+    if failed:
+        lines = "\n  ".join(f"group {i}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            for i, e in failed)
+        raise RuntimeError(f"synthesize stage of {cfg.dataset}/{cfg.version}: {len(failed)} of {len(futures)} shard "
+                           f"groups failed; committed shards are kept and a re-run resumes:\n  {lines}")
+    return results
 
 
 @flow(name="synthesize-shards", log_prints=True, retries=2, retry_delay_seconds=30, persist_result=True)

@@ -534,12 +534,15 @@ def _train(
             f"mixup/cutmix pair images inside a batch of {batch} per process, which must be even; "
             "change classifier.batch_size"
         )
-    # Mixup pairs samples inside a batch and needs an even batch size, hence drop_last when mixing.
+    # Mixup pairs samples inside a batch and needs an even batch size, hence drop_last when mixing. A stream is
+    # batched inside each DataLoader worker, so drop_last would drop every worker's remainder (and a worker whose
+    # share is under one batch would yield nothing): streams keep their short batches, trimmed to even for mixup.
+    streamed = sampler is None
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch,
         sampler=sampler,
-        drop_last=mixing or share > batch,
+        drop_last=not streamed and (mixing or share > batch),
         num_workers=cfg.workers,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -618,6 +621,10 @@ def _train(
             labels = labels.to(device, non_blocking=True)
             if labels.min() < 0 or labels.max() >= num_classes:
                 raise ValueError(f"labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+            if mixup_fn is not None and len(labels) % 2:  # a stream worker's last, short batch
+                images, labels = images[:-1], labels[:-1]
+                if not len(labels):
+                    continue
             targets = labels
             if mixup_fn is not None:
                 images, targets = mixup_fn(images, labels)
@@ -642,6 +649,9 @@ def _train(
             scheduler.step_update(num_updates=updates)
             total_loss += loss.item() * len(labels)
             seen += len(labels)
+        if not seen:
+            raise ValueError(f"epoch {epoch + 1} gave no training batch from {n} images; lower classifier.batch_size "
+                             f"({cfg.batch_size}) or classifier.workers ({cfg.workers})")
         scheduler.step(epoch + 1)
         if ranks.world > 1:  # the logged loss is the mean over every process's images
             sums = torch.tensor([total_loss, float(seen)], dtype=torch.float64, device=device)

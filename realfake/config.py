@@ -125,7 +125,8 @@ class FinetuneConfig(_Strict):
     rank: int = Field(4, ge=1, le=256, description="LoRA rank.")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (None: equal to the rank).")
     learning_rate: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate, constant schedule.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Images per optimisation step on one device.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Images per micro-batch over all processes: under torchrun "
+                            "it is split evenly across them (a multiple of their number).")
     max_steps: int = Field(1000, ge=1, description="Optimisation steps per adapter.")
     gradient_accumulation: int = Field(1, ge=1, le=1024, description="Micro-batches per optimiser step.")
     resolution: int = Field(512, ge=8, le=2048, description="Training resolution in pixels.")

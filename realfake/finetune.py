@@ -288,7 +288,9 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
         done = loss.detach()
         loss_value = float(accelerator.reduce(done, "mean") if accelerator is not None else done)
         history.append({"step": step + 1, "loss": loss_value, **parts})
-        if main and (step + 1) % ft.checkpoint_every == 0 and step + 1 < ft.max_steps:
+        if (step + 1) % ft.checkpoint_every == 0 and step + 1 < ft.max_steps:
+            saved = step + 1  # every rank knows the step of the checkpoint rank 0 commits
+        if main and saved == step + 1 and step + 1 > start:
             with tempfile.TemporaryDirectory() as tmp:
                 save_file(get_peft_model_state_dict(unet), Path(tmp, "a.safetensors"))
                 store.write_bytes(Path(tmp, "a.safetensors").read_bytes(), *ckpt, "adapter.safetensors")
@@ -296,7 +298,6 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
             torch.save(opt.state_dict(), buf)
             store.write_bytes(buf.getvalue(), *ckpt, "optimizer.pt")
             store.write_json({"step": step + 1}, *ckpt, "state.json")  # written last: the checkpoint's commit
-            saved = step + 1
     unet.eval()
     if main:
         with tempfile.TemporaryDirectory() as tmp:

@@ -161,7 +161,7 @@ def read_runs(stores: Iterable[Store]) -> tuple[list[RunResult], list[str]]:
         for name in store.listdir("runs"):
             if store.exists("runs", name, "metrics.json"):
                 runs.append(read_run(store, name))
-            else:
+            elif store.exists("runs", name, "checkpoint"):  # a train-eval run under way or interrupted
                 notes.append(f"{store.uri('runs', name)}: no metrics.json (still running, or failed); left out")
     return runs, notes
 

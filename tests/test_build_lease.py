@@ -76,3 +76,36 @@ def test_prefect_build_of_a_leased_version_fails_at_once_naming_the_holder(harne
         state.result()
     assert not store.exists("real", "manifest.parquet")  # failed before the prepare stage wrote anything
     assert VersionLease(store).read()["owner"] == "build-elsewhere"  # and left the other build's lease alone
+
+
+@pytest.mark.slow
+def test_a_failed_shard_group_ends_the_stage_only_after_every_group_ended(harness, tmp_path: Path) -> None:
+    """The build's lease is released when the stage ends: it must not end while other groups still write."""
+    import time
+
+    from prefect import flow, task
+
+    from flows.synthesize import _wait_for_every_group
+    from realfake.config import load_config
+
+    cfg = load_config(preset="demo", overrides=[f"root={tmp_path}"])
+    finished = tmp_path / "finished"
+    finished.mkdir()
+
+    @task
+    def group(i: int) -> dict:
+        if i in (0, 2):
+            raise OSError(f"group {i} lost its device")
+        time.sleep(2)  # still writing when the first group has already failed
+        (finished / str(i)).touch()
+        return {"group": i}
+
+    @flow
+    def stage() -> list:
+        return _wait_for_every_group([group.submit(i) for i in range(3)], cfg)
+
+    state = stage(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match=r"(?s)2 of 3 shard groups failed.*group 0: OSError: group 0 lost.*group 2"):
+        state.result()
+    assert (finished / "1").exists()  # the slow group ran to its end before the stage failed

@@ -67,7 +67,8 @@ def runs(tmp_path) -> Path:
     _run(root, "v1", "real+synthetic", 0, 0.95, 1.00)
     _run(root, "v1-baseline", "synthetic", 0, 0.60, 0.90)
     _run(root, "v1-baseline", "synthetic", 1, 0.70, 0.92)
-    (root / "toy" / "v1" / "runs" / "in-progress").mkdir()  # a run without metrics.json yet: left out, listed
+    (root / "toy" / "v1" / "runs" / "in-progress" / "checkpoint").mkdir(parents=True)  # under way: listed
+    (root / "toy" / "v1" / "runs" / "privacy-lira").mkdir()  # another kind of run (privacy audit): not a note
     (root / "toy" / "latest.json").write_text("{}")  # the dataset's latest pointer is no version
     return root
 

@@ -15,7 +15,7 @@ import torch
 import torch.utils.data
 from PIL import Image
 from support.s3 import S3Env, faulty_s3, moto, s3  # noqa: F401 - pytest fixtures
-from test_shards import item_key, items_for, mini_build, record_for
+from test_shards import CLASSES, item_key, items_for, mini_build, record_for
 
 from realfake.config import ShardConfig
 from realfake.data.loaders import LabelledImages
@@ -279,3 +279,27 @@ def test_small_versions_are_striped_so_every_worker_sees_every_shard(tmp_path: P
     assert Counter(got) == expected(store)
     for worker in (got[0::2], got[1::2]):  # unbatched loaders alternate between the workers
         assert {label for _, label in worker} == {0, 1, 2}
+
+
+def test_training_from_a_stream_with_two_workers_steps_even_when_a_worker_has_under_one_batch(tmp_path: Path) -> None:
+    """Each DataLoader worker batches its own share of the stream: with drop_last it would drop every worker's
+    remainder and, when a share is under one batch, train on nothing at all while logging a loss of 0."""
+    from realfake.classify import train_classifier
+    from realfake.config import ClassifierConfig
+
+    store = built(tmp_path, n_per_class=12)  # 36 images, 2 workers: 18 each, under one batch of 20
+    units = units_of(store)
+    cfg = ClassifierConfig(model="resnet18", model_kwargs={"channels": [8, 16, 32, 64]}, image_size=16, epochs=2,
+                           batch_size=20, lr=0.05, workers=2, mixup=0.2, input_norm="per_image", hflip=0.0)
+    model = train_classifier(StreamingImages(units, seed=0), len(CLASSES), cfg)
+    assert [e["epoch"] for e in model.train_log] == [1, 2]
+    assert all(e["loss"] > 0 for e in model.train_log)  # batches were trained on in every epoch
+
+
+def test_a_corrupt_pax_record_is_an_integrity_error_not_a_hang() -> None:
+    from realfake.data.streaming import _pax_path
+
+    assert _pax_path(b"16 path=abc.png\n") == b"abc.png"
+    for bad in (b"0 path=x\n", b"-5 path=x\n", b"99 path=x\n", b"x path=y\n", b"path=x\n"):
+        with pytest.raises(ShardIntegrityError, match="corrupt PAX header"):
+            _pax_path(bad, "s.tar")

@@ -362,7 +362,9 @@ def training_data(cfg: BuildConfig, data: str, storage_options: dict | None = No
             num_workers=cfg.classifier.workers,
         )
     else:
-        ordered = StreamingImages(units, shuffle=False, check=td.verify_shards, decode_size=decode)
+        # every process holds the whole set (rank 0 of 1): the sampler of train_classifier splits it across ranks
+        ordered = StreamingImages(units, shuffle=False, check=td.verify_shards, decode_size=decode, rank=0,
+                                  world_size=1)
         dataset = LabelledImages(iter(ordered))
         if real is not None:
             dataset = torch.utils.data.ConcatDataset([torch.utils.data.Subset(real, real_idx), dataset])

@@ -213,12 +213,18 @@ def _octal(field: bytes, where: str) -> int:
         raise ShardIntegrityError(f"{where}: corrupt tar header (size field {field!r})") from None
 
 
-def _pax_path(data: bytes) -> bytes | None:
-    """The ``path`` record of a PAX extended header, if it has one."""
+def _pax_path(data: bytes, where: str = "tar") -> bytes | None:
+    """The ``path`` record of a PAX extended header, if it has one; a malformed record (bad or non-positive
+    length, one running past the header) raises :class:`ShardIntegrityError` instead of looping."""
     pos, path = 0, None
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space]) if space > pos else 0
+        except ValueError:
+            length = 0
+        if space <= pos or length <= space - pos or pos + length > len(data):
+            raise ShardIntegrityError(f"{where}: corrupt PAX header record at byte {pos} (corrupt shard)")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
             path = value
@@ -281,7 +287,7 @@ def iter_tar_samples(
             read(_BLOCK - size % _BLOCK)
         if kind in (b"x", b"L"):
             try:
-                long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0")
+                long_name = _pax_path(data, uri) if kind == b"x" else data.rstrip(b"\0")
             except ValueError:
                 raise ShardIntegrityError(f"{uri}: corrupt PAX header") from None
             continue
