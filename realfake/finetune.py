@@ -290,7 +290,7 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
         history.append({"step": step + 1, "loss": loss_value, **parts})
         if (step + 1) % ft.checkpoint_every == 0 and step + 1 < ft.max_steps:
             saved = step + 1  # every rank knows the step of the checkpoint rank 0 commits
-        if main and saved == step + 1 and step + 1 > start:
+        if main and saved == step + 1:
             with tempfile.TemporaryDirectory() as tmp:
                 save_file(get_peft_model_state_dict(unet), Path(tmp, "a.safetensors"))
                 store.write_bytes(Path(tmp, "a.safetensors").read_bytes(), *ckpt, "adapter.safetensors")
