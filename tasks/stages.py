@@ -14,11 +14,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
-from prefect.deployments import run_deployment
 
 from realfake.config import BuildConfig
 from realfake.data.storage import version_store
 from tasks.cache import TRANSIENT_RETRY, finetune_cache_key, prepare_cache_key
+from tasks.child_runs import run_child_deployment
 from tasks.gpu import run_group_process
 
 __all__ = [
@@ -163,15 +163,8 @@ def run_shard_group_deployment(deployment: str, parameters: dict, group_index: i
 
     The child flow run has its own retries; this task retries once more for a child lost with its pod.
     """
-    log = get_run_logger()
-    run = run_deployment(deployment, parameters=parameters, timeout=None, as_subflow=True)
-    state = run.state
-    log.info("child run %s (%s) of group %d ended %s", run.name, run.id, group_index, state.type if state else None)
-    if state is None or not state.is_completed():
-        raise RuntimeError(
-            f"synthesize stage: child flow run {run.name} ({run.id}) of group {group_index} ended "
-            f"{state.type.value if state else 'without a state'}: {state.message if state else ''}"
-        )
+    run = run_child_deployment(deployment, parameters, f"synthesize stage, shard group {group_index}")
+    get_run_logger().info("child run %s (%s) of group %d completed", run.name, run.id, group_index)
     return {"flow_run_id": str(run.id), "flow_run_name": run.name, "group": group_index}
 
 
