@@ -26,6 +26,7 @@ import copy
 import io
 import logging
 import math
+import multiprocessing
 import os
 import random
 import time
@@ -210,34 +211,60 @@ class _TransformedStream(torch.utils.data.IterableDataset):
     """The iterable counterpart of :class:`_Transformed`, for datasets that stream their own order.
 
     Such a dataset (:class:`~realfake.data.streaming.StreamingImages`) shuffles per epoch and splits itself over
-    ranks and loader workers; its ``len()`` is what one epoch yields in this process. Its augmentation draws
-    come from the worker's generators, so unlike a map-style dataset's they depend on the number of workers.
+    ranks and loader workers; its ``len()`` is what one epoch yields in this process. The transform runs under
+    generators seeded per image, never the loader worker's own (which every rank seeds alike, and a resume
+    re-seeds as in epoch 0): from ``(seed, epoch, index, repeat)`` where the dataset names each image
+    (``iter_keyed``, as ``StreamingImages`` does), so an image's augmentation is the same whichever rank or worker
+    reads it; otherwise from ``(seed, epoch, rank, worker, position)``, its place in this worker's stream.
+    Either way every rank augments differently and a resumed epoch draws what the uninterrupted run drew.
     """
 
-    def __init__(self, dataset: torch.utils.data.IterableDataset, transform: Callable) -> None:
+    def __init__(
+        self, dataset: torch.utils.data.IterableDataset, transform: Callable, seed: int, rank: int = 0
+    ) -> None:
         self.dataset = dataset
         self.transform = transform
+        self.seed = int(seed)
+        self.rank = int(rank)
+        # Shared memory, so that set_epoch() in the main process reaches persistent loader workers.
+        self._epoch = multiprocessing.get_context().RawValue("q", 0)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
+    def _apply(self, image: Any, key: Iterable[int], restore: bool) -> Any:
+        if not isinstance(image, Image.Image):
+            return image
+        with _seeded_rngs(self.seed, *key, restore=restore):
+            return self.transform(image)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        for image, label in self.dataset:
-            yield (self.transform(image) if isinstance(image, Image.Image) else image), int(label)
+        info = torch.utils.data.get_worker_info()
+        keyed = getattr(self.dataset, "iter_keyed", None)
+        if callable(keyed):
+            # In a loader worker nothing else draws from the global generators: no need to restore them.
+            for image, label, key in keyed():
+                yield self._apply(image, key, restore=info is None), int(label)
+            return
+        where = (int(self._epoch.value), self.rank, info.id if info is not None else 0)
+        for position, (image, label) in enumerate(self.dataset):  # it may draw from them itself: restore
+            yield self._apply(image, (*where, position), restore=True), int(label)
 
 
 @contextmanager
-def _seeded_rngs(*key: int) -> Iterator[None]:
+def _seeded_rngs(*key: int, restore: bool = True) -> Iterator[None]:
     """Seed the CPU torch, numpy and python generators from ``key`` for the block, then restore their streams.
 
     timm's and torchvision's transforms draw from all three; restoring keeps the training loop's own streams
-    (dropout, mixup) independent of how many images were loaded in this process.
+    (dropout, mixup) independent of how many images were loaded in this process. ``restore=False`` leaves them
+    seeded, for a loader worker where nothing else draws from them (saving and restoring is most of the cost).
     """
-    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if restore else None
     a, b, c = (int(v) for v in np.random.SeedSequence(list(key)).generate_state(3))
     torch.default_generator.manual_seed(a)  # CPU only: CUDA generators belong to the training loop
     np.random.seed(b)
@@ -245,9 +272,10 @@ def _seeded_rngs(*key: int) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.set_rng_state(saved[0])
-        np.random.set_state(saved[1])
-        random.setstate(saved[2])
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
 
 
 class _EpochKeys(torch.utils.data.Sampler):
@@ -396,12 +424,13 @@ def _open_checkpoint(checkpoint: Store | str | None) -> Store | None:
     return Store(str(checkpoint))
 
 
-def _read_checkpoint(store: Store, cfg: ClassifierConfig, num_classes: int, n: int) -> dict[str, Any] | None:
-    """The committed checkpoint in ``store`` (``state.json`` + the weights file it names), or None."""
+def _read_checkpoint(store: Store, cfg: ClassifierConfig, num_classes: int, images: int) -> dict[str, Any] | None:
+    """The committed checkpoint in ``store`` (``state.json`` + the weights file it names), or None; ``images`` is
+    the epoch's image count over all processes (:func:`_epoch_images`)."""
     if not store.exists(CHECKPOINT_STATE):
         return None
     state = store.read_json(CHECKPOINT_STATE)
-    wanted = {"recipe": _recipe(cfg), "num_classes": num_classes, "train_images": n}
+    wanted = {"recipe": _recipe(cfg), "num_classes": num_classes, "train_images": images}
     saved = {k: state.get(k) for k in wanted}
     if saved != wanted:
         differ = sorted(
@@ -419,6 +448,25 @@ def _read_checkpoint(store: Store, cfg: ClassifierConfig, num_classes: int, n: i
         )
     state["payload"] = torch.load(io.BytesIO(store.read_bytes(state["file"])), map_location="cpu", weights_only=True)
     return state
+
+
+def _epoch_images(train_set: torch.utils.data.Dataset, n: int, ranks: _Ranks, device: torch.device) -> int:
+    """Images one epoch holds over all processes: what a checkpoint records as ``train_images``.
+
+    ``n`` for a map-style dataset (every process holds it whole); a stream's ``len()`` is this process's share
+    (padded to the ranks), so its ``total`` where it has one (``StreamingImages``: every selected image once,
+    whatever the number of processes), else the sum of the processes' shares.
+    """
+    if not isinstance(train_set, torch.utils.data.IterableDataset):
+        return n
+    total = getattr(train_set, "total", None)
+    if isinstance(total, int):
+        return total
+    if ranks.world == 1:
+        return n
+    shares = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(shares)
+    return int(shares.item())
 
 
 def _write_checkpoint(store: Store, state: dict[str, Any], payload: dict[str, Any]) -> None:
@@ -460,8 +508,11 @@ def train_classifier(
         train_set: Yields ``(image, label)``; PIL images get :func:`build_transforms` (train), tensors are used
             as they are. A map-style dataset is shuffled here; an ``IterableDataset`` (streamed shards) orders
             and splits itself over processes and workers, gets ``set_epoch(epoch)`` if it has one, and its
-            ``len()`` is one epoch's images in this process. Only the map-style path makes sampling and
-            augmentation independent of the number of processes and workers.
+            ``len()`` is one epoch's images in this process (its ``total``, where it has one, is the epoch's
+            images over all processes, which a checkpoint records). Only the map-style path makes sampling
+            independent of the number of processes and workers; a stream's augmentation is seeded per image
+            where it names its images (``iter_keyed``), else per rank, worker and position (see
+            :class:`_TransformedStream`).
         num_classes: Width of the classifier head; labels must lie in ``[0, num_classes)``.
         cfg: The recipe: model, optimizer, schedule, augmentation, loss and seed.
         device: Torch device to train on (a distributed run uses ``cuda:LOCAL_RANK`` for ``cuda``).
@@ -524,7 +575,8 @@ def _train(
     train_transform = build_transforms(cfg, train=True)
     dataset: _Transformed | _TransformedStream
     if isinstance(train_set, torch.utils.data.IterableDataset):
-        sampler, dataset, share = None, _TransformedStream(train_set, train_transform), n
+        sampler, share = None, n
+        dataset = _TransformedStream(train_set, train_transform, seed=cfg.seed, rank=ranks.rank)
     else:
         sampler = _EpochKeys(n, cfg.seed, ranks.rank, ranks.world)
         dataset, share = _Transformed(train_set, train_transform, seed=cfg.seed), len(sampler)
@@ -579,7 +631,8 @@ def _train(
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     start, updates = 0, 0
-    saved = _read_checkpoint(store, cfg, num_classes, n) if store is not None else None
+    epoch_images = _epoch_images(train_set, n, ranks, device)  # over all processes: any world size resumes
+    saved = _read_checkpoint(store, cfg, num_classes, epoch_images) if store is not None else None
     if saved is not None:
         payload = saved["payload"]
         net.load_state_dict(payload["model"])
@@ -694,7 +747,7 @@ def _train(
                     "world_size": ranks.world,
                     "recipe": _recipe(cfg),
                     "num_classes": num_classes,
-                    "train_images": n,
+                    "train_images": epoch_images,
                 }
                 _write_checkpoint(store, state, payload)
     if net is not model.net:  # SyncBatchNorm copy: the returned model keeps plain batch norm

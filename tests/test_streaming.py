@@ -3,6 +3,7 @@ images mixed in, integrity checks, the fast tar reader, and reads from a real S3
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import tarfile
@@ -303,3 +304,66 @@ def test_a_corrupt_pax_record_is_an_integrity_error_not_a_hang() -> None:
     for bad in (b"0 path=x\n", b"-5 path=x\n", b"99 path=x\n", b"x path=y\n", b"path=x\n"):
         with pytest.raises(ShardIntegrityError, match="corrupt PAX header"):
             _pax_path(bad, "s.tar")
+
+
+@pytest.mark.parametrize("fault", ["sha256", "count"])
+def test_a_ddp_trimmed_share_runs_the_same_shard_checks_as_an_untrimmed_one(tmp_path: Path, fault: str) -> None:
+    """Rank 0 reads a whole shard of 4 but may deliver only ceil(5 / 2) = 3 images, so it stops inside that shard;
+    its checks (sha256 with verify_shards, the index part's count without) run at the shard's end all the same.
+    Without a shuffle buffer: one at least as large as the trim would read the shard to its end anyway."""
+    store = built(tmp_path)
+    entries = read_shard_entries(store)
+    first = entries[0]
+    if fault == "sha256":  # the archive's last byte (end-of-archive zeros): only the file's sha256 sees it
+        path = Path(store.child("synthetic").path(first.commit.files[0].path))
+        data = bytearray(path.read_bytes())
+        assert data[-1] == 0
+        data[-1] = 1
+        path.write_bytes(bytes(data))
+        suspect, match = first.unit(), "sha256"
+    else:  # its index part names an image the shard does not hold (verify_shards off: the count check remains)
+        suspect = dataclasses.replace(first.unit(), keep=frozenset(first.keys[:3]) | {"0009_not_in_the_shard_0"})
+        match = "3 of the 4 selected images found"
+    untrimmed = StreamingImages([suspect], check=fault == "sha256")
+    with pytest.raises(ShardIntegrityError, match=match):
+        list(untrimmed)
+    ranks = [StreamingImages([suspect, entries[1].unit([0])], rank=r, world_size=2, open_shards=1, seed=0,
+                             shuffle_buffer=1, check=fault == "sha256") for r in range(2)]  # 4 + 1 over 2 ranks
+    shares = ranks[0].plan(epoch=0, num_workers=1, world_size=2)
+    assert [(s.units, s.load, s.quota) for s in shares] == [([(0, None)], 4, 3), ([(1, None)], 1, 3)]
+    with pytest.raises(ShardIntegrityError, match=match):
+        list(ranks[0])
+    assert len(list(ranks[1])) == 3  # the other rank pads its one image with repeats and is unaffected
+
+
+def test_keys_tell_images_apart_whatever_the_ranks_and_workers(tmp_path: Path) -> None:
+    """``iter_keyed`` names each image by its index in the one-process order, which augmentation is seeded by."""
+    store = built(tmp_path, n_per_class=8, max_count=3)  # 24 images in 8 shards
+    units = units_of(store)
+
+    def keyed(ds: StreamingImages, workers: int) -> dict[tuple, str]:
+        class Keyed(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                return ds.iter_keyed()
+
+        ds.set_epoch(1)
+        loader = torch.utils.data.DataLoader(Keyed(), batch_size=None, num_workers=workers)
+        return {tuple(int(k) for k in key): fp for fp, _, key in loader}
+
+    one = keyed(StreamingImages(units, transform=fingerprint, seed=6), workers=0)
+    unshuffled = [fp for fp, _ in StreamingImages(units, transform=fingerprint, shuffle=False)]
+    assert one == {(1, i, 0): fp for i, fp in enumerate(unshuffled)}
+    two_ranks: dict[tuple, str] = {}
+    for rank in range(2):
+        got = keyed(StreamingImages(units, transform=fingerprint, seed=6, num_workers=2, rank=rank, world_size=2,
+                                    open_shards=1), workers=2)
+        assert not set(got) & set(two_ranks)
+        two_ranks |= got
+    assert two_ranks == one  # 24 images over 4 workers: no padding, each image once under its own key
+    # Padding repeats (21 images over 4 workers: 3 repeats) are told apart from the first reading.
+    padded: list[tuple] = []
+    for rank in range(2):
+        ds = StreamingImages(units[:7], transform=fingerprint, num_workers=2, rank=rank, world_size=2, open_shards=1)
+        padded += list(keyed(ds, workers=2))
+    assert sorted(i for _, i, r in padded if r == 0) == list(range(21))
+    assert len([1 for _, _, r in padded if r == 1]) == 3

@@ -17,12 +17,15 @@ Uncommitted files are never listed, shard checksums and counts are verified as t
 
 One process (any number of workers) yields every selected image exactly once per epoch. Under DDP every
 worker of every rank yields the same number of images (``ceil(total / (world_size * num_workers))``), padding
-with repeats of its own images or trimming, so that every rank runs the same number of steps.
+with repeats of its own images or trimming, so that every rank runs the same number of steps; a trimmed worker
+still reads the rest of its share, undecoded, so that its shards are checked as an untrimmed worker's are.
 
 The order depends on ``seed``, the epoch, the number of workers and ranks only. Call :meth:`set_epoch` at the
 start of every epoch, as with ``DistributedSampler``; the epoch lives in shared memory, so persistent workers
 see it. Without it, the order still changes from one epoch to the next wherever the same dataset object is
-iterated again (the main process, persistent workers).
+iterated again (the main process, persistent workers). :meth:`StreamingImages.iter_keyed` names each delivered
+image by ``(epoch, index, repeat)``, which depends on none of the workers and ranks: training seeds each image's
+augmentation from it.
 """
 
 from __future__ import annotations
@@ -361,6 +364,10 @@ class StreamingImages(torch.utils.data.IterableDataset):
         num_workers: DataLoader workers the dataset will be read with; only makes ``len()`` exact under DDP.
         rank: This process's rank (default: :func:`distributed_rank` when iterated).
         world_size: Number of ranks (default: :func:`distributed_rank`).
+
+    Attributes:
+        total: Images one epoch holds over all ranks and workers (each selected image once, padding excluded);
+            ``len()`` is this process's share.
     """
 
     def __init__(
@@ -406,7 +413,10 @@ class StreamingImages(torch.utils.data.IterableDataset):
         self.decode_size = decode_size
         self.num_workers = max(0, int(num_workers))
         self.rank, self.world_size = rank, world_size
-        self.total = sum(u.count for u in self.shards) + len(self.real_indices)
+        # An image's index: its position in the one-process unshuffled order (the units' kept images, then the
+        # real ones), the same whatever the epoch, ranks or workers; it keys the image's augmentation.
+        self._offsets = list(itertools.accumulate((u.count for u in self.shards), initial=0))
+        self.total = self._offsets[-1] + len(self.real_indices)
         # The epoch lives in shared memory so that set_epoch() in the main process reaches persistent workers.
         self._epoch = multiprocessing.get_context().RawValue("q", -1)
         self._iterations = 0
@@ -487,9 +497,9 @@ class StreamingImages(torch.utils.data.IterableDataset):
         return shares
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def _read_unit(self, unit: ShardUnit, stripe: tuple[int, int] | None = None) -> Iterator[ShardSample]:
-        """The kept samples of one shard (or their ``stripe``); a transient storage error re-opens the shard and
-        skips what was yielded."""
+    def _read_unit(self, unit: ShardUnit, stripe: tuple[int, int] | None = None) -> Iterator[tuple[int, ShardSample]]:
+        """The kept samples of one shard (or their ``stripe``), each with its position among the unit's kept
+        images; a transient storage error re-opens the shard and skips what was yielded."""
         store = _store(unit.folder_uri, unit.storage_options)
         want = _stripe_count(unit.count, stripe)
         done = 0
@@ -505,7 +515,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
                     seen += 1
                     if seen > done:
                         done += 1
-                        yield sample
+                        yield kept - 1, sample
                 break
             except Exception as e:
                 if not _transient(e) or isinstance(e, ShardIntegrityError) or attempt == IO_ATTEMPTS - 1:
@@ -524,12 +534,12 @@ class StreamingImages(torch.utils.data.IterableDataset):
         def synthetic() -> Iterator[tuple]:
             pending = list(reversed(share.units))
             width = self.open_shards if self.shuffle else 1
-            active: list[list[Any]] = []  # [sample iterator, images left, unit]
+            active: list[list[Any]] = []  # [sample iterator, images left, unit, unit number]
             while pending or active:
                 while pending and len(active) < width:
                     u, stripe = pending.pop()
                     unit = self.shards[u]
-                    entry = [self._read_unit(unit, stripe), _stripe_count(unit.count, stripe), unit]
+                    entry = [self._read_unit(unit, stripe), _stripe_count(unit.count, stripe), unit, u]
                     if entry[1]:
                         active.append(entry)
                     else:
@@ -542,13 +552,13 @@ class StreamingImages(torch.utils.data.IterableDataset):
                 while pick >= active[i][1] and i < len(active) - 1:
                     pick -= active[i][1]
                     i += 1
-                it, _, unit = entry = active[i]
-                s = next(it)
+                it, _, unit, u = entry = active[i]
+                pos, s = next(it)
                 entry[1] -= 1
-                yield ("s", s.image, s.label, s.key, unit.folder_uri, unit.commit.name)
+                yield ("s", self._offsets[u] + pos, s.image, s.label, s.key, unit.folder_uri, unit.commit.name)
                 if entry[1] == 0:
                     del active[i]
-                    for extra in it:  # runs the shard's checks after its last image
+                    for _, extra in it:  # runs the shard's checks after its last image
                         raise ShardIntegrityError(f"shard {unit.folder_uri}/{unit.commit.name} holds more images "
                                                   f"than its index part (image {extra.key})")
 
@@ -557,7 +567,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
         syn, real = synthetic(), iter(share.real)
         merged: Iterator[tuple]
         if not self.shuffle:
-            merged = itertools.chain(syn, (("r", self.real_indices[i]) for i in real))
+            merged = itertools.chain(syn, (self._real_item(i) for i in real))
         else:
 
             def interleave() -> Iterator[tuple]:
@@ -565,7 +575,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
                 while ns or nr:
                     if nr and (not ns or rng.random() * (ns + nr) < nr):
                         nr -= 1
-                        yield ("r", self.real_indices[next(real)])
+                        yield self._real_item(next(real))
                     else:
                         ns -= 1
                         yield next(syn)
@@ -587,12 +597,15 @@ class StreamingImages(torch.utils.data.IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
+    def _real_item(self, i: int) -> tuple:
+        return ("r", self._offsets[-1] + i, self.real_indices[i])
+
     def _decode(self, item: tuple) -> tuple[Any, int]:
         if item[0] == "r":
             assert self.real is not None
-            image, label = self.real[item[1]]
+            image, label = self.real[item[2]]
         else:
-            _, data, label, key, folder_uri, shard = item
+            _, _, data, label, key, folder_uri, shard = item
             try:
                 image = Image.open(io.BytesIO(data))
                 if self.decode_size and image.format == "JPEG":
@@ -609,6 +622,21 @@ class StreamingImages(torch.utils.data.IterableDataset):
         return image, int(label)
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
+        for image, label, _ in self.iter_keyed():
+            yield image, label
+
+    def iter_keyed(self) -> Iterator[tuple[Any, int, tuple[int, int, int]]]:
+        """The epoch's ``(image, label)`` pairs (as :meth:`__iter__`), each with the key ``(epoch, index,
+        repeat)`` that tells it apart: ``index`` is the image's position in the one-process unshuffled order
+        (the units' kept images in order, then the real indices) and ``repeat`` counts the DDP padding passes
+        that deliver it again. The key does not depend on the ranks or workers that read the image, so an
+        augmentation seeded by it (:func:`realfake.classify.train_classifier` does) is a function of the seed,
+        epoch and image: different on every rank, and the same after a resume as in an uninterrupted run.
+
+        A worker whose share exceeds its DDP quota stops delivering at the quota but still reads the rest of
+        its share (without decoding it), so that every shard's size, count and checksum checks run, as they do
+        when nothing is trimmed. A padding pass re-reads shards this epoch already checked and stops at once.
+        """
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = self._world()
@@ -621,11 +649,15 @@ class StreamingImages(torch.utils.data.IterableDataset):
         for repeat in itertools.count():
             rng = random.Random(_rng_seed(self.seed, epoch, g, repeat))
             items = self._items(share, rng)
-            if share.load > share.quota - delivered:  # a DDP trim, or the last padding pass: stop at the quota
-                items = itertools.islice(items, share.quota - delivered)
-            for item in items:  # else read to the end, so each shard's checks run after its last image
-                yield self._decode(item)
+            left = share.quota - delivered
+            trimmed = share.load > left  # a DDP trim, or the last padding pass: stop at the quota
+            for item in itertools.islice(items, left) if trimmed else items:
+                image, label = self._decode(item)
+                yield image, label, (epoch, item[1], repeat)
                 delivered += 1
+            if trimmed and repeat == 0:
+                for _ in items:  # the trimmed rest: read, not decoded, so each shard's checks run after its end
+                    pass
             if delivered >= share.quota:
                 return
             if repeat == 0:
