@@ -134,3 +134,17 @@ def test_sigkill_loop_then_resume_on_s3(s3: S3Env) -> None:  # noqa: F811
     keys = read_index(store).column("key").to_pylist()
     assert sorted(keys) == sorted(item_key(i) for i in items)  # none missing, none duplicated
     assert Counter(m["key"] for _, _, m in iter_synthetic(store)) == Counter(keys)
+
+
+def test_an_object_written_by_another_process_after_a_listing_is_read(s3: S3Env) -> None:  # noqa: F811
+    """s3fs answers size lookups from its listing cache; a whole-object read must not (one GET, no lookup)."""
+    import s3fs
+
+    store = version_store(s3.root, "toy", "v1", s3.storage_options)
+    store.write_bytes(b"first", "synthetic", "_index", "a.parquet")
+    assert store.listdir("synthetic", "_index") == ["a.parquet"]  # the listing is cached now
+    other = s3fs.S3FileSystem(**{**s3.storage_options, "skip_instance_cache": True})  # another worker's client
+    other.pipe_file(store.path("synthetic", "_index", "b.parquet"), b"second")
+    assert store.read_bytes("synthetic", "_index", "b.parquet") == b"second"
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("synthetic", "_index", "c.parquet")

@@ -39,6 +39,7 @@ from realfake.data.shards import (
     LeaseHeldError,
     LeaseLostError,
     ShardExistsError,
+    ShardIntegrityError,
     ShardWriter,
     SyntheticRecord,
     VersionLease,
@@ -51,6 +52,7 @@ from realfake.data.shards import (
     plan_shards,
     read_index,
     verify_shard,
+    write_index,
 )
 from realfake.data.storage import Store, version_store
 
@@ -332,6 +334,24 @@ def test_committed_shard_is_not_rewritten_and_corruption_is_detected(store: Stor
     writer.write_shard("shard-000000", (record_for(i) for i in items), replace=True)
     assert verify_version(store) == []  # the rewrite is byte-identical, so the card matches again
     assert writer.is_committed("shard-000000", verify=True)
+
+
+def test_a_missing_index_part_is_reported_with_the_fix_and_the_fix_works(store: Store) -> None:
+    cfg = ShardConfig(format="parquet", max_count=2)
+    items = items_for(2)
+    mini_build(store, items, cfg)
+    before = index_signature(store)
+    commit = next(c for c in committed_shards(store) if c.name == "shard-000001")
+    os.remove(store.path("synthetic", commit.index_part))
+    for call in (lambda: write_index(store), lambda: mini_build(store, items, cfg)):
+        with pytest.raises(ShardIntegrityError) as err:
+            call()
+        msg = str(err.value)
+        assert commit.index_part in msg and f"{COMMITS_DIR}/shard-000001.json" in msg and "delete" in msg
+    assert any("index part" in p for p in verify_version(store))
+    os.remove(store.path("synthetic", COMMITS_DIR, "shard-000001.json"))  # what the message says to do
+    mini_build(store, items, cfg)
+    assert index_signature(store) == before and verify_version(store) == []
 
 
 def test_tar_shards_are_byte_identical_to_what_tarfile_writes(store: Store) -> None:

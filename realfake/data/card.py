@@ -231,6 +231,21 @@ def verify_version(
         except Exception as e:  # any unreadable shard is a finding, not a crash of the checker
             problems.append(f"shard {c.name}: unreadable ({type(e).__name__}: {e})")
 
+    # Index parts against their commits: the next write_index and every resume read them.
+    for c in commits:
+        try:
+            part = _call(shard_store, "read_bytes", c.index_part)
+        except FileNotFoundError:
+            problems.append(
+                f"shard {c.name}: index part {shard_store.uri(c.index_part)} missing; delete its commit record "
+                f"{shard_store.uri(COMMITS_DIR, c.name + '.json')} and re-run the build to rewrite the shard"
+            )
+            continue
+        if hashlib.sha256(part).hexdigest() != c.index_sha256:
+            problems.append(f"shard {c.name}: index part {shard_store.uri(c.index_part)} checksum mismatch")
+        elif pq.read_table(io.BytesIO(part), columns=["key"]).num_rows != c.count:
+            problems.append(f"shard {c.name}: index part {shard_store.uri(c.index_part)} has the wrong row count")
+
     # Index against the shards.
     index_rows: list[dict[str, Any]] = []
     if not _call(shard_store, "exists", INDEX_FILE):

@@ -20,6 +20,7 @@ the same files whatever the number or order of workers.
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import io
@@ -107,9 +108,11 @@ _KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _TAR_MTIME = 946684800  # 2000-01-01: fixed so that identical records give byte-identical tars
 _CHUNK = 1 << 20
-_CHECKSUM_QUEUE = 256  # items in flight to the checksum thread (~ a few MB of samples): bounds memory
+_CHECKSUM_QUEUE = 16  # batches in flight to the checksum thread (~1 MB of stream or 64 images each): bounds memory
 _MEMORY_SPOOL = 256 << 20  # remote shards up to this size are built in memory and put in one request
 _PARQUET_ROW_GROUP = 64  # images per row group: small groups keep `datasets` streaming reads light
+_PARQUET_LAG = 4  # row groups held back for their image digests before writing (twice that: wait for them)
+_HASH_BATCH = 64  # images per hand-off to the checksum thread
 
 # Provenance fields pulled out of ``SyntheticRecord.meta`` into typed columns; the whole dict is kept too.
 INDEX_SCHEMA = pa.schema(
@@ -314,36 +317,16 @@ def encode_image(image: Image.Image | bytes, image_format: str, quality: int = 9
     return buf.getvalue()
 
 
-class _Digest:
-    """A sha256 hex digest that the checksum thread fills in later (see :class:`_Checksummer`)."""
-
-    __slots__ = ("_hex", "_ready")
-
-    def __init__(self) -> None:
-        self._hex = ""
-        self._ready = threading.Event()
-
-    def set(self, hexdigest: str) -> None:
-        self._hex = hexdigest
-        self._ready.set()
-
-    def value(self) -> str:
-        """The digest; waits for the checksum thread. Raises if it failed before getting there."""
-        self._ready.wait()
-        if not self._hex:
-            raise StorageError("checksum thread failed before hashing this image")
-        return self._hex
-
-
 class _Checksummer:
-    """Writes a byte stream to its destination and hashes it, plus single blobs, on a helper thread: one pass.
+    """Writes a byte stream to its destination on the caller's thread and hashes it, plus images, on a helper.
 
-    Checksums are part of the contract (per image for the index, per file for the commit record), and at SHA-256
-    speed they would cost as much again as building the container. The caller's thread writes (which, like
-    hashlib on large buffers, releases the GIL) while a helper thread hashes, so the hashing overlaps with the
-    encoding and the I/O instead of adding to them. Work is hashed in submission order, :meth:`close` returns the
-    stream's byte count and digest. The queue is bounded, so a slow hash slows the producer instead of holding a
-    whole shard in memory.
+    Checksums are part of the contract (per image for the index, per file for the commit record); at SHA-256
+    speed (~2 GB/s a core) they cost about as much CPU as building the container. The caller's thread writes
+    (the file write, like hashlib on large buffers, releases the GIL) while a helper thread hashes, so the
+    hashing overlaps with building the container instead of adding to it. Work goes to the helper in batches of
+    about ``_CHUNK`` bytes (stream pieces) or of whole image lists, in submission order, so the per-item cost
+    of the hand-off stays out of the per-image path. The queue is bounded, so a slow hash slows the producer
+    instead of holding a whole shard in memory.
 
     Args:
         dest: Where the stream goes (a local file or an in-memory spool); None only hashes (readers).
@@ -354,6 +337,10 @@ class _Checksummer:
         self.nbytes = 0
         self.abandoned = False
         self._sha = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._digests: list[str] = []  # image digests in submission order, appended by the helper thread
+        self._done = threading.Condition()
         self._queue: queue.Queue = queue.Queue(maxsize=_CHECKSUM_QUEUE)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="realfake-checksum", daemon=True)
@@ -364,43 +351,69 @@ class _Checksummer:
             item = self._queue.get()
             if item is None:
                 return
-            slot, blob, chunk = item
+            kind, pieces = item
             try:
-                if slot is not None and self._error is None:
-                    slot.set(hashlib.sha256(blob).hexdigest())
-                if chunk is not None and self._error is None:
-                    self._sha.update(chunk)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread by close()
-                self._error = self._error or e
-            finally:
-                if slot is not None:
-                    slot._ready.set()  # value() sees no digest and raises instead of waiting forever
+                if self._error is not None:
+                    continue
+                if kind == "stream":
+                    for piece in pieces:
+                        self._sha.update(piece)
+                else:
+                    digests = [hashlib.sha256(b).hexdigest() for b in pieces]
+                    with self._done:
+                        self._digests += digests
+                        self._done.notify_all()
+            except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+                with self._done:
+                    self._error = self._error or e
+                    self._done.notify_all()
 
-    def submit(self, chunk: bytes | None = None, blob: bytes | None = None) -> _Digest | None:
-        """Append ``chunk`` to the stream (written now, hashed on the helper thread) and/or hash ``blob`` alone;
-        returns the blob's :class:`_Digest`. Neither may be modified afterwards."""
+    def _put(self, item: tuple[str, list] | None) -> None:
         if self._error is not None:
             raise self._error
-        slot = None if blob is None else _Digest()
-        if chunk is not None:
-            if self.dest is not None:
-                self.dest.write(chunk)
-            self.nbytes += len(chunk)
-        self._queue.put((slot, blob, chunk))
-        return slot
+        self._queue.put(item)
 
-    def stream(self, chunk: bytes) -> None:
-        """Append bytes to the stream."""
-        self.submit(chunk=chunk)
+    def write(self, piece: bytes) -> None:
+        """Append ``piece`` (immutable bytes) to the stream: written now, hashed later on the helper thread."""
+        if self._error is not None:
+            raise self._error
+        if self.dest is not None:
+            self.dest.write(piece)
+        n = len(piece)
+        self.nbytes += n
+        self._pending.append(piece)
+        self._pending_bytes += n
+        if self._pending_bytes >= _CHUNK:
+            self.flush()
 
-    def digest(self, blob: bytes) -> _Digest:
-        """The sha256 of one blob, computed on the helper thread (``value()`` waits for it)."""
-        slot = self.submit(blob=blob)
-        assert slot is not None
-        return slot
+    def flush(self) -> None:
+        """Hand the stream pieces written so far to the helper thread."""
+        if self._pending:
+            pieces, self._pending, self._pending_bytes = self._pending, [], 0
+            self._put(("stream", pieces))
+
+    def hash_images(self, images: list[bytes]) -> None:
+        """Queue the sha256 of each image (immutable bytes) for :meth:`digests`."""
+        if images:
+            self._put(("images", images))
+
+    @property
+    def ready(self) -> int:
+        """How many image digests are done."""
+        return len(self._digests)
+
+    def digests(self, upto: int) -> list[str]:
+        """The first ``upto`` image digests, waiting for the helper thread; raises what it met."""
+        with self._done:
+            while len(self._digests) < upto and self._error is None and self._thread.is_alive():
+                self._done.wait(timeout=1.0)
+        if len(self._digests) < upto:
+            raise self._error or StorageError("checksum thread stopped before hashing every image")
+        return self._digests[:upto]
 
     def close(self) -> tuple[int, str]:
         """Finish the stream: returns its byte count and sha256; raises what the helper thread met."""
+        self.flush()
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
@@ -412,50 +425,30 @@ class _Checksummer:
         """Stop the helper thread on an error path, dropping what it had not done yet."""
         self.abandoned = True
         self._error = self._error or StorageError("checksum stream abandoned")
+        self._pending = []
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
 
 
 class _ChecksumWriter(io.RawIOBase):
-    """A write-only file handing pyarrow's output to a :class:`_Checksummer` in pieces of about ``_CHUNK`` bytes.
-
-    pyarrow writes each page header and page separately; coalescing them keeps the hand-offs to the checksum
-    thread (and the GIL round trips they cost) to a few per row group.
-    """
+    """A write-only file handing pyarrow's output to a :class:`_Checksummer` (written at once, hashed later)."""
 
     def __init__(self, sums: _Checksummer) -> None:
         self.sums = sums
-        self._buf = bytearray()
-        self._pos = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
-        n = len(b) if not isinstance(b, memoryview) else b.nbytes
-        if self.sums.abandoned:
-            return n  # the shard is being thrown away: pyarrow's closing writes go nowhere
-        self._buf += b  # copied: the caller may reuse its buffer once write() returns
-        self._pos += n
-        if len(self._buf) >= _CHUNK:
-            self.flush()
-        return n
-
-    def flush(self) -> None:
-        # the filled buffer itself goes to the stream (no copy); a fresh one takes the next writes
-        buf, self._buf = self._buf, bytearray()
-        if buf and not self.sums.abandoned:
-            self.sums.stream(buf)
+        # pyarrow hands over immutable bytes; anything else is copied, since the hash runs after write() returns
+        data = b if isinstance(b, bytes) else bytes(b)
+        if not self.sums.abandoned:  # else the shard is being thrown away: pyarrow's closing writes go nowhere
+            self.sums.write(data)
+        return len(data)
 
     def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        if not self.closed:
-            self.flush()
-        super().close()
-
+        return self.sums.nbytes
 
 class _Spool(io.RawIOBase):
     """Where a remote shard is built before its upload: memory up to ``memory_limit`` bytes, then a local file.
@@ -559,24 +552,32 @@ def _tar_pad(n: int) -> bytes:
 class _TarPart:
     """One WebDataset tar being written to ``dest`` (a local file or a :class:`_Spool`).
 
-    Each sample (three members) becomes one buffer handed to the checksum thread, which writes and hashes it;
-    the archive is byte-identical to what ``tarfile`` writes for the same members (tested).
+    Each sample (three members) goes to the checksum stream as three pieces (the image's header, the image, the
+    rest), its image to the per-image hashing in batches; the archive is byte-identical to what ``tarfile``
+    writes for the same members (tested).
     """
 
     def __init__(self, dest: IO[bytes]) -> None:
         self.sums = _Checksummer(dest)
         self.count = 0
+        self._batch: list[bytes] = []
 
-    def add(self, rec: SyntheticRecord, image: bytes, ext: str, meta_json: bytes) -> _Digest:
-        """Append one sample; returns its image's sha256 (hashed on the checksum thread with the stream)."""
-        cls = b"%d" % int(rec.label)
-        chunks = []
-        for name, data in ((f"{rec.key}.{ext}", image), (f"{rec.key}.cls", cls), (f"{rec.key}.json", meta_json)):
-            chunks += (_tar_header(name, len(data)), data, _tar_pad(len(data)))
-        sha = self.sums.submit(chunk=b"".join(chunks), blob=image)
+    def add(self, key: str, label: int, image: bytes, ext: str, meta_json: bytes) -> None:
+        """Append one sample."""
+        cls = b"%d" % label
+        write = self.sums.write
+        write(_tar_header(f"{key}.{ext}", len(image)))
+        write(image)
+        write(b"".join((
+            _tar_pad(len(image)),
+            _tar_header(f"{key}.cls", len(cls)), cls, _tar_pad(len(cls)),
+            _tar_header(f"{key}.json", len(meta_json)), meta_json, _tar_pad(len(meta_json)),
+        )))
+        self._batch.append(image)
         self.count += 1
-        assert sha is not None
-        return sha
+        if len(self._batch) >= _HASH_BATCH:
+            self.sums.hash_images(self._batch)
+            self._batch = []
 
     @staticmethod
     def cost(image: bytes, meta_json: bytes) -> int:
@@ -584,16 +585,18 @@ class _TarPart:
         pad = lambda n: (n + 511) // 512 * 512  # noqa: E731
         return 3 * 512 + pad(len(image)) + 512 + pad(len(meta_json)) + 1024
 
-    def close(self) -> tuple[int, str]:
+    def close(self) -> tuple[int, str, list[str]]:
         """Finish the tar as tarfile does (two zero blocks, then zeros up to a whole record); returns its byte
-        count and sha256 once every byte is in ``dest``."""
+        count, its sha256 and its images' sha256 once every byte is in ``dest``."""
         end = 2 * tarfile.BLOCKSIZE
-        self.sums.stream(b"\0" * (end + (-(self.sums.nbytes + end) % tarfile.RECORDSIZE)))
-        return self.sums.close()
+        self.sums.write(b"\0" * (end + (-(self.sums.nbytes + end) % tarfile.RECORDSIZE)))
+        self.sums.hash_images(self._batch)
+        self._batch = []
+        digests = self.sums.digests(self.count)
+        return (*self.sums.close(), digests)
 
     def abandon(self) -> None:
         self.sums.abandon()
-
 
 def _hf_features(class_names: Sequence[str] | None) -> dict[str, Any]:
     label: dict[str, Any] = (
@@ -647,13 +650,17 @@ def _str_or_none(v: Any) -> str | None:
 class _ParquetPart:
     """One Parquet shard being written to ``dest`` (a local file or a :class:`_Spool`), in small row groups.
 
-    A row group is written one group late, so the image checksums it carries (computed on the checksum thread)
-    are ready by then without waiting, and pyarrow's output goes through the same thread to ``dest``.
+    Rows carry their image's sha256, computed on the checksum thread: row groups are written a few groups late,
+    once their digests are in, so the writer rarely waits for the hashing; pyarrow's output goes through the same
+    thread's stream hash to ``dest``. The provenance columns come from the shard's :class:`_IndexColumns`
+    (rows ``start`` on), the lists the index part is built from.
     """
 
-    def __init__(self, dest: IO[bytes], class_names: Sequence[str] | None) -> None:
+    def __init__(self, dest: IO[bytes], class_names: Sequence[str] | None, cols: _IndexColumns, start: int,
+                 ext: str) -> None:
         self.sums = _Checksummer(dest)
         self.schema = _parquet_schema(class_names)
+        self.cols, self.start, self.ext = cols, start, ext
         # Images are already compressed: compressing them again costs CPU and saves nothing.
         compression = {name: "zstd" for name in self.schema.names}
         compression.update({"image.bytes": "none", "image.path": "zstd"})
@@ -667,63 +674,63 @@ class _ParquetPart:
             use_dictionary=dictionary,
             write_statistics=False,
         )
-        self.rows: list[tuple] = []
-        self.ready: list[tuple] = []
+        self.images: list[bytes] = []  # rows written..count-1, not yet in the file
+        self._batch: list[bytes] = []  # images not yet handed to the hashing
+        self.written = 0
         self.count = 0
 
-    def add(self, rec: SyntheticRecord, image: bytes, ext: str, meta_json: bytes) -> _Digest:
-        """Append one row; returns its image's sha256 (hashed on the checksum thread)."""
-        sha = self.sums.digest(image)
-        m = rec.meta
-        self.rows.append(
-            (
-                image,
-                f"{rec.key}.{ext}",
-                int(rec.label),
-                rec.key,
-                rec.class_name,
-                _str_or_none(m.get("source_sample_id")),
-                _int_or_none(m.get("replica")),
-                _int_or_none(m.get("seed")),
-                _str_or_none(m.get("prompt")),
-                _str_or_none(m.get("negative_prompt")),
-                sha,
-                meta_json.decode(),
-            )
-        )
+    def add(self, image: bytes) -> None:
+        """Append the row of the image whose index columns were just added to ``cols``."""
+        self.images.append(image)
+        self._batch.append(image)
         self.count += 1
-        if len(self.rows) >= _PARQUET_ROW_GROUP:
-            self._write_group(self.ready)
-            self.ready, self.rows = self.rows, []
-        return sha
+        if len(self._batch) >= _PARQUET_ROW_GROUP:
+            self.sums.hash_images(self._batch)
+            self._batch = []
+            self._write_ready()
 
     @staticmethod
     def cost(image: bytes, meta_json: bytes) -> int:
         return len(image) + len(meta_json) + 256
 
-    def _write_group(self, rows: list[tuple]) -> None:
-        if not rows:
+    def _write_ready(self) -> None:
+        """Write the whole row groups whose digests are in, once a few are pending (waits only when many are)."""
+        group = _PARQUET_ROW_GROUP
+        pending = self.count - self.written
+        if pending < _PARQUET_LAG * group:
             return
-        # Column by column: pyarrow converts a list of scalars in C, where from_pylist walks a dict per row.
-        cols = list(zip(*rows, strict=True))
-        image_t = self.schema.field("image").type
-        image = pa.StructArray.from_arrays(
-            [pa.array(cols[0], pa.binary()), pa.array(cols[1], pa.string())], fields=list(image_t)
-        )
-        shas = [d.value() for d in cols[10]]
-        arrays = [image] + [
-            pa.array(c, self.schema.field(i).type) for i, c in enumerate((*cols[2:10], shas, cols[11]), start=1)
-        ]
-        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        ready = (min(self.sums.ready, self.count) - self.written) // group * group
+        if ready == 0 and pending >= 2 * _PARQUET_LAG * group:
+            ready = group  # the hashing fell behind: wait for one group rather than hold more images
+        if ready:
+            self._write_rows(ready)
 
-    def close(self) -> tuple[int, str]:
-        """Finish the file; returns its byte count and sha256 once every byte is in ``dest``."""
-        self._write_group(self.ready)
-        self._write_group(self.rows)
-        self.ready, self.rows = [], []
+    def _write_rows(self, n: int) -> None:
+        a = self.start + self.written
+        b = a + n
+        c = self.cols.cols
+        shas = self.sums.digests(self.written + n)[self.written:]
+        keys = c["key"][a:b]
+        image = pa.StructArray.from_arrays(
+            [pa.array(self.images[:n], pa.binary()), pa.array([f"{k}.{self.ext}" for k in keys], pa.string())],
+            fields=list(self.schema.field("image").type),
+        )
+        values = (c["label"][a:b], keys, c["class_name"][a:b], c["source_sample_id"][a:b], c["replica"][a:b],
+                  c["seed"][a:b], c["prompt"][a:b], c["negative_prompt"][a:b], shas, c["meta"][a:b])
+        arrays = [image] + [pa.array(v, self.schema.field(i).type) for i, v in enumerate(values, start=1)]
+        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema), row_group_size=_PARQUET_ROW_GROUP)
+        del self.images[:n]
+        self.written += n
+
+    def close(self) -> tuple[int, str, list[str]]:
+        """Finish the file; returns its byte count, sha256 and its images' sha256 once every byte is in ``dest``."""
+        self.sums.hash_images(self._batch)
+        self._batch = []
+        if self.count > self.written:
+            self._write_rows(self.count - self.written)
         self.writer.close()
-        self.sink.flush()
-        return self.sums.close()
+        digests = self.sums.digests(self.count)
+        return (*self.sums.close(), digests)
 
     def abandon(self) -> None:
         self.sums.abandon()
@@ -731,7 +738,6 @@ class _ParquetPart:
             self.writer.close()  # now, quietly, rather than from the garbage collector
         except Exception as e:  # noqa: BLE001 - the shard is discarded; the original error is what matters
             log.debug("closing an abandoned Parquet writer: %s", e)
-
 
 # --------------------------------------------------------------------------------------------------------
 # Retries
@@ -989,32 +995,38 @@ class VersionLease:
 # --------------------------------------------------------------------------------------------------------
 # Writer
 # --------------------------------------------------------------------------------------------------------
-def _index_row(
-    rec: SyntheticRecord, shard: str, file: str, fmt: str, image: bytes, sha: str | _Digest, meta_json: bytes
-) -> dict[str, Any]:
-    m = rec.meta
-    sampler = m.get("sampler")
-    return {
-        "key": rec.key,
-        "shard": shard,
-        "file": file,
-        "label": int(rec.label),
-        "class_name": rec.class_name,
-        "source_sample_id": _str_or_none(m.get("source_sample_id")),
-        "replica": _int_or_none(m.get("replica")),
-        "seed": _int_or_none(m.get("seed")),
-        "prompt": _str_or_none(m.get("prompt")),
-        "negative_prompt": _str_or_none(m.get("negative_prompt")),
-        "sampler": None if sampler is None else _json_bytes(sampler).decode(),
-        "base_model": _str_or_none(m.get("base_model")),
-        "base_model_hash": _str_or_none(m.get("base_model_hash")),
-        "adapter_hash": _str_or_none(m.get("adapter_hash")),
-        "image_format": fmt,
-        "image_bytes": len(image),
-        "image_sha256": sha,
-        "meta": meta_json.decode(),
-    }
+class _IndexColumns:
+    """A shard's index rows (:data:`INDEX_SCHEMA`), gathered column by column as plain lists while writing:
+    pyarrow converts each list in C once, and the Parquet shard takes its provenance columns from the same lists."""
 
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = {n: [] for n in INDEX_SCHEMA.names}
+        self._sampler: Any = None
+        self._sampler_json: str | None = None
+
+    def add(self, rec: SyntheticRecord, shard: str, file: str, fmt: str, image_len: int, meta_json: str) -> None:
+        c, m = self.cols, rec.meta
+        sampler = m.get("sampler")
+        if sampler != self._sampler:  # consecutive records share their sampler settings: encode them once
+            self._sampler = copy.deepcopy(sampler)
+            self._sampler_json = None if sampler is None else _json_bytes(sampler).decode()
+        c["key"].append(rec.key)
+        c["shard"].append(shard)
+        c["file"].append(file)
+        c["label"].append(int(rec.label))
+        c["class_name"].append(rec.class_name)
+        for name in ("source_sample_id", "prompt", "negative_prompt", "base_model", "base_model_hash",
+                     "adapter_hash"):
+            c[name].append(_str_or_none(m.get(name)))
+        c["replica"].append(_int_or_none(m.get("replica")))
+        c["seed"].append(_int_or_none(m.get("seed")))
+        c["sampler"].append(self._sampler_json)
+        c["image_format"].append(fmt)
+        c["image_bytes"].append(image_len)
+        c["meta"].append(meta_json)
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.cols, schema=INDEX_SCHEMA)
 
 @dataclass
 class _Attempt:
@@ -1034,6 +1046,25 @@ def _local_dir(e: BaseException) -> str | None:
             return folder
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
     return None
+
+
+class _Concurrent:
+    """Runs ``fn`` on a thread of its own; :meth:`join` waits, ``error`` is what it raised."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through .error
+                self.error = e
+
+        self._thread = threading.Thread(target=run, name="realfake-index-part", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -1120,7 +1151,7 @@ class ShardWriter:
             target = self.store.path(rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            return open(tmp, "wb"), tmp  # noqa: SIM115 - closed by _publish / _discard
+            return open(tmp, "wb", buffering=_CHUNK), tmp  # noqa: SIM115 - closed by _publish / _discard
         return _Spool(self.memory_spool_bytes, self.spool_dir, os.path.basename(rel)), ""
 
     @staticmethod
@@ -1231,29 +1262,51 @@ class ShardWriter:
         fmt, ext = self.cfg.format, self.cfg.image_format
         part_cls = _TarPart if fmt == "webdataset" else _ParquetPart
         files: list[ShardFile] = []
-        rows: list[dict[str, Any]] = []
+        cols = _IndexColumns()
         seen: set[str] = set()
         labels: Counter[int] = Counter()
         part: _TarPart | _ParquetPart | None = None
         dest: IO[bytes] | None = None
-        part_no, part_bytes, tmp = 0, 0, ""
+        part_no, part_bytes, tmp, part_rel = 0, 0, "", ""
         # A tar ends with zero blocks padded to tarfile's 10 KiB record; reserve them so files stay under max_bytes.
         trailer = tarfile.RECORDSIZE if fmt == "webdataset" else 1024
 
-        def close_part() -> None:
-            nonlocal part, dest, part_no
+        index_rel = f"{INDEX_PARTS_DIR}/{name}.parquet"
+        write_part = lambda data: _retry(  # noqa: E731
+            lambda: self.store.write_bytes(data, index_rel, durable=self.durable),
+            f"write {self.store.uri(index_rel)}", self.retries, self.backoff_s)
+        index_data = b""
+
+        def close_part(last: bool = False) -> None:
+            """Finish, publish and check the open file. After the last one the shard's index part is known: on an
+            object store it goes up while the file does (two requests in flight instead of one after the other)."""
+            nonlocal part, dest, part_no, index_data
             assert part is not None and dest is not None
             done, out, part, dest = part, dest, None, None  # the error path must not close them twice
-            rel = self._part_path(name, part_no)
-            attempt.rel = rel
-            attempt.written.append(rel)  # before publishing: a file moved in place but not verified is ours too
+            attempt.rel = part_rel
+            attempt.written.append(part_rel)  # before publishing: a file moved in place but not verified is ours too
+            side: _Concurrent | None = None
             try:
-                nbytes, sha = done.close()
-                self._publish(out, tmp, rel, nbytes)
+                nbytes, sha, digests = done.close()
+                cols.cols["image_sha256"] += digests
+                if last:
+                    index_data = _table_bytes(cols.table())
+                    attempt.written.append(index_rel)
+                    if not self.store.local:
+                        side = _Concurrent(lambda: write_part(index_data))
+                self._publish(out, tmp, part_rel, nbytes)
             finally:
+                if side is not None:
+                    side.join()  # before any clean-up: no request of this shard may land after it
                 self._discard(out, tmp)
-            files.append(ShardFile(path=rel, count=done.count, bytes=nbytes, sha256=sha))
+            if side is not None and side.error is not None:
+                attempt.rel = index_rel
+                raise side.error
+            files.append(ShardFile(path=part_rel, count=done.count, bytes=nbytes, sha256=sha))
             part_no += 1
+            if last and self.store.local:
+                attempt.rel = index_rel
+                write_part(index_data)
 
         try:
             for rec in records:
@@ -1271,17 +1324,22 @@ class ShardWriter:
                 if part is not None and part.count and part_bytes + cost + trailer > self.cfg.max_bytes:
                     close_part()
                 if part is None:
-                    attempt.rel = self._part_path(name, part_no)
-                    dest, tmp = self._open_dest(attempt.rel)
-                    part = _TarPart(dest) if fmt == "webdataset" else _ParquetPart(dest, self.class_names)
+                    part_rel = attempt.rel = self._part_path(name, part_no)
+                    dest, tmp = self._open_dest(part_rel)
+                    part = _TarPart(dest) if fmt == "webdataset" else \
+                        _ParquetPart(dest, self.class_names, cols, len(cols.cols["key"]), ext)
                     part_bytes = 0
-                sha = part.add(rec, image, ext, meta_json)
+                label = int(rec.label)
+                cols.add(rec, name, part_rel, ext, len(image), meta_json.decode())
+                if isinstance(part, _TarPart):
+                    part.add(rec.key, label, image, ext, meta_json)
+                else:
+                    part.add(image)
                 part_bytes += cost
-                labels[int(rec.label)] += 1
-                rows.append(_index_row(rec, name, self._part_path(name, part_no), ext, image, sha, meta_json))
+                labels[label] += 1
             if part is None:
                 raise ValueError(f"shard {name} has no records; plan_shards never makes an empty shard")
-            close_part()
+            close_part(last=True)
         except BaseException:
             if part is not None:
                 part.abandon()
@@ -1289,21 +1347,6 @@ class ShardWriter:
                 self._discard(dest, tmp)
             raise
 
-        for r in rows:
-            if isinstance(r["image_sha256"], _Digest):
-                r["image_sha256"] = r["image_sha256"].value()
-        index_rel = f"{INDEX_PARTS_DIR}/{name}.parquet"
-        # Column lists, not a dict per row: pyarrow converts them in C.
-        index_table = pa.Table.from_pydict({n: [r[n] for r in rows] for n in INDEX_SCHEMA.names}, schema=INDEX_SCHEMA)
-        index_data = _table_bytes(index_table)
-        attempt.rel = index_rel
-        attempt.written.append(index_rel)
-        _retry(
-            lambda: self.store.write_bytes(index_data, index_rel, durable=self.durable),
-            f"write {self.store.uri(index_rel)}",
-            self.retries,
-            self.backoff_s,
-        )
         commit = CommitRecord(
             name=name,
             format=fmt,
@@ -1376,14 +1419,16 @@ def remove_partial_shards(store: Store, folder: str = "synthetic") -> list[str]:
 
 
 def _cat(s: Store, paths: list[str]) -> dict[str, bytes]:
-    """Whole objects by path; one batched call so s3fs fetches them concurrently."""
-    out = s.fs.cat(paths, on_error="return") if len(paths) > 1 else {}
+    """Small whole objects by path (records, index parts): one batched call, so s3fs fetches them concurrently,
+    one GET each."""
+    kw = s._whole_get()
+    out = s.fs.cat(paths, on_error="return", **kw) if len(paths) > 1 else {}
     for p in paths:
         # Objects that failed in the batch are fetched again one by one, each with its own retries.
         if not isinstance(out.get(p), bytes):
             if isinstance(out.get(p), FileNotFoundError):
                 raise out[p]
-            out[p] = io_retry(lambda p=p: s.fs.cat_file(p), f"read {p}")
+            out[p] = io_retry(lambda p=p: s.fs.cat_file(p, **kw), f"read {p}")
     return out
 
 
@@ -1402,7 +1447,7 @@ class _HashingReader(io.RawIOBase):
         n = len(data)
         b[:n] = data
         if n:
-            self.sums.stream(data)
+            self.sums.write(data)
         return n
 
     def drain(self) -> None:
@@ -1490,6 +1535,8 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
     """
     for sf in commit.files:
         uri = store.uri(sf.path)
+        if not store.local:  # another worker may have written it after this client cached the folder's listing
+            store.fs.invalidate_cache(store.path(sf.path))
         with store.open(sf.path) as raw:
             if check:
                 check_file_size(store, raw, sf)
@@ -1510,8 +1557,8 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
                     else:
                         data = raw.read()
                         if hashing is not None:
-                            hashing.sums.stream(data)
-                        src = io.BytesIO(data)
+                            hashing.sums.write(data)
+                        src = pa.BufferReader(data)  # type: ignore[assignment]  # zero-copy, no Python reads
                     for n, sample in enumerate(_iter_parquet(src, uri, commit.image_format), 1):  # noqa: B007
                         yield sample
                 if hashing is not None:
@@ -1571,11 +1618,28 @@ def committed_keys(store: Store, folder: str = "synthetic") -> dict[str, list[st
     if not commits:
         return {}
     paths = [s.path(c.index_part) for c in commits]
-    blobs = _cat(s, paths)
+    blobs = _index_parts(s, commits, paths)
     return {
         c.name: pq.read_table(io.BytesIO(blobs[p]), columns=["key"]).column("key").to_pylist()
         for c, p in zip(commits, paths, strict=True)
     }
+
+
+def _index_parts(s: Store, commits: list[CommitRecord], paths: list[str]) -> dict[str, bytes]:
+    """The index parts of ``commits`` by path; a missing one is a damaged version, reported as such with the fix."""
+    try:
+        return _cat(s, paths)
+    except FileNotFoundError as e:
+        missing = next((c for c, p in zip(commits, paths, strict=True) if not s.fs.exists(p)), None)
+        if missing is None:
+            raise
+        commit_uri = s.uri(*(COMMITS_DIR, f"{missing.name}.json"))
+        raise ShardIntegrityError(
+            f"the index part {s.uri(missing.index_part)} of committed shard {missing.name} is missing (its commit "
+            f"record {commit_uri} names it): the version is damaged. Run `realfake verify` on the version to list "
+            f"every problem; to rebuild the shard, delete {commit_uri} and re-run the build (it rewrites shards "
+            "without a commit record and keeps the others)."
+        ) from e
 
 
 def read_index(store: Store, folder: str = "synthetic") -> pa.Table:
@@ -1590,7 +1654,7 @@ def write_index(store: Store, folder: str = "synthetic") -> pa.Table:
     commits = committed_shards(store, folder)
     if commits:
         paths = [s.path(c.index_part) for c in commits]
-        blobs = _cat(s, paths)
+        blobs = _index_parts(s, commits, paths)
         tables = []
         for c, p in zip(commits, paths, strict=True):
             if hashlib.sha256(blobs[p]).hexdigest() != c.index_sha256:

@@ -212,9 +212,16 @@ class Store:
         return int(self.fs.size(self.path(*parts)))
 
     # -- whole-object I/O ---------------------------------------------------------------------------------
+    def _whole_get(self) -> dict[str, Any]:
+        """Arguments that make a whole-object read one GET. s3fs otherwise looks the size up first (to split large
+        objects into parallel ranged GETs): an extra HEAD, and one answered from its listing cache, which can
+        predate an object another process has written since - a "missing" object that exists."""
+        return {"max_concurrency": 1} if hasattr(self.fs, "max_concurrency") else {}
+
     def read_bytes(self, *parts: str) -> bytes:
+        """A whole object, in one request on object stores."""
         try:
-            return self.fs.cat_file(self.path(*parts))
+            return self.fs.cat_file(self.path(*parts), **self._whole_get())
         except FileNotFoundError:
             raise
         except Exception as e:  # network / permission errors from any backend
