@@ -316,6 +316,18 @@ def finetune(cfg: BuildConfig, store: Store, scope: str = "all", components: dic
         CheckpointError: the committed checkpoint was written under another recipe, is past ``finetune.max_steps``
             or is damaged; it is kept, and the message says what to delete or restore.
     """
+    try:
+        return _finetune(cfg, store, scope, components, progress, storage_options)
+    except BaseException:
+        unet = (components or {}).get("unet")
+        if unet is not None and getattr(unet, "peft_config", None):
+            unet.unload_lora()  # a failed run leaves a shared UNet as it came too: no adapter layers on it
+        raise
+
+
+def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | None, progress: bool,
+              storage_options: dict | None) -> AdapterResult:
+    """The body of :func:`finetune`."""
     from diffusers import DDPMScheduler
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load as load_safetensors
