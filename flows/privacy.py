@@ -4,9 +4,10 @@ Two flows live here. ``privacy-audit`` is a thin fan-out over :mod:`realfake.pri
 shadow halves once, runs the shadow pipelines of every family, scores LiRA from the logits the shadows stored,
 runs copy detection on the version's synthetic images, and publishes the results table, the log-log ROC and
 the copy report as artifacts, with links to the files in ``runs/privacy-lira/`` and ``runs/privacy-copy/`` of
-the version. Shadows run where ``fanout.mode`` says: as tasks of the parent run (local), or, like synthesis
-shard groups, as child flow runs of the ``privacy-shadows`` deployment, which Prefect places on the GPU pool
-(one pod per batch of shadows). ``privacy-shadows`` is that child: it trains its shadows with the same tasks
+the version. Shadows run where ``fanout.mode`` says: as tasks of the parent run (local: one at a time in its
+process, or with several GPUs one process per shadow pinned to a GPU), or, like synthesis shard groups, as
+child flow runs of the ``privacy-shadows`` deployment, which Prefect places on the GPU pool (one pod per batch
+of shadows). ``privacy-shadows`` is that child: it trains its shadows with the same tasks
 and stores their logits in the version exactly as the local path does, so scoring reads both alike. Either
 way every shadow holds one slot of the GPU global concurrency limit, and finished shadows are skipped.
 """
@@ -48,9 +49,11 @@ class ShadowFanoutParams(BaseModel):
 
     mode: Literal["local", "deployment"] = Field(
         "local",
-        description="local: every shadow is a task of this flow run (threads of one process, pinned round robin "
-        "to the GPUs it sees); deployment: each batch of shadows is a child flow run of the shadow deployment, "
-        "picked up by a worker of that deployment's pool (one pod per batch).",
+        description="local: every shadow is a task of this flow run; with several GPUs on the node each shadow "
+        "trains in a process of its own pinned round robin to one of them (one per GPU at a time), else the "
+        "shadows train one after the other in this process (they share its random generators); deployment: each "
+        "batch of shadows is a child flow run of the shadow deployment, picked up by a worker of that "
+        "deployment's pool (one pod per batch).",
     )
     deployment: str = Field(
         "privacy-shadows/privacy-shadows",
@@ -159,14 +162,14 @@ def run_lira_fanout(cfg: BuildConfig, lira: LiraConfig, gpu_limit: str, fanout: 
                     fanout.deployment, {"params": params.model_dump(mode="json")}, cfg, family, batch)))
         skipped = {f: sorted(set(range(lira.n_shadows)) - set(v)) for f, v in pending.items()}
     else:
-        gpus = visible_gpus()
+        # Shadows in this process train one at a time (they seed its random generators). With several GPUs, each
+        # shadow runs in a process of its own pinned round robin to one GPU, one process per GPU at a time, and
+        # the concurrency limit bounds how many run in all.
+        gpus = visible_gpus() if cfg.device != "cpu" else []
         for family in lira.families:
             for i in range(lira.n_shadows):
-                # Round-robin pinning: threads of this process share its GPUs; the limit bounds how many run. In
-                # this process the visible GPUs are numbered from 0, whatever CUDA_VISIBLE_DEVICES calls them.
-                shadow_cfg = cfg.model_copy(update={"device": f"cuda:{i % len(gpus)}"}) if len(gpus) > 1 else cfg
-                futures.append((shadow_label(family, [i]),
-                                shadow_task(family).submit(shadow_cfg, lira, i, gpu_limit)))
+                gpu = gpus[len(futures) % len(gpus)] if len(gpus) > 1 else None
+                futures.append((shadow_label(family, [i]), shadow_task(family).submit(cfg, lira, i, gpu_limit, gpu)))
         skipped = None  # each task reports its own skip
     shadows = _wait_all(futures, cfg)
     return score_lira_task(cfg, lira) | {"shadow_runs": shadows, "fanout": {"mode": fanout.mode, "skipped": skipped}}

@@ -10,7 +10,9 @@ rendezvous (``--rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id JOB``) or
 preemption, or torchrun's own ``--max-restarts``, continues from the last committed epoch.
 
 :func:`launch` is the same launch for a caller in Python (the Prefect train-eval task): it runs torchrun as a
-subprocess on this node, streams its output to the log and returns rank 0's metrics.
+subprocess on this node, streams its output to the log and returns rank 0's metrics. Both start torchrun through
+:func:`realfake.procs.attached_process`, so torchrun and its workers end with the process that started them,
+however it ends (an exception, SIGTERM from a cancelled flow run, SIGKILL), instead of holding GPUs as orphans.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from realfake.config import BuildConfig, ConfigError, load_config
+from realfake.procs import attached_process
 
 __all__ = ["launch", "main", "torchrun_command"]
 
 log = logging.getLogger(__name__)
 DATA = ("real", "synthetic", "real+synthetic")
-
 
 def torchrun_command(
     worker_args: list[str],
@@ -136,15 +138,11 @@ def launch(
         log.info("launching %d training processes: %s", nproc_per_node, " ".join(cmd))
         tail: deque[str] = deque(maxlen=60)
         # Same working directory as the caller, so a relative storage root names the same folder.
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        with attached_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             assert proc.stdout is not None
-            try:
-                for line in proc.stdout:
-                    tail.append(line)
-                    (on_line or log.info)(line.rstrip())
-            except BaseException:  # cancelled or interrupted: torchrun passes SIGTERM on to its workers
-                proc.terminate()
-                raise
+            for line in proc.stdout:
+                tail.append(line)
+                (on_line or log.info)(line.rstrip())
         if proc.returncode != 0:
             raise RuntimeError(
                 f"torchrun train-eval on {data} with {nproc_per_node} processes exited "
@@ -238,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         a.master_port,
         a.max_restarts,
     )
-    return subprocess.run(cmd).returncode
+    with attached_process(cmd) as proc:  # Ctrl-C reaches this process only; it stops torchrun
+        return proc.wait()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_logger
 
 from realfake.config import BuildConfig
+from realfake.procs import attached_process
 
 __all__ = ["ensure_gpu_limit", "run_group_process", "split_groups", "visible_gpus"]
 
@@ -84,6 +85,9 @@ def run_group_process(cfg: BuildConfig, verb: str, items: list[str], device: str
         nproc: worker processes started by ``torchrun`` on this node, one per GPU, training data-parallel
             (finetune only); rank 0 writes the result.
 
+    The worker runs under :func:`realfake.procs.attached_process`: it is stopped when this call is
+    interrupted, and the kernel stops it when this process dies, so a cancelled run leaves no worker on a GPU.
+
     Raises:
         RuntimeError: the worker failed; the message carries the tail of its output.
     """
@@ -103,8 +107,13 @@ def run_group_process(cfg: BuildConfig, verb: str, items: list[str], device: str
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         cmd = [*launcher, "-m", "tasks.group_worker", verb, str(cfg_path), str(out_path), *items]
         log.info("starting %s worker on device %s for %d item(s)", verb, device or "(inherited)", len(items))
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
+        # Attached: the worker (torchrun and its ranks) ends with this process, even when a cancelled flow run
+        # is stopped by a signal that runs no cleanup.
+        with attached_process(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=str(Path(__file__).parent.parent)) as proc:
+            output, _ = proc.communicate()
         if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr)[-4000:]
-            raise RuntimeError(f"{verb} worker on device {device} for {items[:3]}... exited {proc.returncode}:\n{tail}")
+            raise RuntimeError(
+                f"{verb} worker on device {device} for {items[:3]}... exited {proc.returncode}:\n{output[-4000:]}"
+            )
         return json.loads(out_path.read_text())

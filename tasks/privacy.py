@@ -1,9 +1,12 @@
 """Prefect tasks of the privacy audits: thin wrappers of :mod:`realfake.privacy.audit`, and their artifacts.
 
 Each shadow pipeline is one task holding one slot of the GPU global concurrency limit, so the flow can submit
-all of them and the limit decides how many run at once; with several GPUs on the node each shadow is pinned to
-one of them (round robin) through its config's ``device``. Across nodes the same tasks run inside child flow
-runs of the ``privacy-shadows`` deployment, one batch of shadows each (:func:`run_shadow_deployment`).
+all of them and the limit decides how many run at once. Shadows seed process-wide random generators, so those
+that run in this process train one at a time (:mod:`realfake.privacy.audit`); with several GPUs on the node each
+shadow instead runs in a process of its own pinned to one of them, one process per GPU at a time
+(:func:`run_shadow_process`), so the GPUs train shadows in parallel and each shadow trains as it would alone.
+Across nodes the same tasks run inside child flow runs of the ``privacy-shadows`` deployment, one batch of
+shadows each (:func:`run_shadow_deployment`).
 Shadows store their logits next to the version and skip themselves when logits of the same recipe and half
 exist, so a retried task or a re-run flow resumes instead of retraining; :func:`pending_shadows_task` makes the
 same check up front so a re-run does not start child runs for finished shadows. The library is imported
@@ -12,11 +15,22 @@ inside the tasks so that serving the flow does not load torch.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
+from prefect.logging import get_logger
 
 from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig
 from tasks.artifacts import artifact_key, browser_url, create_link_artifact, create_markdown_artifact
@@ -32,16 +46,89 @@ __all__ = [
     "real_shadow_task",
     "require_lira_plan",
     "run_shadow_deployment",
+    "run_shadow_process",
     "score_lira_task",
     "shadow_label",
     "shadow_task",
     "synthetic_shadow_task",
 ]
 
+log = get_logger("realfake.privacy")
+_GPU_LOCKS: dict[str, threading.RLock] = {}
+_GPU_LOCKS_GUARD = threading.Lock()
+
+
 def _audit() -> Any:
     from realfake.privacy import audit
 
     return audit
+
+
+@contextmanager
+def _one_per_gpu(gpu: str, what: str) -> Iterator[None]:
+    """Hold GPU ``gpu``'s lock of this process for the block (one shadow process per GPU; reentrant)."""
+    with _GPU_LOCKS_GUARD:
+        lock = _GPU_LOCKS.setdefault(gpu, threading.RLock())
+    if not lock.acquire(blocking=False):
+        log.info("%s waits for GPU %s (one shadow per GPU at a time)", what, gpu)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _turn(family: str, index: int, gpu: str | None) -> Any:
+    """The local turn a shadow waits for before it takes a GPU slot, so a waiting shadow holds no slot of the
+    cluster-wide limit: this process's shadow lock, or with ``gpu`` that GPU's."""
+    what = shadow_label(family, [index])
+    return _audit().one_shadow_at_a_time(what) if gpu is None else _one_per_gpu(gpu, what)
+
+
+def run_shadow_process(family: str, cfg: BuildConfig, lira: LiraConfig, index: int, gpu: str,
+                       on_line: Callable[[str], Any] | None = None) -> dict:
+    """Run shadow ``index`` of ``family`` in a process of its own that sees only GPU ``gpu``; return its result.
+
+    The process (``python -m realfake.privacy.audit``) gets ``CUDA_VISIBLE_DEVICES=gpu`` and a config whose CUDA
+    ``device`` is its one GPU; one such process per GPU runs at a time (memory), whatever the concurrency limit
+    allows. It is attached (:func:`realfake.procs.attached_process`): it ends when this process ends or this
+    call is interrupted.
+
+    Args:
+        on_line: Receives each line of the process's output (default: this module's logger).
+
+    Raises:
+        RuntimeError: the process failed; the message carries the tail of its output.
+    """
+    from realfake.procs import attached_process
+
+    shadow_cfg = cfg.model_copy(update={"device": "cuda:0"}) if cfg.device.startswith("cuda") else cfg
+    what = shadow_label(family, [index])
+    with _one_per_gpu(gpu, what), tempfile.TemporaryDirectory(prefix="realfake-shadow-") as tmp:
+        cfg_path, lira_path, out_path = Path(tmp, "config.json"), Path(tmp, "lira.json"), Path(tmp, "result.json")
+        cfg_path.write_text(shadow_cfg.model_dump_json())
+        lira_path.write_text(lira.model_dump_json())
+        cmd = [sys.executable, "-m", "realfake.privacy.audit", family, str(index), str(cfg_path), str(lira_path),
+               str(out_path)]
+        log.info("%s on GPU %s in a process of its own", what, gpu)
+        tail: deque[str] = deque(maxlen=60)
+        # Same working directory as this process, so a relative storage root names the same folder.
+        with attached_process(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                tail.append(line)
+                (on_line or log.info)(line.rstrip())
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} on GPU {gpu} exited {proc.returncode}:\n{''.join(tail)[-4000:]}")
+        return json.loads(out_path.read_text())
+
+
+def _run_shadow(family: str, cfg: BuildConfig, lira: LiraConfig, index: int, gpu: str | None) -> dict:
+    """One shadow: in this process (one at a time), or with ``gpu`` in a process of its own on that GPU."""
+    if gpu is None:
+        return _audit().SHADOW_RUNNERS[family](cfg, lira, index)
+    return run_shadow_process(family, cfg, lira, index, gpu, on_line=get_run_logger().info)
 
 
 def _name_the_shadow(e: Exception, cfg: BuildConfig, family: str, index: int) -> None:
@@ -62,11 +149,15 @@ def plan_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
 
 
 @task(name="privacy-real-shadow", task_run_name="real-shadow-{index}", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
-def real_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str = "realfake-gpu") -> dict:
-    """Train real shadow ``index`` on its half of the real training set, holding one GPU slot."""
-    with concurrency(gpu_limit, occupy=1):
+def real_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str = "realfake-gpu",
+                     gpu: str | None = None) -> dict:
+    """Train real shadow ``index`` on its half of the real training set, holding one GPU slot.
+
+    With ``gpu`` (a CUDA device id of this node) it trains in a process of its own pinned to that GPU.
+    """
+    with _turn("real", index, gpu), concurrency(gpu_limit, occupy=1):
         try:
-            result = _audit().run_real_shadow(cfg, lira, index)
+            result = _run_shadow("real", cfg, lira, index, gpu)
         except Exception as e:
             _name_the_shadow(e, cfg, "real", index)
             raise
@@ -77,11 +168,15 @@ def real_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: 
 
 @task(name="privacy-synthetic-shadow", task_run_name="synthetic-shadow-{index}", tags=["realfake", "gpu"],
       **TRANSIENT_RETRY)
-def synthetic_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str = "realfake-gpu") -> dict:
-    """Build synthetic shadow version ``index`` (fine-tune, synthesize on its half) and train its classifier."""
-    with concurrency(gpu_limit, occupy=1):
+def synthetic_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str = "realfake-gpu",
+                          gpu: str | None = None) -> dict:
+    """Build synthetic shadow version ``index`` (fine-tune, synthesize on its half) and train its classifier.
+
+    With ``gpu`` (a CUDA device id of this node) it runs in a process of its own pinned to that GPU.
+    """
+    with _turn("synthetic", index, gpu), concurrency(gpu_limit, occupy=1):
         try:
-            result = _audit().run_synthetic_shadow(cfg, lira, index)
+            result = _run_shadow("synthetic", cfg, lira, index, gpu)
         except Exception as e:
             _name_the_shadow(e, cfg, "synthetic", index)
             raise

@@ -12,16 +12,26 @@ training set under ``runs/privacy-lira/logits/``, keyed by a fingerprint of ever
 re-runs skip finished shadows and a changed recipe never mixes with stale ones. :func:`score_lira` then runs
 online and offline LiRA per family and writes the table and log-log ROC. :func:`run_lira` and
 :func:`run_copy_detection` are the sequential entry points; the Prefect flow fans the same calls out.
+
+Training a shadow seeds and draws from this process's torch, numpy and python generators (initial weights, each
+image's augmentation, dropout), so the shadows of one process run one at a time whatever thread calls them: two
+at once would interleave their draws and each would depend on the other's timing. Shadows run in parallel in
+processes of their own: ``python -m realfake.privacy.audit`` trains one (:func:`main`).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
 import logging
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,9 +49,12 @@ __all__ = [
     "LIRA_RUN",
     "LiraConfig",
     "PrivacyConfig",
+    "SHADOW_RUNNERS",
     "ShadowFamily",
     "copy_descriptor",
     "derive_shadow_version",
+    "main",
+    "one_shadow_at_a_time",
     "plan_lira",
     "real_logits",
     "run_copy_detection",
@@ -59,6 +72,7 @@ log = logging.getLogger(__name__)
 LIRA_RUN = ("runs", "privacy-lira")
 COPY_RUN = ("runs", "privacy-copy")
 _LABELS = {"real": "real-trained", "synthetic": "synthetic-trained"}
+_ONE_SHADOW = threading.RLock()  # held by the shadow training in this process (see the module's docstring)
 
 
 # -- shadow versions -------------------------------------------------------------------------------------
@@ -284,6 +298,23 @@ def _train_and_score(train_set: torch.utils.data.Dataset, cfg: BuildConfig, pare
     return logits, {"train_images": len(train_set), "test_top1": test["top1"], "train_s": round(train_s, 2)}
 
 
+@contextmanager
+def one_shadow_at_a_time(what: str) -> Iterator[None]:
+    """Hold this process's shadow lock for the block: a shadow draws from process-wide random generators.
+
+    The shadow pipelines take it around their training; a caller may take it earlier (the Prefect task takes it
+    before its GPU slot, so a waiting shadow holds none). Reentrant in one thread; ``what`` names the waiter.
+    """
+    if not _ONE_SHADOW.acquire(blocking=False):
+        log.info("%s waits for the shadow training in this process (one at a time: they share its random "
+                 "generators)", what)
+        _ONE_SHADOW.acquire()
+    try:
+        yield
+    finally:
+        _ONE_SHADOW.release()
+
+
 def _num_classes(parent: Store) -> int:
     return len({s.label for s in read_manifest(parent)})
 
@@ -318,7 +349,8 @@ def run_real_shadow(cfg: BuildConfig, lira: LiraConfig, index: int, progress: bo
     if done is not None:
         return done["summary"] | {"skipped": True}
     train_set = torch.utils.data.Subset(RealImages(parent, "train"), members)
-    logits, info = _train_and_score(train_set, shadow_cfg, parent, _num_classes(parent), lira, progress)
+    with one_shadow_at_a_time(f"real shadow {index}"):
+        logits, info = _train_and_score(train_set, shadow_cfg, parent, _num_classes(parent), lira, progress)
     summary = {"family": "real", "index": index, "members": len(members), **info}
     _save_logits(run, "real", index, logits, key, summary)
     log.info("real shadow %d: %d images, test top-1 %.3f", index, len(members), info["test_top1"])
@@ -371,15 +403,22 @@ def run_synthetic_shadow(cfg: BuildConfig, lira: LiraConfig, index: int, progres
         return done["summary"] | {"skipped": True}
     shadow = store_of(shadow_cfg, storage_options)
     derive_shadow_version(parent, shadow, member_ids)
-    built = _build_shadow_version(shadow_cfg, progress, storage_options)
-    train_set = synthetic_dataset(shadow)
-    logits, info = _train_and_score(train_set, shadow_cfg, parent, _num_classes(parent), lira, progress)
+    # Fine-tuning and synthesis draw from the same generators as the classifier's training.
+    with one_shadow_at_a_time(f"synthetic shadow {index}"):
+        built = _build_shadow_version(shadow_cfg, progress, storage_options)
+        train_set = synthetic_dataset(shadow)
+        logits, info = _train_and_score(train_set, shadow_cfg, parent, _num_classes(parent), lira, progress)
     summary = {"family": "synthetic", "index": index, "members": len(member_ids), "shadow_version": shadow.uri(),
                "synthetic_images": len(train_set), "version_skipped": built["skipped"], **info}
     _save_logits(run, "synthetic", index, logits, key, summary)
     log.info("synthetic shadow %d: %d real -> %d synthetic images, test top-1 %.3f", index, len(member_ids),
              len(train_set), info["test_top1"])
     return summary | {"skipped": False}
+
+
+SHADOW_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"real": run_real_shadow,
+                                                             "synthetic": run_synthetic_shadow}
+"""Family -> the function that runs one shadow pipeline of it."""
 
 
 # -- scoring ---------------------------------------------------------------------------------------------
@@ -460,10 +499,9 @@ def run_lira(cfg: BuildConfig, privacy_cfg: PrivacyConfig | LiraConfig, progress
     lira = privacy_cfg.lira if isinstance(privacy_cfg, PrivacyConfig) else privacy_cfg
     t0 = time.time()
     plan_lira(cfg, lira, progress, storage_options)
-    runners: dict[str, Callable[..., dict[str, Any]]] = {"real": run_real_shadow, "synthetic": run_synthetic_shadow}
     for family in lira.families:
         for i in range(lira.n_shadows):
-            runners[family](cfg, lira, i, progress, storage_options)
+            SHADOW_RUNNERS[family](cfg, lira, i, progress, storage_options)
     out = score_lira(cfg, lira, storage_options)
     out["seconds"] = round(time.time() - t0, 2)
     return out
@@ -604,3 +642,38 @@ def run_copy_detection(cfg: BuildConfig, privacy_cfg: PrivacyConfig | CopyDetect
     log.info("copy detection on %s: nearest real is the source for %d/%d synthetic images", store.uri(), hits,
              len(keys))
     return report
+
+
+# -- one shadow in a process of its own ------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m realfake.privacy.audit FAMILY INDEX CONFIG.json LIRA.json RESULT.json``: train one shadow.
+
+    Runs shadow ``INDEX`` of ``FAMILY`` (:data:`SHADOW_RUNNERS`) with the build config and LiRA settings in the
+    two JSON files and writes its result as JSON. The privacy flow starts one such process per shadow, pinned to
+    one GPU with ``CUDA_VISIBLE_DEVICES``, when a node has several GPUs: shadows in separate processes train at
+    the same time without sharing random generators. Returns the exit code.
+    """
+    from realfake.config import BuildConfig
+
+    p = argparse.ArgumentParser(prog="python -m realfake.privacy.audit",
+                                description="Train one LiRA shadow in this process and write its result as JSON.")
+    p.add_argument("family", choices=sorted(SHADOW_RUNNERS))
+    p.add_argument("index", type=int)
+    p.add_argument("config", type=Path, help="The audited version's BuildConfig as JSON.")
+    p.add_argument("lira", type=Path, help="The LiraConfig its plan was drawn with, as JSON.")
+    p.add_argument("result", type=Path, help="Where the shadow's result is written, as JSON.")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = BuildConfig.model_validate_json(a.config.read_text())
+    lira = LiraConfig.model_validate_json(a.lira.read_text())
+    if not 0 <= a.index < lira.n_shadows:
+        p.error(f"index {a.index} is outside 0..{lira.n_shadows - 1} (lira.n_shadows)")
+    result = SHADOW_RUNNERS[a.family](cfg, lira, a.index)
+    a.result.write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
