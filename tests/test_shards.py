@@ -45,6 +45,7 @@ from realfake.data.shards import (
     VersionLease,
     committed_shards,
     encode_image,
+    iter_shard,
     iter_synthetic,
     make_key,
     partial_shards,
@@ -352,6 +353,23 @@ def test_a_missing_index_part_is_reported_with_the_fix_and_the_fix_works(store: 
     os.remove(store.path("synthetic", COMMITS_DIR, "shard-000001.json"))  # what the message says to do
     mini_build(store, items, cfg)
     assert index_signature(store) == before and verify_version(store) == []
+
+
+def test_a_flipped_byte_in_a_local_parquet_shard_fails_the_verifying_read(store: Store) -> None:
+    cfg = ShardConfig(format="parquet", max_count=10)
+    mini_build(store, items_for(2), cfg)
+    commit = committed_shards(store)[0]
+    shard = store.child("synthetic")
+    first = next(iter_shard(shard, commit, check=True, checksum=True))  # stopped early: the helper is joined
+    path = Path(store.path("synthetic", commit.files[0].path))
+    data = bytearray(path.read_bytes())
+    at = data.index(first.image[100:132]) + 8  # inside the first image's bytes: the file still parses
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert len(list(iter_shard(shard, commit, check=True))) == commit.count  # size and count still match
+    with pytest.raises(ShardIntegrityError, match="sha256"):
+        list(iter_shard(shard, commit, check=True, checksum=True))
+    assert any("sha256" in p for p in verify_shard(shard, commit))
 
 
 def test_tar_shards_are_byte_identical_to_what_tarfile_writes(store: Store) -> None:
