@@ -318,14 +318,15 @@ def encode_image(image: Image.Image | bytes, image_format: str, quality: int = 9
 
 
 class _Checksummer:
-    """Writes a byte stream to its destination on the caller's thread and hashes it, plus images, on a helper.
+    """Writes a byte stream to its destination on the caller's thread and hashes it, plus images, on helpers.
 
     Checksums are part of the contract (per image for the index, per file for the commit record); at SHA-256
     speed (~2 GB/s a core) they cost about as much CPU as building the container. The caller's thread writes
-    (the file write, like hashlib on large buffers, releases the GIL) while a helper thread hashes, so the
-    hashing overlaps with building the container instead of adding to it. Work goes to the helper in batches of
-    about ``_CHUNK`` bytes (stream pieces) or of whole image lists, in submission order, so the per-item cost
-    of the hand-off stays out of the per-image path. The queue is bounded, so a slow hash slows the producer
+    (the file write, like hashlib on large buffers, releases the GIL) while two helper threads hash, one the
+    stream and one the images, so the hashing overlaps with building the container instead of adding to it, and
+    the image digests a Parquet row group waits for never queue behind the stream's hashing. Work goes to the
+    helpers in batches of about ``_CHUNK`` bytes (stream pieces) or of whole image lists, so the per-item cost
+    of the hand-off stays out of the per-image path. The queues are bounded, so a slow hash slows the producer
     instead of holding a whole shard in memory.
 
     Args:
@@ -339,16 +340,24 @@ class _Checksummer:
         self._sha = hashlib.sha256()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._digests: list[str] = []  # image digests in submission order, appended by the helper thread
+        self._digests: list[str] = []  # image digests in submission order, appended by the image thread
         self._done = threading.Condition()
-        self._queue: queue.Queue = queue.Queue(maxsize=_CHECKSUM_QUEUE)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="realfake-checksum", daemon=True)
-        self._thread.start()
+        self._lanes: dict[str, tuple[queue.Queue, threading.Thread]] = {}
+        self._lane("stream")
 
-    def _run(self) -> None:
+    def _lane(self, kind: str) -> queue.Queue:
+        """The queue of one helper thread (``stream`` or ``images``), started on first use."""
+        if kind not in self._lanes:
+            q: queue.Queue = queue.Queue(maxsize=_CHECKSUM_QUEUE)
+            t = threading.Thread(target=self._run, args=(q,), name=f"realfake-checksum-{kind}", daemon=True)
+            self._lanes[kind] = (q, t)
+            t.start()
+        return self._lanes[kind][0]
+
+    def _run(self, q: queue.Queue) -> None:
         while True:
-            item = self._queue.get()
+            item = q.get()
             if item is None:
                 return
             kind, pieces = item
@@ -368,13 +377,20 @@ class _Checksummer:
                     self._error = self._error or e
                     self._done.notify_all()
 
-    def _put(self, item: tuple[str, list] | None) -> None:
+    def _put(self, item: tuple[str, list]) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put(item)
+        self._lane(item[0]).put(item)
+
+    def _stop(self) -> None:
+        for q, t in self._lanes.values():
+            if t.is_alive():
+                q.put(None)
+        for _, t in self._lanes.values():
+            t.join()
 
     def write(self, piece: bytes) -> None:
-        """Append ``piece`` (immutable bytes) to the stream: written now, hashed later on the helper thread."""
+        """Append ``piece`` (immutable bytes) to the stream: written now, hashed later on the stream thread."""
         if self._error is not None:
             raise self._error
         if self.dest is not None:
@@ -387,7 +403,7 @@ class _Checksummer:
             self.flush()
 
     def flush(self) -> None:
-        """Hand the stream pieces written so far to the helper thread."""
+        """Hand the stream pieces written so far to the stream thread."""
         if self._pending:
             pieces, self._pending, self._pending_bytes = self._pending, [], 0
             self._put(("stream", pieces))
@@ -403,32 +419,29 @@ class _Checksummer:
         return len(self._digests)
 
     def digests(self, upto: int) -> list[str]:
-        """The first ``upto`` image digests, waiting for the helper thread; raises what it met."""
+        """The first ``upto`` image digests, waiting for the image thread; raises what a helper met."""
+        lane = self._lanes.get("images")
         with self._done:
-            while len(self._digests) < upto and self._error is None and self._thread.is_alive():
+            while len(self._digests) < upto and self._error is None and lane is not None and lane[1].is_alive():
                 self._done.wait(timeout=1.0)
         if len(self._digests) < upto:
             raise self._error or StorageError("checksum thread stopped before hashing every image")
         return self._digests[:upto]
 
     def close(self) -> tuple[int, str]:
-        """Finish the stream: returns its byte count and sha256; raises what the helper thread met."""
+        """Finish the stream: returns its byte count and sha256; raises what a helper thread met."""
         self.flush()
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._stop()
         if self._error is not None:
             raise self._error
         return self.nbytes, self._sha.hexdigest()
 
     def abandon(self) -> None:
-        """Stop the helper thread on an error path, dropping what it had not done yet."""
+        """Stop the helper threads on an error path, dropping what they had not done yet."""
         self.abandoned = True
         self._error = self._error or StorageError("checksum stream abandoned")
         self._pending = []
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._stop()
 
 
 class _ChecksumWriter(io.RawIOBase):
