@@ -223,3 +223,20 @@ def test_finetune_without_latent_cache_runs_and_checkpoints_resume(prepared):
     assert not store.exists("adapters", "all", "checkpoint")  # removed once the adapter is final
     log = store.read_json("adapters", "all", "train_log.json")
     assert [h["step"] for h in log["history"]] == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_to_pil_gives_diffusers_pil_output_byte_for_byte(dtype):
+    from diffusers.image_processor import VaeImageProcessor
+
+    from realfake.synthesize import to_pil
+
+    gen = torch.Generator().manual_seed(0)
+    decoded = torch.rand((3, 3, 17, 23), generator=gen) * 2.2 - 1.1  # a VAE decode, a little outside [-1, 1]
+    decoded[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 2 * (0.5 / 255) - 1, 2 * (2.5 / 255) - 1])  # ties round to even
+    proc = VaeImageProcessor()
+    want = proc.postprocess(decoded.to(dtype), output_type="pil")
+    got = to_pil(proc.postprocess(decoded.to(dtype), output_type="pt"))
+    assert [im.mode for im in got] == ["RGB"] * 3
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want, strict=True))
+
