@@ -22,6 +22,7 @@ from realfake.data.shards import (
     ShardWriter,
     VersionLease,
     committed_shards,
+    iter_shard,
     iter_synthetic,
     partial_shards,
     read_index,
@@ -148,3 +149,18 @@ def test_an_object_written_by_another_process_after_a_listing_is_read(s3: S3Env)
     assert store.read_bytes("synthetic", "_index", "b.parquet") == b"second"
     with pytest.raises(FileNotFoundError):
         store.read_bytes("synthetic", "_index", "c.parquet")
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_a_flipped_byte_in_a_remote_shard_fails_verification(s3: S3Env, fmt: str) -> None:  # noqa: F811
+    store = version_store(s3.root, "toy", "v1", s3.storage_options)
+    mini_build(store, items_for(2), ShardConfig(format=fmt, max_count=10))
+    commit = committed_shards(store)[0]
+    shard = store.child("synthetic")
+    assert verify_shard(shard, commit) == []
+    data = bytearray(shard.read_bytes(commit.files[0].path))
+    first = next(iter_shard(shard, commit, check=True, checksum=True))  # stopped early: the helpers are joined
+    data[data.index(first.image[100:132]) + 8] ^= 0xFF  # inside an image: the container still parses
+    shard.write_bytes(bytes(data), commit.files[0].path)
+    assert len(list(iter_shard(shard, commit, check=True))) == commit.count  # size and count still match
+    assert any("sha256" in p for p in verify_shard(shard, commit))

@@ -1557,7 +1557,14 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
             mapped: pa.MemoryMappedFile | None = None
             try:
                 n = 0
-                if commit.format == "webdataset":
+                if commit.format == "webdataset" and hashing is not None and not store.local:
+                    # a remote tar being verified: one GET of the whole object, hashed on the helper thread while
+                    # it is parsed from memory (s3fs holds a block that size anyway)
+                    data = raw.read()
+                    hashing.sums.write(data)
+                    for n, sample in enumerate(_iter_tar(io.BytesIO(data), uri, commit.image_format), 1):  # noqa: B007
+                        yield sample
+                elif commit.format == "webdataset":
                     src = io.BufferedReader(hashing, _CHUNK) if hashing is not None else raw
                     for n, sample in enumerate(_iter_tar(src, uri, commit.image_format), 1):  # noqa: B007
                         yield sample
