@@ -103,16 +103,20 @@ def finetune_scopes(cfg: BuildConfig, storage_options: dict | None = None) -> li
 
 def finetune(cfg: BuildConfig, scope: str = "all", progress: bool = False, components: dict | None = None,
              storage_options: dict | None = None) -> dict:
-    """Train one adapter unless the version already holds one trained with this exact recipe."""
-    from realfake.finetune import adapter_dir
+    """Train one adapter unless the version already holds one trained with this exact recipe: the same finetune
+    settings, base weights, training images, prompts and guidance vectors (an adapter logged without its recipe,
+    by an earlier realfake, is trained again)."""
+    from realfake.finetune import adapter_dir, adapter_recipe
     from realfake.finetune import finetune as train_adapter
 
     store = store_of(cfg, storage_options)
     folder = adapter_dir(scope)
     if store.exists(*folder, "train_log.json") and store.exists(*folder, "pytorch_lora_weights.safetensors"):
         logged = store.read_json(*folder, "train_log.json")
-        if logged.get("config") == cfg.finetune.model_dump():
+        if logged.get("config") == cfg.finetune.model_dump() and \
+                logged.get("recipe") == adapter_recipe(cfg, store, scope):
             return {"scope": scope, "adapter": store.uri(*folder), "skipped": True, "seconds": 0.0}
+        log.info("adapter %s was trained under another recipe: training it again", store.uri(*folder))
     res = train_adapter(cfg, store, scope, components=components, progress=progress, storage_options=storage_options)
     return {"scope": scope, "adapter": res.uri, "steps": res.steps, "seconds": round(res.seconds, 2),
             "final_loss": res.final_loss, "resumed_from": res.resumed_from, "skipped": False}

@@ -151,6 +151,33 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _training_data(cfg: BuildConfig, store: Store, scope: str
+                   ) -> tuple[list[RealSample], list[str], torch.Tensor | None]:
+    """The images an adapter of ``scope`` trains on, their prompts and (guidance on) their CLIP vectors."""
+    samples = read_manifest(store, "train")
+    if scope != "all":
+        samples = [s for s in samples if str(s.label) == scope]
+    if not samples:
+        raise ValueError(f"finetune scope {scope!r} has no training images in {store.uri('real', 'manifest.parquet')}")
+    captions = read_captions(store) if cfg.caption.enabled else {}
+    prompts = [build_prompt(cfg.synthesis.prompt_template, s.class_name, captions.get(s.sample_id)) for s in samples]
+    guide = None
+    if cfg.guidance.enabled:
+        guidance = read_guidance(store)
+        missing = [s.sample_id for s in samples if s.sample_id not in guidance]
+        if missing:
+            raise ValueError(f"{len(missing)} training images have no guidance embedding (e.g. {missing[0]}); "
+                             "re-run the prepare stage")
+        guide = torch.from_numpy(np.stack([guidance[s.sample_id] for s in samples]))
+    return samples, prompts, guide
+
+
+def adapter_recipe(cfg: BuildConfig, store: Store, scope: str) -> dict[str, Any]:
+    """The recipe (see :func:`_recipe`) an adapter of ``scope`` trained now would be recorded with in its
+    ``train_log.json``: what decides whether an adapter already in the version can be reused."""
+    return _recipe(cfg, scope, *_training_data(cfg, store, scope))
+
+
 def _recipe(cfg: BuildConfig, scope: str, samples: list[RealSample], prompts: list[str],
             guide: torch.Tensor | None) -> dict[str, Any]:
     """What an adapter checkpoint's weights depend on, by the config field (or data) that sets it.
@@ -350,13 +377,7 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
         components = load_sd_components(cfg.models.base, cfg.models.base_revision, device)
     vae, unet, text_encoder, tokenizer = (components[k] for k in ("vae", "unet", "text_encoder", "tokenizer"))
     noise_sched = DDPMScheduler.from_config(components["scheduler"].config)
-    samples = read_manifest(store, "train")
-    if scope != "all":
-        samples = [s for s in samples if str(s.label) == scope]
-    if not samples:
-        raise ValueError(f"finetune scope {scope!r} has no training images in {store.uri('real', 'manifest.parquet')}")
-    guidance = read_guidance(store) if cfg.guidance.enabled else {}
-    captions = read_captions(store) if cfg.caption.enabled else {}
+    samples, prompts, guide = _training_data(cfg, store, scope)
 
     # Cache: latents of each image and its mirror, text states per distinct prompt (once per dataset)
     res = ft.resolution
@@ -370,15 +391,6 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
         if flip is not None:
             px = torch.where(flip.to(device)[:, None, None, None], torch.flip(px, dims=[3]), px)
         return vae.encode(px).latent_dist.mean.cpu() * sf
-
-    prompts = [build_prompt(cfg.synthesis.prompt_template, s.class_name, captions.get(s.sample_id)) for s in samples]
-    guide = None
-    if cfg.guidance.enabled:
-        missing = [s.sample_id for s in samples if s.sample_id not in guidance]
-        if missing:
-            raise ValueError(f"{len(missing)} training images have no guidance embedding (e.g. {missing[0]}); "
-                             "re-run the prepare stage")
-        guide = torch.from_numpy(np.stack([guidance[s.sample_id] for s in samples]))
 
     # The checkpoint to resume, checked before the latents are encoded: a refused one fails at once
     folder = adapter_dir(scope)
@@ -507,7 +519,7 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
             _save_adapter(unet, Path(tmp))
             _upload_folder(store, Path(tmp), *folder)
         # the history of the steps before a resume comes from the checkpoint: each step is logged once
-        store.write_json({"scope": scope, "config": ft.model_dump(), "images": n, "history": history,
+        store.write_json({"scope": scope, "config": ft.model_dump(), "recipe": recipe, "images": n, "history": history,
                           "processes": world, "resumed_from": start, "seconds": round(time.time() - t0, 2)},
                          *folder, "train_log.json")
         store.remove(*ckpt, recursive=True)

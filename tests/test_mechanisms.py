@@ -240,3 +240,20 @@ def test_to_pil_gives_diffusers_pil_output_byte_for_byte(dtype):
     assert [im.mode for im in got] == ["RGB"] * 3
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want, strict=True))
 
+
+
+def test_an_adapter_is_reused_only_under_its_recipe(prepared):
+    from realfake.build import finetune
+
+    cfg, store = prepared
+    finetune(cfg, "all")  # trained here, or by an earlier test of this module under the same recipe
+    assert finetune(cfg, "all")["skipped"]
+    # the finetune section is unchanged, but the prompts the adapter learned from are not
+    template = "a photo of a {class_name}, realistic"
+    assert template != cfg.synthesis.prompt_template
+    other = cfg.model_copy(update={"synthesis": cfg.synthesis.model_copy(update={"prompt_template": template})})
+    again = finetune(other, "all")
+    assert not again["skipped"]
+    logged = store.read_json("adapters", "all", "train_log.json")["recipe"]
+    assert logged["synthesis.prompt_template"] == template
+    assert finetune(other, "all")["skipped"]
