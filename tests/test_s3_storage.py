@@ -164,3 +164,34 @@ def test_a_flipped_byte_in_a_remote_shard_fails_verification(s3: S3Env, fmt: str
     shard.write_bytes(bytes(data), commit.files[0].path)
     assert len(list(iter_shard(shard, commit, check=True))) == commit.count  # size and count still match
     assert any("sha256" in p for p in verify_shard(shard, commit))
+
+
+def test_a_refused_index_part_upload_leaves_no_commit_and_no_file(moto) -> None:  # noqa: F811
+    """The index part goes up on its own thread while the shard file does; its failure must still fail the shard,
+    after both requests ended, and remove what the shard wrote."""
+    import uuid
+
+    from support.s3 import BUCKET, S3Interceptor, s3_options
+
+    class RefuseIndexParts(S3Interceptor):
+        refusing, refused = True, 0
+
+        def decide(self, method: str, path: str, body: bytes):
+            if self.refusing and method == "PUT" and "/synthetic/_index/" in path:
+                self.refused += 1
+                return "before", (403, "AccessDenied", "Access Denied")
+            return "pass", None
+
+    prefix = f"ix-{uuid.uuid4().hex[:10]}"
+    with RefuseIndexParts(moto.port) as gateway:
+        store = version_store(f"s3://{BUCKET}/{prefix}", "toy", "v1", s3_options(gateway.endpoint_url))
+        writer = ShardWriter(store, ShardConfig(format="webdataset", max_count=10), backoff_s=0.01)
+        with pytest.raises(PermissionError, match="_index/shard-000000.parquet"):
+            writer.write_shard("shard-000000", (record_for(i) for i in items_for(2)))
+        assert gateway.refused == 1  # a refusal is an answer: not retried
+        clean = version_store(f"s3://{BUCKET}/{prefix}", "toy", "v1", s3_options(moto.endpoint_url))
+        assert committed_shards(clean) == [] and partial_shards(clean) == []
+        assert not clean.exists("synthetic", "shard-000000.tar")
+        gateway.refusing = False
+        commit = writer.write_shard("shard-000000", (record_for(i) for i in items_for(2)))
+        assert verify_shard(clean.child("synthetic"), commit) == []

@@ -259,6 +259,8 @@ class Store:
                 raise full_error(f"cannot write {self.uri(*parts)}", describe_location(self, *parts), kind, e,
                                  "Nothing was replaced: the object keeps its previous content, if any.",
                                  "then re-run the same command", self.storage_options) from e
+            if isinstance(e, PermissionError):  # an answer, not a fault: keep its type so nobody retries it
+                raise PermissionError(e.errno, f"cannot write {self.uri(*parts)}: {e}") from e
             raise StorageError(f"cannot write {self.uri(*parts)}: {e}") from e
 
     def read_json(self, *parts: str) -> Any:
