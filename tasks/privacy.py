@@ -131,6 +131,17 @@ def _run_shadow(family: str, cfg: BuildConfig, lira: LiraConfig, index: int, gpu
     return run_shadow_process(family, cfg, lira, index, gpu, on_line=get_run_logger().info)
 
 
+def _shadow_in_turn(family: str, cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str,
+                    gpu: str | None) -> dict:
+    """One shadow of ``family``: its local turn first, then one slot of ``gpu_limit``; a failure names the shadow."""
+    with _turn(family, index, gpu), concurrency(gpu_limit, occupy=1):
+        try:
+            return _run_shadow(family, cfg, lira, index, gpu)
+        except Exception as e:
+            _name_the_shadow(e, cfg, family, index)
+            raise
+
+
 def _name_the_shadow(e: Exception, cfg: BuildConfig, family: str, index: int) -> None:
     # Name the shadow in the run's log and as a note on the traceback without changing the exception's type,
     # so the retry condition still tells a transient fault from a bad recipe.
@@ -155,12 +166,7 @@ def real_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: 
 
     With ``gpu`` (a CUDA device id of this node) it trains in a process of its own pinned to that GPU.
     """
-    with _turn("real", index, gpu), concurrency(gpu_limit, occupy=1):
-        try:
-            result = _run_shadow("real", cfg, lira, index, gpu)
-        except Exception as e:
-            _name_the_shadow(e, cfg, "real", index)
-            raise
+    result = _shadow_in_turn("real", cfg, lira, index, gpu_limit, gpu)
     get_run_logger().info("real shadow %d: test top-1 %.3f%s", index, result["test_top1"],
                           " (stored logits reused)" if result["skipped"] else "")
     return result
@@ -174,12 +180,7 @@ def synthetic_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_li
 
     With ``gpu`` (a CUDA device id of this node) it runs in a process of its own pinned to that GPU.
     """
-    with _turn("synthetic", index, gpu), concurrency(gpu_limit, occupy=1):
-        try:
-            result = _run_shadow("synthetic", cfg, lira, index, gpu)
-        except Exception as e:
-            _name_the_shadow(e, cfg, "synthetic", index)
-            raise
+    result = _shadow_in_turn("synthetic", cfg, lira, index, gpu_limit, gpu)
     get_run_logger().info("synthetic shadow %d: %s synthetic images, test top-1 %.3f%s", index,
                           result.get("synthetic_images"), result["test_top1"],
                           " (stored logits reused)" if result["skipped"] else "")
