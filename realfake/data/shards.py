@@ -340,6 +340,7 @@ class _Checksummer:
         self._sha = hashlib.sha256()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._images: list[bytes] = []  # images not yet handed to the image thread
         self._digests: list[str] = []  # image digests in submission order, appended by the image thread
         self._done = threading.Condition()
         self._error: BaseException | None = None
@@ -408,9 +409,16 @@ class _Checksummer:
             pieces, self._pending, self._pending_bytes = self._pending, [], 0
             self._put(("stream", pieces))
 
-    def hash_images(self, images: list[bytes]) -> None:
-        """Queue the sha256 of each image (immutable bytes) for :meth:`digests`."""
-        if images:
+    def hash_image(self, image: bytes) -> None:
+        """Queue the sha256 of ``image`` (immutable bytes) for :meth:`digests`; images go to the image thread
+        ``_HASH_BATCH`` at a time."""
+        self._images.append(image)
+        if len(self._images) >= _HASH_BATCH:
+            self._flush_images()
+
+    def _flush_images(self) -> None:
+        if self._images:
+            images, self._images = self._images, []
             self._put(("images", images))
 
     @property
@@ -420,6 +428,7 @@ class _Checksummer:
 
     def digests(self, upto: int) -> list[str]:
         """The first ``upto`` image digests, waiting for the image thread; raises what a helper met."""
+        self._flush_images()  # a partial batch the caller waits for
         lane = self._lanes.get("images")
         with self._done:
             while len(self._digests) < upto and self._error is None and lane is not None and lane[1].is_alive():
@@ -440,7 +449,7 @@ class _Checksummer:
         """Stop the helper threads on an error path, dropping what they had not done yet."""
         self.abandoned = True
         self._error = self._error or StorageError("checksum stream abandoned")
-        self._pending = []
+        self._pending, self._images = [], []
         self._stop()
 
 
@@ -573,7 +582,6 @@ class _TarPart:
     def __init__(self, dest: IO[bytes]) -> None:
         self.sums = _Checksummer(dest)
         self.count = 0
-        self._batch: list[bytes] = []
 
     def add(self, key: str, label: int, image: bytes, ext: str, meta_json: bytes) -> None:
         """Append one sample."""
@@ -586,11 +594,8 @@ class _TarPart:
             _tar_header(f"{key}.cls", len(cls)), cls, _tar_pad(len(cls)),
             _tar_header(f"{key}.json", len(meta_json)), meta_json, _tar_pad(len(meta_json)),
         )))
-        self._batch.append(image)
+        self.sums.hash_image(image)
         self.count += 1
-        if len(self._batch) >= _HASH_BATCH:
-            self.sums.hash_images(self._batch)
-            self._batch = []
 
     @staticmethod
     def cost(image: bytes, meta_json: bytes) -> int:
@@ -603,8 +608,6 @@ class _TarPart:
         count, its sha256 and its images' sha256 once every byte is in ``dest``."""
         end = 2 * tarfile.BLOCKSIZE
         self.sums.write(b"\0" * (end + (-(self.sums.nbytes + end) % tarfile.RECORDSIZE)))
-        self.sums.hash_images(self._batch)
-        self._batch = []
         digests = self.sums.digests(self.count)
         return (*self.sums.close(), digests)
 
@@ -688,18 +691,15 @@ class _ParquetPart:
             write_statistics=False,
         )
         self.images: list[bytes] = []  # rows written..count-1, not yet in the file
-        self._batch: list[bytes] = []  # images not yet handed to the hashing
         self.written = 0
         self.count = 0
 
     def add(self, image: bytes) -> None:
         """Append the row of the image whose index columns were just added to ``cols``."""
         self.images.append(image)
-        self._batch.append(image)
+        self.sums.hash_image(image)
         self.count += 1
-        if len(self._batch) >= _PARQUET_ROW_GROUP:
-            self.sums.hash_images(self._batch)
-            self._batch = []
+        if self.count % _PARQUET_ROW_GROUP == 0:
             self._write_ready()
 
     @staticmethod
@@ -737,8 +737,6 @@ class _ParquetPart:
 
     def close(self) -> tuple[int, str, list[str]]:
         """Finish the file; returns its byte count, sha256 and its images' sha256 once every byte is in ``dest``."""
-        self.sums.hash_images(self._batch)
-        self._batch = []
         if self.count > self.written:
             self._write_rows(self.count - self.written)
         self.writer.close()
