@@ -148,11 +148,15 @@ def train_eval(
 
 
 @app.command()
-def verify(uri: str) -> None:
+def verify(
+    uri: str,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Shards checked at a time (default: up to 8, bounded by shard size).")] = None,
+) -> None:
     """Check a dataset version end to end; exits non-zero listing every problem."""
     from realfake.data.card import verify_version
 
-    problems = verify_version(uri)
+    problems = verify_version(uri, workers=workers)
     if problems:
         for p in problems:
             typer.echo(f"FAIL {p}", err=True)

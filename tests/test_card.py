@@ -127,3 +127,38 @@ def test_write_card_on_an_empty_version_and_inspect_of_a_missing_card(tmp_path: 
     assert card["synthetic"]["num_images"] == 0 and card["shards"] == []
     with pytest.raises(FileNotFoundError, match="dataset.json"):
         inspect_version(version_store(str(tmp_path), "toy", "v3"))
+
+
+def test_verify_reports_the_same_problems_whatever_the_number_of_workers(built: Store) -> None:
+    """Shards are checked several at a time; the findings are merged in commit order, so the report of a version
+    damaged in several shards is the same list, in the same order, with one worker or four."""
+    _flip(built.path("synthetic", "shard-000000.tar"), 800)  # an image byte: sha256 and image checksum
+    Path(built.path("synthetic", "shard-000002.tar")).unlink()
+    Path(built.path("synthetic", "_index", "shard-000001.parquet")).unlink()
+    serial = verify_version(built, workers=1)
+    assert any("shard-000000" in p and "sha256" in p for p in serial)
+    assert any("shard-000002" in p and "missing" in p for p in serial)
+    assert any("shard-000001" in p and "index part" in p for p in serial)
+    for _ in range(3):
+        assert verify_version(built, workers=4) == serial
+    assert verify_version(built) == serial
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        verify_version(built, workers=0)
+
+
+def test_verify_command_exits_non_zero_listing_each_problem(built: Store) -> None:
+    from typer.testing import CliRunner
+
+    from realfake.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", built.uri()])
+    assert ok.exit_code == 0 and ok.output.strip() == f"OK {built.uri()}"
+    _flip(built.path("synthetic", "shard-000001.tar"), 800)
+    Path(built.path("synthetic", "shard-000002.tar")).unlink()
+    bad = runner.invoke(app, ["verify", built.uri(), "--workers", "2"])
+    assert bad.exit_code == 1
+    fails = [ln for ln in bad.output.splitlines() if ln.startswith("FAIL ")]
+    assert any("shard-000001" in ln and "sha256" in ln for ln in fails), bad.output
+    assert any("shard-000002" in ln and "missing" in ln for ln in fails), bad.output
+    assert runner.invoke(app, ["verify", built.uri(), "--workers", "0"]).exit_code == 2  # refused by the option

@@ -195,3 +195,40 @@ def test_a_refused_index_part_upload_leaves_no_commit_and_no_file(moto) -> None:
         gateway.refusing = False
         commit = writer.write_shard("shard-000000", (record_for(i) for i in items_for(2)))
         assert verify_shard(clean.child("synthetic"), commit) == []
+
+
+def test_verify_checks_shards_concurrently_on_s3(moto) -> None:  # noqa: F811
+    """`realfake verify` of a version on an object store overlaps the shards' GETs (each takes a round trip):
+    a gateway holds every shard GET for a moment and records how many were in flight at once."""
+    import threading
+    import time
+    import uuid
+
+    from support.s3 import BUCKET, S3Interceptor, s3_options
+
+    class HoldShardGets(S3Interceptor):
+        in_flight, most = 0, 0
+        lock = threading.Lock()
+
+        def decide(self, method: str, path: str, body: bytes):
+            if method == "GET" and "/synthetic/shard-" in path:
+                with self.lock:
+                    self.in_flight += 1
+                    self.most = max(self.most, self.in_flight)
+                time.sleep(0.3)
+                with self.lock:
+                    self.in_flight -= 1
+            return "pass", None
+
+    root = f"s3://{BUCKET}/vc-{uuid.uuid4().hex[:10]}"
+    with HoldShardGets(moto.port) as gateway:
+        opts = s3_options(gateway.endpoint_url)
+        store = version_store(root, "toy", "v1", opts)
+        mini_build(store, items_for(4), ShardConfig(format="parquet", max_count=3))
+        assert len(committed_shards(store)) == 4
+        gateway.most = 0
+        assert verify_version(store.uri(), opts, workers=1) == []
+        assert gateway.most == 1
+        gateway.most = 0
+        assert verify_version(store.uri(), opts) == []  # the default: several at a time
+        assert gateway.most >= 2, gateway.most
