@@ -20,6 +20,7 @@ the same files whatever the number or order of workers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import hashlib
@@ -1548,18 +1549,23 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
         uri = store.uri(sf.path)
         if not store.local:  # another worker may have written it after this client cached the folder's listing
             store.fs.invalidate_cache(store.path(sf.path))
-        with store.open(sf.path) as raw:
+        # A local Parquet shard is memory-mapped (random access, parsed and hashed in place with no copy into a
+        # fresh buffer, which costs about as much as the hash); every other file is opened as a stream.
+        mapped = commit.format == "parquet" and store.local
+        with contextlib.closing(pa.memory_map(store.path(sf.path))) if mapped else store.open(sf.path) as raw:
             if check:
-                check_file_size(store, raw, sf)
-            hashing = _HashingReader(raw) if check and checksum else None
-            mapped: pa.MemoryMappedFile | None = None
+                size = raw.size() if mapped else _opened_size(store, raw, sf.path)
+                if size != sf.bytes:
+                    raise ShardIntegrityError(f"{uri} has {size} bytes, its commit record says {sf.bytes}")
+            hashing = _HashingReader(raw) if check and checksum and not mapped else None
+            sums = hashing.sums if hashing is not None else _Checksummer(None) if check and checksum else None
             try:
                 n = 0
-                if commit.format == "webdataset" and hashing is not None and not store.local:
+                if commit.format == "webdataset" and sums is not None and not store.local:
                     # a remote tar being verified: one GET of the whole object, hashed on the helper thread while
                     # it is parsed from memory (s3fs holds a block that size anyway)
                     data = raw.read()
-                    hashing.sums.write(data)
+                    sums.write(data)
                     for n, sample in enumerate(_iter_tar(io.BytesIO(data), uri, commit.image_format), 1):  # noqa: B007
                         yield sample
                 elif commit.format == "webdataset":
@@ -1569,30 +1575,23 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
                     if hashing is not None:
                         hashing.drain()  # the tar end-of-archive blocks count towards the checksum
                 else:
-                    # Parquet needs random access: a local file is memory-mapped, parsed and hashed (on the helper
-                    # thread) in place, with no copy into a fresh buffer (which costs about as much as the hash); a
-                    # remote object is read whole, in one request, and hashed meanwhile.
-                    if store.local:
-                        mapped = pa.memory_map(store.path(sf.path))
-                        data = mapped.read_buffer()
-                    else:
-                        data = raw.read()
-                    if hashing is not None:
-                        hashing.sums.write(data)
+                    # Parquet needs random access: the mapped file, or a remote object read whole in one request;
+                    # hashed on the helper thread meanwhile.
+                    data = raw.read_buffer() if mapped else raw.read()
+                    if sums is not None:
+                        sums.write(data)
                     for n, sample in enumerate(  # noqa: B007
                             _iter_parquet(pa.BufferReader(data), uri, commit.image_format), 1):
                         yield sample
-                if hashing is not None:
-                    _, digest = hashing.sums.close()
+                if sums is not None:
+                    _, digest = sums.close()
                     if digest != sf.sha256:
                         raise ShardIntegrityError(f"{uri}: sha256 {digest} does not match its commit record")
                 if check and n != sf.count:
                     raise ShardIntegrityError(f"{uri}: {n} samples, its commit record says {sf.count}")
             finally:
-                if hashing is not None:
-                    hashing.sums.abandon()  # joins the helper thread: it may be hashing the mapped file
-                if mapped is not None:
-                    mapped.close()
+                if sums is not None:
+                    sums.abandon()  # joins the helper thread before the map closes: it may be hashing the map
 
 
 def verify_shard(store: Store, commit: CommitRecord) -> list[str]:
