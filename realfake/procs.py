@@ -7,6 +7,7 @@ parent ends: an exception, SIGTERM (how a cancelled Prefect flow run is stopped)
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -16,25 +17,34 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["STOP_GRACE_S", "attached_process", "stop_process"]
+__all__ = ["STOP_GRACE_S", "attached_process", "end_with_parent", "stop_process"]
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 60.0
 """How long a stopped child may take to exit before its session is killed: torchrun gives its workers 30 s."""
 
-# Runs in the child before the command (Linux): ask the kernel for SIGTERM when the thread that started the child
-# dies (PR_SET_PDEATHSIG = 1), give up if the parent is gone already, then become the command. exec keeps the
-# process and its death signal, and running this in a fresh interpreter avoids Popen's preexec_fn, which is unsafe
-# in a process with threads (a Prefect flow run has several). Where the kernel refuses, the command still runs.
-_DIE_WITH_PARENT = """\
-import os, sys
-try:
-    import ctypes, signal
+def _request_death_signal() -> None:
+    """Ask the kernel (Linux) for SIGTERM when the thread that started this process dies: prctl(PR_SET_PDEATHSIG).
+
+    Self-contained: its source is also the body of the prelude that runs before an attached command.
+    """
+    import ctypes
+    import signal
+
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    if prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:
+    if prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+# Runs in the child before the command (Linux): ask for the death signal, give up if the parent is gone already,
+# then become the command. exec keeps the process and its death signal, and running this in a fresh interpreter
+# avoids Popen's preexec_fn, which is unsafe in a process with threads (a Prefect flow run has several). Where the
+# kernel refuses, the command still runs.
+_DIE_WITH_PARENT = "import os, sys\n" + inspect.getsource(_request_death_signal) + """
+try:
+    _request_death_signal()
 except Exception as e:
     print(f"realfake: {sys.argv[2:4]} will outlive its parent if that is killed: prctl(PR_SET_PDEATHSIG) "
           f"failed: {e}", file=sys.stderr, flush=True)
@@ -43,6 +53,29 @@ else:
         sys.exit("realfake: the process that started this one ended before it could run")
 os.execvp(sys.argv[2], sys.argv[2:])
 """
+
+
+def end_with_parent() -> None:
+    """Make this process end (SIGTERM) when the process that started it ends, however that one ends (Linux).
+
+    For processes this package does not start itself: the ranks torchrun starts. :func:`attached_process` ties
+    torchrun to its launcher, and torchrun stops its ranks when it is stopped, but if torchrun itself is killed
+    outright (SIGKILL, the out-of-memory killer) its ranks would live on holding their GPUs. A rank calls this
+    first thing. Elsewhere, or where the kernel refuses, it logs a warning and returns.
+
+    Raises:
+        SystemExit: The starting process ended before the death signal was in place.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        _request_death_signal()
+    except (OSError, AttributeError) as e:
+        log.warning("this process will outlive its parent if that is killed: prctl(PR_SET_PDEATHSIG) failed: %s", e)
+        return
+    if os.getppid() != parent:
+        raise SystemExit("realfake: the process that started this one ended before it could run")
 
 
 def _die_with_parent(cmd: Sequence[str]) -> list[str]:

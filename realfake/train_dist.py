@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from realfake.config import BuildConfig, ConfigError, load_config
-from realfake.procs import attached_process
+from realfake.procs import attached_process, end_with_parent
 
 __all__ = ["launch", "main", "torchrun_command"]
 
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.worker:
+        end_with_parent()  # a rank: end with torchrun even when torchrun itself is killed outright
         return _worker(a, cfg)
     try:
         _check_world(cfg, a.nproc_per_node, a.nnodes)

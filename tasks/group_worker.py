@@ -26,6 +26,10 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     verb, cfg_path, out_path, items = argv[0], Path(argv[1]), Path(argv[2]), argv[3:]
+    if "LOCAL_RANK" in os.environ:  # a rank of torchrun (a multi-GPU group): end with torchrun, however it ends
+        from realfake.procs import end_with_parent
+
+        end_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from realfake import build
     from realfake.config import BuildConfig

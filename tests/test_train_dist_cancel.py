@@ -134,17 +134,20 @@ def _is_worker(cmdline: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    ("which", "workers", "sig"),
+    ("which", "workers", "sig", "victim"),
     [
-        ("train-eval", 1, signal.SIGTERM),
-        ("train-eval", 1, signal.SIGKILL),
-        ("finetune-2", 2, signal.SIGTERM),  # run_group_process on a multi-GPU node: torchrun over group workers
-        ("finetune-2", 2, signal.SIGKILL),
-        ("finetune-1", 1, signal.SIGKILL),  # one group worker process, no torchrun in between
+        ("train-eval", 1, signal.SIGTERM, "parent"),
+        ("train-eval", 1, signal.SIGKILL, "parent"),
+        ("finetune-2", 2, signal.SIGTERM, "parent"),  # run_group_process on a multi-GPU node: torchrun over workers
+        ("finetune-2", 2, signal.SIGKILL, "parent"),
+        ("finetune-1", 1, signal.SIGKILL, "parent"),  # one group worker process, no torchrun in between
+        # torchrun itself killed outright (the out-of-memory killer): its ranks must not live on
+        ("train-eval", 1, signal.SIGKILL, "torchrun"),
+        ("finetune-2", 2, signal.SIGKILL, "torchrun"),
     ],
     ids=lambda v: v.name if isinstance(v, signal.Signals) else str(v),
 )
-def test_torchrun_and_its_workers_end_with_the_launching_process(config, tmp_path, which, workers, sig):
+def test_torchrun_and_its_workers_end_with_the_launching_process(config, tmp_path, which, workers, sig, victim):
     config, version = config
     for folder in ("adapters", "runs"):  # no checkpoint of an earlier case to resume
         shutil.rmtree(version / folder, ignore_errors=True)
@@ -173,10 +176,13 @@ def test_torchrun_and_its_workers_end_with_the_launching_process(config, tmp_pat
         key = launchers + _workers(tree)
         assert len(_alive(key)) == len(key), "a worker ended before the parent was signalled"
 
-        parent.send_signal(sig)
-        assert parent.wait(10) == -sig
+        if victim == "parent":
+            parent.send_signal(sig)
+            assert parent.wait(10) == -sig
+        else:
+            os.kill(launchers[0], sig)  # the parent lives on: its launcher call fails and it reports that
         left = {pid: tree[pid][1] for pid in _wait_gone(list(tree))}
-        assert not left, f"still running {GONE_WITHIN_S:.0f} s after the parent got {sig.name}: {left}"
+        assert not left, f"still running {GONE_WITHIN_S:.0f} s after the {victim} got {sig.name}: {left}"
     finally:
         for pid in _alive(list(tree)):  # leave no orphan behind when the test fails
             try:
@@ -221,6 +227,36 @@ def test_a_child_ends_when_the_process_that_started_it_is_killed(tmp_path, sig):
         parent.send_signal(sig)
         assert parent.wait(10) == -sig
         assert not _wait_gone([child]), f"the child outlived its parent's {sig.name}"
+    finally:
+        parent.kill()
+        parent.communicate()
+        if child is not None and _alive([child]):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_process_that_asked_to_end_with_its_parent_does_when_the_parent_is_killed(tmp_path):
+    """What a torchrun rank does (:func:`realfake.procs.end_with_parent`): a plain Popen child, not attached,
+    ends when the process that started it is SIGKILLed."""
+    rank = [sys.executable, "-c", "import time; from realfake.procs import end_with_parent; end_with_parent(); "
+            "print('ready', flush=True); time.sleep(120)"]
+    middle = textwrap.dedent(
+        f"""
+        import subprocess, time
+        child = subprocess.Popen({rank!r}, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert child.stdout.readline() == "ready\\n"
+        print(child.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", middle], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive([child])
+        parent.kill()
+        assert parent.wait(10) == -signal.SIGKILL
+        assert not _wait_gone([child]), "the child outlived its parent's SIGKILL"
     finally:
         parent.kill()
         parent.communicate()
