@@ -3,8 +3,11 @@
 Both sides move identical pre-encoded JPEG images and identical label / JSON payloads, so the ratio isolates what
 the storage layer adds: per-image and per-file sha256, the index part and commit record per shard, the size check
 after upload, ``write_index`` (index + ``_info.json``); on reads the size and count checks a training reader makes
-(``read``) and, separately, the verifying read that adds the sha256 pass (``read+sha256``: ``realfake verify``, a
-resumed build), both against the same raw read. The raw baseline
+(``read``), the verifying read that adds the sha256 pass (``read+sha256``: a resumed build, a training stream's
+shard checks) and ``realfake verify`` (``verify``: every shard and image hashed, index, card and leftovers
+checked, several shards at a time), all against the same raw read. Per cell it also reports both sides' CPU
+time, the single-thread sha256 time of what the contract hashes, and the *floor*: the least overhead any
+implementation could show here, the raw side's CPU plus that hashing spread perfectly over every core. The raw baseline
 is a plain ``tarfile`` stream, or one ``pyarrow.parquet.write_table`` per shard with the same columns, row groups
 and compression as ours minus our per-image sha256 column, written straight to the same filesystem, with the same
 fsync policy (``--durable``: both fsync each shard; ``--no-durable``: neither fsyncs anything). Targets: a local
@@ -18,6 +21,7 @@ all ratios come from one run of this script.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -42,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from realfake.config import ShardConfig  # noqa: E402
+from realfake.data.card import verify_version, write_card  # noqa: E402
 from realfake.data.shards import (  # noqa: E402
     ShardWriter,
     SyntheticRecord,
@@ -188,6 +193,33 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def cpu_timed(fn: Callable[..., Any], *args: Any) -> tuple[float, float, Any]:
+    """Wall seconds, CPU seconds of this process (every thread, user + system) and the result of ``fn(*args)``."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def sha256_seconds(buffers: list[bytes], repeats: int = 5) -> float:
+    """Single-thread time to sha256 ``buffers`` one by one (best of ``repeats``): the hashing the commit contract
+    needs, at this machine's speed."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in buffers:
+            hashlib.sha256(b).digest()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def ours_verify(store: Store) -> tuple[int, int]:
+    """``realfake verify``: every shard read and hashed (several at a time), plus the index, card and leftovers."""
+    problems = verify_version(store)
+    assert problems == [], problems
+    n = sum(c.count for c in committed_shards(store))
+    return n, 0
+
+
 def bench_target(
     name: str, store_factory: Callable[[str], Store], samples: list, shard_size: int, repeats: int, durable: bool
 ) -> list[dict[str, Any]]:
@@ -198,8 +230,17 @@ def bench_target(
         ("webdataset", "tar", raw_write_tar, raw_read_tar),
         ("parquet", "parquet", raw_write_parquet, raw_read_parquet),
     ):
-        times: dict[str, list[float]] = {"raw_write": [], "ours_write": [], "raw_read": [], "ours_read": [],
-                                         "raw_read+sha256": [], "ours_read+sha256": []}
+        ops = ("write", "read", "read+sha256", "verify")
+        times: dict[str, list[float]] = {f"{side}_{op}": [] for side in ("raw", "ours") for op in ops}
+        cpu: dict[str, list[float]] = {k: [] for k in times}
+        file_bytes: list[bytes] = []
+
+        def record(key: str, fn: Callable[..., Any], *args: Any) -> Any:
+            wall, used, out = cpu_timed(fn, *args)
+            times[key].append(wall)  # noqa: B023 - called only inside this iteration of the format loop
+            cpu[key].append(used)  # noqa: B023
+            return out
+
         for r in range(repeats):
             raw_store, our_store = store_factory(f"raw-{fmt}-{r}"), store_factory(f"ours-{fmt}-{r}")
             raw_dir = raw_store.path("synthetic")
@@ -208,23 +249,35 @@ def bench_target(
             raw_store.exists("warm-up"), our_store.exists("warm-up")
             # Interleave raw and ours so machine noise hits both alike.
             paths = [f"{raw_dir}/{p.name}.{ext}" for p in plans]
-            t, _ = timed(raw_write_all, raw_w, raw_store.fs, paths, plans, durable)
-            times["raw_write"].append(t)
-            t, _ = timed(ours_write, our_store, fmt, plans, durable)
-            times["ours_write"].append(t)
-            t, got_raw = timed(raw_read_all, raw_r, raw_store.fs, paths)
-            times["raw_read"].append(t)
-            t, got = timed(ours_read, our_store)
-            times["ours_read"].append(t)
-            # the verifying read (realfake verify, resume) against the same raw read: what the sha256 pass costs
-            times["raw_read+sha256"].append(times["raw_read"][-1])
-            t, got_checked = timed(ours_read, our_store, True)
-            times["ours_read+sha256"].append(t)
-            got_ours = [got, got_checked]
-            assert sum(n for n, _ in got_raw) == got_ours[0][0] == got_ours[1][0] == len(samples)
-            assert sum(b for _, b in got_raw) == got_ours[0][1] == got_ours[1][1] == payload
-        for op in ("write", "read", "read+sha256"):
+
+            record("raw_write", raw_write_all, raw_w, raw_store.fs, paths, plans, durable)
+            record("ours_write", ours_write, our_store, fmt, plans, durable)
+            got_raw = record("raw_read", raw_read_all, raw_r, raw_store.fs, paths)
+            got = record("ours_read", ours_read, our_store)
+            # the verifying read (resume, training-stream checks) and `realfake verify` against the same raw read
+            for op in ("read+sha256", "verify"):
+                times[f"raw_{op}"].append(times["raw_read"][-1])
+                cpu[f"raw_{op}"].append(cpu["raw_read"][-1])
+            got_checked = record("ours_read+sha256", ours_read, our_store, True)
+            write_card(our_store, {"dataset": "shard-io-benchmark"}, {})  # untimed; verify checks it too
+            if r == 0:
+                file_bytes = [our_store.read_bytes("synthetic", f.path) for c in committed_shards(our_store)
+                              for f in c.files]
+            record("ours_verify", ours_verify, our_store)
+            assert sum(n for n, _ in got_raw) == got[0] == got_checked[0] == len(samples)
+            assert sum(b for _, b in got_raw) == got[1] == got_checked[1] == payload
+        # What the commit contract hashes: on write every image and every file, on a verifying read every file,
+        # on verify every file and every image. Measured here, single-threaded.
+        images = [img for _, _, img, _ in samples]
+        hashed = {"write": sha256_seconds(images + file_bytes), "read": 0.0,
+                  "read+sha256": sha256_seconds(file_bytes), "verify": sha256_seconds(images + file_bytes)}
+        cores = os.cpu_count() or 1
+        for op in ops:
             raw_t, our_t = statistics.median(times[f"raw_{op}"]), statistics.median(times[f"ours_{op}"])
+            raw_cpu, our_cpu = statistics.median(cpu[f"raw_{op}"]), statistics.median(cpu[f"ours_{op}"])
+            # The least any implementation could cost here: the raw side's own CPU work plus the contract's
+            # hashing, spread perfectly over every core (and never faster than the raw side itself).
+            floor = max(raw_t, (raw_cpu + hashed[op]) / cores)
             rows.append(
                 {
                     "target": name,
@@ -235,11 +288,15 @@ def bench_target(
                     "ours_img_s": len(samples) / our_t,
                     "ours_mb_s": payload / our_t / 1e6,
                     "overhead_pct": (our_t / raw_t - 1) * 100,
+                    "raw_cpu_ms": raw_cpu * 1e3,
+                    "ours_cpu_ms": our_cpu * 1e3,
+                    "sha256_ms": hashed[op] * 1e3,
+                    "floor_pct": (floor / raw_t - 1) * 100,
                 }
             )
             print(
-                f"{name:6s} {fmt:10s} {op:5s} raw {len(samples) / raw_t:8.0f} img/s  ours {len(samples) / our_t:8.0f}"
-                f" img/s  overhead {rows[-1]['overhead_pct']:+6.1f}%",
+                f"{name:6s} {fmt:10s} {op:11s} raw {len(samples) / raw_t:8.0f} img/s  ours {len(samples) / our_t:8.0f}"
+                f" img/s  overhead {rows[-1]['overhead_pct']:+6.1f}%  floor {rows[-1]['floor_pct']:+6.1f}%",
                 flush=True,
             )
     return rows
@@ -247,13 +304,15 @@ def bench_target(
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, payload_mb: float) -> str:
     lines = [
-        "| target | format | op | raw img/s | raw MB/s | ours img/s | ours MB/s | overhead |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| target | format | op | raw img/s | raw MB/s | ours img/s | ours MB/s | overhead | raw CPU ms | "
+        "ours CPU ms | sha256 ms | floor |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['target']} | {r['format']} | {r['op']} | {r['raw_img_s']:.0f} | {r['raw_mb_s']:.1f} | "
-            f"{r['ours_img_s']:.0f} | {r['ours_mb_s']:.1f} | {r['overhead_pct']:+.1f}% |"
+            f"{r['ours_img_s']:.0f} | {r['ours_mb_s']:.1f} | {r['overhead_pct']:+.1f}% | {r['raw_cpu_ms']:.0f} | "
+            f"{r['ours_cpu_ms']:.0f} | {r['sha256_ms']:.0f} | {r['floor_pct']:+.1f}% |"
         )
     head = (
         f"{args.images} JPEG images ({args.size}px, q{args.quality}, {payload_mb:.1f} MB of image payload), "
