@@ -202,6 +202,25 @@ FAMILY = [sys.executable, "-c", "import subprocess, sys, time; c = subprocess.Po
           "'import time; time.sleep(120)']); print(c.pid, flush=True); time.sleep(120)"]
 
 
+def _signal_parent_expect_child_gone(script: str, cwd: Path, sig: signal.Signals) -> None:
+    """Run ``script`` as a parent process that prints the pid of a child it started, send the parent ``sig`` and
+    assert that the child ends within :data:`GONE_WITHIN_S`."""
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=cwd, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive([child])
+        parent.send_signal(sig)
+        assert parent.wait(10) == -sig
+        assert not _wait_gone([child]), f"the child outlived its parent's {sig.name}"
+    finally:
+        parent.kill()
+        parent.communicate()
+        if child is not None and _alive([child]):
+            os.kill(child, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_a_child_ends_when_the_process_that_started_it_is_killed(tmp_path, sig):
     script = textwrap.dedent(
@@ -218,20 +237,7 @@ def test_a_child_ends_when_the_process_that_started_it_is_killed(tmp_path, sig):
         threading.Thread(target=run).start()
         """
     )
-    parent = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    child = None
-    try:
-        child = int(parent.stdout.readline())
-        assert _alive([child])
-        parent.send_signal(sig)
-        assert parent.wait(10) == -sig
-        assert not _wait_gone([child]), f"the child outlived its parent's {sig.name}"
-    finally:
-        parent.kill()
-        parent.communicate()
-        if child is not None and _alive([child]):
-            os.kill(child, signal.SIGKILL)
+    _signal_parent_expect_child_gone(script, tmp_path, sig)
 
 
 def test_a_process_that_asked_to_end_with_its_parent_does_when_the_parent_is_killed(tmp_path):
@@ -248,20 +254,7 @@ def test_a_process_that_asked_to_end_with_its_parent_does_when_the_parent_is_kil
         time.sleep(120)
         """
     )
-    parent = subprocess.Popen([sys.executable, "-c", middle], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    child = None
-    try:
-        child = int(parent.stdout.readline())
-        assert _alive([child])
-        parent.kill()
-        assert parent.wait(10) == -signal.SIGKILL
-        assert not _wait_gone([child]), "the child outlived its parent's SIGKILL"
-    finally:
-        parent.kill()
-        parent.communicate()
-        if child is not None and _alive([child]):
-            os.kill(child, signal.SIGKILL)
+    _signal_parent_expect_child_gone(middle, tmp_path, signal.SIGKILL)
 
 
 def test_an_exception_in_the_block_stops_the_child_and_its_process_group():
