@@ -109,6 +109,8 @@ class PrefectStack:
             PREFECT_LOCAL_STORAGE_PATH=str(self.home / "storage"),
             PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
             PREFECT_LOGGING_LEVEL="INFO",
+            # Requests the server answers 503 (SQLite busy under load; clients are to retry) are logged with the cause.
+            PREFECT_API_LOG_RETRYABLE_ERRORS="true",
             PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             OMP_NUM_THREADS="1",
             MKL_NUM_THREADS="1",
