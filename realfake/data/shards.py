@@ -1469,7 +1469,9 @@ class _HashingReader(io.RawIOBase):
 
 def _opened_size(store: Store, raw: IO[bytes], rel: str) -> int:
     """Size of an object just opened for reading, without another round trip where the handle knows it
-    (fsspec's buffered remote files learn it when opening; local files from fstat)."""
+    (fsspec's buffered remote files learn it when opening; local files from fstat; a memory map knows it)."""
+    if isinstance(raw, pa.NativeFile):
+        return raw.size()
     size = getattr(raw, "size", None)
     if isinstance(size, int):
         return size
@@ -1554,9 +1556,7 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
         mapped = commit.format == "parquet" and store.local
         with contextlib.closing(pa.memory_map(store.path(sf.path))) if mapped else store.open(sf.path) as raw:
             if check:
-                size = raw.size() if mapped else _opened_size(store, raw, sf.path)
-                if size != sf.bytes:
-                    raise ShardIntegrityError(f"{uri} has {size} bytes, its commit record says {sf.bytes}")
+                check_file_size(store, raw, sf)
             hashing = _HashingReader(raw) if check and checksum and not mapped else None
             sums = hashing.sums if hashing is not None else _Checksummer(None) if check and checksum else None
             try:
