@@ -372,6 +372,25 @@ def test_a_flipped_byte_in_a_local_parquet_shard_fails_the_verifying_read(store:
     assert any("sha256" in p for p in verify_shard(shard, commit))
 
 
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_a_committed_local_shard_cut_short_yields_nothing(store: Store, fmt: str) -> None:
+    """A committed file that lost its tail afterwards (a disk fault, a bad copy) is never read as data: its size is
+    checked against the commit record before the first sample (the Parquet shard through its memory map)."""
+    mini_build(store, items_for(2), ShardConfig(format=fmt, max_count=10))
+    commit = committed_shards(store)[0]
+    shard = store.child("synthetic")
+    path = Path(store.path("synthetic", commit.files[0].path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 700])
+    for checksum in (False, True):
+        samples = iter_shard(shard, commit, check=True, checksum=checksum)
+        with pytest.raises(ShardIntegrityError, match=f"has {len(data) - 700} bytes, its commit record says"):
+            next(samples)
+    assert any("commit record says" in p for p in verify_shard(shard, commit))
+    path.write_bytes(data)
+    assert verify_shard(shard, commit) == []
+
+
 def test_tar_shards_are_byte_identical_to_what_tarfile_writes(store: Store) -> None:
     # The writer builds ustar headers itself (tarfile's are slow); the archive must not change by a byte.
     # One key is long enough (> 100 bytes with its extension) to need tarfile's own PAX header.
