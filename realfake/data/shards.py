@@ -1447,9 +1447,9 @@ def _cat(s: Store, paths: list[str]) -> dict[str, bytes]:
 class _HashingReader(io.RawIOBase):
     """A read-only wrapper that hands everything read through it to a hash-only :class:`_Checksummer`."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], sums: _Checksummer) -> None:
         self.raw = raw
-        self.sums = _Checksummer(None)
+        self.sums = sums
 
     def readable(self) -> bool:
         return True
@@ -1557,8 +1557,7 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
         with contextlib.closing(pa.memory_map(store.path(sf.path))) if mapped else store.open(sf.path) as raw:
             if check:
                 check_file_size(store, raw, sf)
-            hashing = _HashingReader(raw) if check and checksum and not mapped else None
-            sums = hashing.sums if hashing is not None else _Checksummer(None) if check and checksum else None
+            sums = _Checksummer(None) if check and checksum else None  # hashes on its helper thread
             try:
                 n = 0
                 if commit.format == "webdataset" and sums is not None and not store.local:
@@ -1569,6 +1568,7 @@ def iter_shard(store: Store, commit: CommitRecord, check: bool = True, checksum:
                     for n, sample in enumerate(_iter_tar(io.BytesIO(data), uri, commit.image_format), 1):  # noqa: B007
                         yield sample
                 elif commit.format == "webdataset":
+                    hashing = _HashingReader(raw, sums) if sums is not None else None
                     src = io.BufferedReader(hashing, _CHUNK) if hashing is not None else raw
                     for n, sample in enumerate(_iter_tar(src, uri, commit.image_format), 1):  # noqa: B007
                         yield sample
