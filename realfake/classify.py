@@ -15,15 +15,18 @@ invariant to such affine intensity shifts, and brightness / contrast jitter cove
 train-time choices that never look at test images (no test-time batch statistics or BN re-estimation).
 
 Training scales out under ``torchrun`` (DistributedDataParallel, one process per GPU, a global batch split
-over the processes) and survives preemption: with a checkpoint folder it commits a resumable checkpoint
-(``state.json`` written last) every few epochs and a re-run continues the same trajectory from it. Sampling
-and augmentation are functions of the seed, epoch and image index, which is what makes both exact.
+over the processes and, where memory asks for it, accumulated micro-batches) and survives preemption: with a
+checkpoint folder it commits a resumable checkpoint (``state.json`` written last) every few epochs and a re-run
+continues the same trajectory from it. Sampling and augmentation are functions of the seed, epoch and image
+index, which is what makes both exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import itertools
 import logging
 import math
 import multiprocessing
@@ -33,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import timm
@@ -48,15 +51,17 @@ import torch.nn as nn
 import torch.utils.data
 from PIL import Image
 
-from realfake.config import ClassifierConfig
+from realfake.config import BuildConfig, ClassifierConfig
 
 if TYPE_CHECKING:
     from realfake.data.storage import Store
 
 __all__ = [
     "CHECKPOINT_STATE",
+    "BatchSchedule",
     "Classifier",
     "PerImageStandardize",
+    "batch_schedule",
     "build_classifier",
     "build_transforms",
     "evaluate",
@@ -286,10 +291,11 @@ class _EpochKeys(torch.utils.data.Sampler):
     per-process batches of ``B / w`` together hold exactly the images of the one-process batch of ``B``.
     """
 
-    def __init__(self, n: int, seed: int, rank: int, world: int) -> None:
+    def __init__(self, n: int, seed: int, rank: int, world: int, take: int | None = None) -> None:
         self.order = torch.utils.data.DistributedSampler(
             range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed
         )
+        self.take = len(self.order) if take is None else min(take, len(self.order))  # whole global batches only
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -297,10 +303,10 @@ class _EpochKeys(torch.utils.data.Sampler):
         self.order.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, i) for i in self.order)
+        return ((self.epoch, i) for i in itertools.islice(self.order, self.take))
 
     def __len__(self) -> int:
-        return len(self.order)
+        return self.take
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -376,8 +382,9 @@ def _join_process_group(device: torch.device) -> tuple[_Ranks, torch.device]:
     return ranks, device
 
 
-# Fields that change how a run is executed, not what it computes: a checkpoint stays valid across them.
-_EXECUTION_FIELDS = {"workers", "checkpoint_every_epochs"}
+# Fields that change how a run is executed, not what it computes: a checkpoint stays valid across them. The
+# accumulation is one of them for the same reason as the number of processes: the global batch is the recipe.
+_EXECUTION_FIELDS = {"workers", "checkpoint_every_epochs", "gradient_accumulation"}
 
 
 def _recipe(cfg: ClassifierConfig) -> dict[str, Any]:
@@ -481,6 +488,69 @@ def _write_checkpoint(store: Store, state: dict[str, Any], payload: dict[str, An
             store.remove(old)
 
 
+class BatchSchedule(NamedTuple):
+    """How one epoch is cut into optimiser steps (:func:`batch_schedule`)."""
+
+    steps_per_epoch: int  # optimiser steps (global batches) per epoch
+    micro_batch: int  # images per process in one forward/backward pass
+    accumulation: int  # micro-batches per step in each process (all of them when the data hold under one global batch)
+    processes: int
+    global_batch: int  # classifier.batch_size
+    images_per_epoch: int  # images trained on per epoch over all processes (a partial last global batch is dropped)
+    drop_last: bool  # the loader drops a short last micro-batch (map-style data only)
+
+
+def batch_schedule(
+    cfg: ClassifierConfig | BuildConfig, n_images: int, processes: int = 1, streamed: bool = False
+) -> BatchSchedule:
+    """Steps per epoch and per-process micro-batch of training on ``n_images`` with ``processes`` processes.
+
+    The arithmetic :func:`train_classifier` uses, without training: every step takes ``cfg.batch_size`` images
+    (``micro_batch`` per process x ``processes`` x ``cfg.gradient_accumulation``); an epoch of map-style data
+    holds ``n_images // batch_size`` steps (a partial last global batch is dropped, as ``drop_last``), except that
+    data holding less than one global batch train as one step per epoch. ``streamed`` data (shards read as a
+    stream, split by the stream itself) keep short batches, so the last step of an epoch may be partial.
+
+    Raises:
+        ValueError: ``batch_size`` does not divide into ``processes x gradient_accumulation`` micro-batches.
+    """
+    cfg = cfg.classifier if isinstance(cfg, BuildConfig) else cfg
+    if n_images < 1:
+        raise ValueError(f"n_images must be at least 1, got {n_images}")
+    return _schedule(cfg, math.ceil(n_images / processes), processes, streamed)
+
+
+def _schedule(cfg: ClassifierConfig, share: int, world: int, streamed: bool) -> BatchSchedule:
+    """:func:`batch_schedule` from this process's ``share`` of an epoch's images."""
+    micro, accum = cfg.micro_batch(world), cfg.gradient_accumulation
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    if streamed:  # the stream's own batches, short ones included; a short last group is stepped too
+        micro = min(micro, share)
+        steps = math.ceil(math.ceil(share / micro) / accum)
+        return BatchSchedule(steps, micro, accum, world, cfg.batch_size, share * world, False)
+    if share >= micro * accum:  # whole global batches; the partial last one is not drawn at all
+        steps = share // (micro * accum)
+        return BatchSchedule(steps, micro, accum, world, cfg.batch_size, steps * cfg.batch_size, True)
+    # Less than one global batch per process (a demo-sized set): the whole epoch is one step.
+    micro = min(micro, share)
+    drop = mixing  # mixup needs even pairs; otherwise every image of the epoch counts
+    passes = share // micro if drop else math.ceil(share / micro)
+    return BatchSchedule(1, micro, max(passes, 1), world, cfg.batch_size, min(share, passes * micro) * world, drop)
+
+
+def _flag_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Each item with whether it is the last one (one item of look-ahead)."""
+    it = iter(items)
+    try:
+        held = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield held, False
+        held = item
+    yield held, True
+
+
 def train_classifier(
     train_set: torch.utils.data.Dataset,
     num_classes: int,
@@ -493,11 +563,14 @@ def train_classifier(
 
     Launched by torchrun (``WORLD_SIZE`` > 1 in the environment), every process calls this with the same
     arguments: it joins the process group (NCCL on CUDA, gloo on CPU), trains its share of each global batch
-    of ``cfg.batch_size`` (``batch_size / world_size`` images per process) under DistributedDataParallel, and
-    returns the same weights in every process. Sampling and augmentation depend only on the seed, epoch and
-    image index, so with per-image normalisation (GroupNorm, or batch norm synchronised by ``cfg.sync_bn``) and
-    no mixup, ``w`` processes follow the trajectory of one up to floating-point summation order; with plain
-    batch norm each process normalises its own share, as in timm's distributed training.
+    of ``cfg.batch_size`` under DistributedDataParallel, and returns the same weights in every process. Each
+    process passes ``cfg.gradient_accumulation`` micro-batches of ``batch_size / (world_size x accumulation)``
+    images per optimiser step (:func:`batch_schedule`; the arithmetic is logged at the start), their losses
+    weighted so the step is the one of the whole global batch. Sampling and augmentation depend only on the
+    seed, epoch and image index, so with per-image normalisation (GroupNorm, or batch norm synchronised by
+    ``cfg.sync_bn``) and no mixup, ``w`` processes follow the trajectory of one up to floating-point summation
+    order; with plain batch norm each process normalises its own share (and each micro-batch its own), as in
+    timm's distributed training.
 
     With ``checkpoint``, a resumable checkpoint is written every ``cfg.checkpoint_every_epochs`` epochs and
     after the last one (by rank 0 only), and training resumes from the committed one found there: weights,
@@ -551,11 +624,17 @@ def _train(
     store: Store | None,
     ranks: _Ranks,
 ) -> Classifier:
-    if cfg.batch_size % ranks.world:
+    streamed = isinstance(train_set, torch.utils.data.IterableDataset)
+    # The stream's len() is already this process's share; the sampler gives each process ceil(n / world).
+    sched = _schedule(cfg, n if streamed else math.ceil(n / ranks.world), ranks.world, streamed)
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    if mixing and sched.micro_batch % 2:
         raise ValueError(
-            f"classifier.batch_size ({cfg.batch_size}) is the global batch and must be a multiple of the "
-            f"{ranks.world} training processes; change it or --nproc-per-node"
+            f"mixup/cutmix pair images inside a micro-batch of {sched.micro_batch} per process, which must be even; "
+            "change classifier.batch_size (or classifier.gradient_accumulation)"
         )
+    if ranks.rank == 0:
+        log.info("%s; %d optimiser steps per epoch", cfg.batch_arithmetic(ranks.world), sched.steps_per_epoch)
     # Rank 0 keeps the one-process streams; other ranks draw their own (dropout, drop-path, mixup), as timm does.
     random.seed(cfg.seed + ranks.rank)
     np.random.seed(cfg.seed + ranks.rank)
@@ -571,30 +650,23 @@ def _train(
         elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
             log.warning("classifier.sync_bn needs CUDA: batch norm on %s normalises each process's share", device)
 
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
     train_transform = build_transforms(cfg, train=True)
     dataset: _Transformed | _TransformedStream
-    if isinstance(train_set, torch.utils.data.IterableDataset):
-        sampler, share = None, n
+    if streamed:
+        sampler = None
         dataset = _TransformedStream(train_set, train_transform, seed=cfg.seed, rank=ranks.rank)
     else:
-        sampler = _EpochKeys(n, cfg.seed, ranks.rank, ranks.world)
-        dataset, share = _Transformed(train_set, train_transform, seed=cfg.seed), len(sampler)
-    batch = min(cfg.batch_size // ranks.world, share)
-    if mixing and batch % 2:
-        raise ValueError(
-            f"mixup/cutmix pair images inside a batch of {batch} per process, which must be even; "
-            "change classifier.batch_size"
-        )
+        whole = sched.steps_per_epoch * sched.micro_batch * sched.accumulation  # this process's whole global batches
+        sampler = _EpochKeys(n, cfg.seed, ranks.rank, ranks.world, take=whole)
+        dataset = _Transformed(train_set, train_transform, seed=cfg.seed)
     # Mixup pairs samples inside a batch and needs an even batch size, hence drop_last when mixing. A stream is
     # batched inside each DataLoader worker, so drop_last would drop every worker's remainder (and a worker whose
     # share is under one batch would yield nothing): streams keep their short batches, trimmed to even for mixup.
-    streamed = sampler is None
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch,
+        batch_size=sched.micro_batch,
         sampler=sampler,
-        drop_last=not streamed and (mixing or share > batch),
+        drop_last=sched.drop_last,
         num_workers=cfg.workers,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -625,7 +697,7 @@ def _train(
         decay_rate=cfg.decay_rate,
         warmup_epochs=cfg.warmup_epochs,
         step_on_epochs=False,
-        updates_per_epoch=len(loader),
+        updates_per_epoch=sched.steps_per_epoch,
     )
     autocast, use_scaler = _autocast(device, cfg)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -669,39 +741,51 @@ def _train(
         (sampler or dataset).set_epoch(epoch)
         trained.train()
         t0, total_loss, seen = time.perf_counter(), 0.0, 0
-        for images, labels in loader:
+        # One optimiser step per group of sched.accumulation micro-batches: each micro-batch's mean loss is
+        # weighted by its share of the group's images, so the summed gradient is the group's mean, as one pass
+        # over the whole global batch would give; DDP synchronises only on a group's last micro-batch.
+        group, expected = sched.accumulation, sched.accumulation * sched.micro_batch
+        in_group, group_images = 0, 0
+        optimizer.zero_grad(set_to_none=True)
+        for (images, labels), last in _flag_last(loader):
+            in_group += 1
+            final = in_group == group or last
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if labels.min() < 0 or labels.max() >= num_classes:
                 raise ValueError(f"labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
             if mixup_fn is not None and len(labels) % 2:  # a stream worker's last, short batch
                 images, labels = images[:-1], labels[:-1]
-                if not len(labels):
-                    continue
-            targets = labels
-            if mixup_fn is not None:
-                images, targets = mixup_fn(images, labels)
-            if autocast is not None:
-                with autocast:
-                    loss = criterion(trained(images), targets)
-            else:
-                loss = criterion(trained(images), targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {loss.item()} at epoch {epoch}; lower classifier.lr ({cfg.lr})"
-                )
-            optimizer.zero_grad(set_to_none=True)
+            if len(labels):
+                targets = labels
+                if mixup_fn is not None:
+                    images, targets = mixup_fn(images, labels)
+                sync = contextlib.nullcontext() if final or ranks.world == 1 else trained.no_sync()
+                with sync:
+                    with autocast if autocast is not None else contextlib.nullcontext():
+                        loss = criterion(trained(images), targets)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"training loss became {loss.item()} at epoch {epoch}; lower classifier.lr ({cfg.lr})"
+                        )
+                    weighted = loss if group == 1 else loss * (len(labels) / expected)
+                    (scaler.scale(weighted) if scaler is not None else weighted).backward()
+                group_images += len(labels)
+                total_loss += loss.item() * len(labels)
+                seen += len(labels)
+            if not final or not group_images:
+                continue
+            if group > 1:
+                _mean_over_group(net, group_images, expected, ranks, device, streamed)
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            in_group, group_images = 0, 0
             updates += 1
             scheduler.step_update(num_updates=updates)
-            total_loss += loss.item() * len(labels)
-            seen += len(labels)
         if not seen:
             raise ValueError(f"epoch {epoch + 1} gave no training batch from {n} images; lower classifier.batch_size "
                              f"({cfg.batch_size}) or classifier.workers ({cfg.workers})")
@@ -753,6 +837,26 @@ def _train(
     if net is not model.net:  # SyncBatchNorm copy: the returned model keeps plain batch norm
         model.net.load_state_dict(net.state_dict())
     return model.eval()
+
+
+def _mean_over_group(
+    net: nn.Module, images: int, expected: int, ranks: _Ranks, device: torch.device, streamed: bool
+) -> None:
+    """Rescale accumulated gradients weighted for ``expected`` images per process to the mean over the group's.
+
+    Map-style groups are always whole (or equally short on every process); a stream's groups can be short, and
+    differently so on each process, so their image counts are summed over the processes first.
+    """
+    total = images * ranks.world
+    if streamed and ranks.world > 1:
+        count = torch.tensor([images], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        total = int(count.item())
+    if total != expected * ranks.world:
+        factor = expected * ranks.world / total
+        for p in net.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
 
 def _loader(

@@ -84,11 +84,7 @@ def _check_world(cfg: BuildConfig, nproc_per_node: int, nnodes: str) -> None:
         raise ValueError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     if str(nnodes).isdigit():
         world = nproc_per_node * int(nnodes)
-        if cfg.classifier.batch_size % world:
-            raise ValueError(
-                f"classifier.batch_size ({cfg.classifier.batch_size}) is the global batch and must be a multiple of "
-                f"the {world} training processes ({nnodes} node(s) x {nproc_per_node})"
-            )
+        log.info("%s (%s node(s) x %d)", cfg.classifier.batch_arithmetic(world), nnodes, nproc_per_node)
     from realfake.models.loading import resolve_device
 
     if resolve_device(cfg.device).type == "cuda":
