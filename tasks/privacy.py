@@ -289,8 +289,8 @@ def copy_detection_task(cfg: BuildConfig, copy: CopyDetectionConfig, gpu_limit: 
     """Embed synthetic and real training images and write the copy-detection report, holding one GPU slot."""
     with concurrency(gpu_limit, occupy=1):
         out = _audit().run_copy_detection(cfg, copy)
-    get_run_logger().info("copy detection of %s/%s: %d/%d synthetic images at or above %.3f", cfg.dataset,
-                          cfg.version, out["n_above_threshold"], out["n_synthetic"], out["threshold"])
+    get_run_logger().info("copy detection of %s/%s: %d/%d synthetic images at or above %.3f; %s", cfg.dataset,
+                          cfg.version, out["n_above_threshold"], out["n_synthetic"], out["threshold"], out["note"])
     return out
 
 
@@ -324,7 +324,7 @@ def publish_copy_report(result: dict, dataset: str, version: str) -> list[UUID]:
     md = (
         f"## Copy detection on {dataset}/{version}\n\n"
         f"Descriptor `{result['descriptor']}`, {result['n_synthetic']} synthetic vs {result['n_real']} real "
-        f"training images.\n\n"
+        f"training images.\n\n**{result['note']}**\n\n"
         f"| measure | value |\n|---|---|\n"
         f"| share at or above {result['threshold']:g} | {result['share_above_threshold']:.4f} "
         f"({result['n_above_threshold']}) |\n"

@@ -15,14 +15,19 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from realfake.config import CopyDetectionConfig
 from realfake.data.storage import Store
 from realfake.privacy.copydetect import (
+    FALLBACK_QUANTILE,
+    SSCD_THRESHOLD,
     build_descriptor,
     clip_descriptor,
     copy_report,
     embed_images,
+    is_torchscript_file,
     l2_normalize,
     nearest_real,
+    resolve_descriptor_kind,
     sscd_descriptor,
     timm_descriptor,
 )
@@ -223,3 +228,55 @@ def test_clear_errors_for_missing_models_and_unnormalised_input(tmp_path):
         copy_report(np.ones((2, 3)), l2_normalize(np.ones((2, 3))), tmp_path / "out")
     with pytest.raises(TypeError, match="uint8"):
         embed_images([np.zeros((8, 8, 3), dtype=np.float32)], timm_descriptor("test_resnet", size=16))
+
+
+# -- SSCD whenever its file is given; fallbacks named, with their own threshold ------------------------------------
+
+
+def test_auto_is_sscd_exactly_when_the_path_is_a_torchscript_file(torchscript_file, tmp_path):
+    weights = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, weights)  # a zip archive too, but of weights, not TorchScript
+    (tmp_path / "clip").mkdir()
+    assert is_torchscript_file(torchscript_file) and not is_torchscript_file(weights)
+    assert not is_torchscript_file(tmp_path / "clip") and not is_torchscript_file(tmp_path / "absent.pt")
+    assert resolve_descriptor_kind("auto", torchscript_file) == "sscd"
+    assert resolve_descriptor_kind("auto", None) == "clip"  # the build's own CLIP model: a fallback
+    assert resolve_descriptor_kind("auto", tmp_path / "clip") == "clip"
+    assert resolve_descriptor_kind("auto", "openai/clip-vit-large-patch14") == "clip"
+    assert resolve_descriptor_kind("auto", tmp_path / "sscd_disc_mixup.torchscript.pt") == "sscd"  # missing: says so
+    assert resolve_descriptor_kind("timm", weights) == "timm"
+    with pytest.raises(ValueError) as err:
+        resolve_descriptor_kind("auto", weights)
+    assert "\n" not in str(err.value)
+    assert "copy_detection.descriptor_path" in str(err.value) and "not a TorchScript file" in str(err.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        assert build_descriptor("auto", torchscript_file).kind == "sscd"
+    assert CopyDetectionConfig().descriptor == "auto" and CopyDetectionConfig().threshold is None
+
+
+def test_a_fallback_descriptor_is_named_and_thresholded_on_the_real_to_real_reference(tmp_path):
+    rng = np.random.default_rng(4)
+    real, syn = _unit(rng, 200, 32), _unit(rng, 50, 32)
+    syn[0] = real[7]  # one exact copy
+    fallback = copy_report(syn, real, tmp_path / "clip", k=2, reference=True, descriptor_name="clip:tiny-clip")
+    reference = nearest_real(real, real, k=2)[0][:, 1]  # each real image's nearest other real image
+    assert fallback.fallback and fallback.descriptor_kind == "clip"
+    assert fallback.threshold == pytest.approx(float(np.quantile(reference, FALLBACK_QUANTILE)), abs=1e-6)
+    assert fallback.threshold != SSCD_THRESHOLD and "p99 of real -> nearest other real" in fallback.threshold_source
+    assert fallback.note.startswith("fallback descriptor clip:tiny-clip, not SSCD")
+    assert fallback.n_above_threshold >= 1 and fallback.closest_pairs[0]["syn_index"] == 0
+    summary = json.loads(Store(str(tmp_path / "clip")).read_bytes("copy_detection.json"))
+    assert summary["fallback"] is True and "not SSCD" in summary["note"]
+
+    sscd = copy_report(syn, real, tmp_path / "sscd", k=2, descriptor_name="sscd:sscd_disc_mixup.torchscript.pt")
+    assert not sscd.fallback and sscd.threshold == SSCD_THRESHOLD and "Somepalli" in sscd.threshold_source
+    assert sscd.note.startswith("SSCD descriptor sscd:sscd_disc_mixup.torchscript.pt: threshold 0.5")
+    given = copy_report(syn, real, tmp_path / "given", threshold=0.3, descriptor_name="timm:resnet18:w.pth")
+    assert given.fallback and given.threshold == 0.3 and given.threshold_source == "set by copy_detection.threshold"
+
+    with pytest.raises(ValueError, match="no calibrated copy threshold and no real-to-real reference"):
+        copy_report(syn, real, tmp_path / "none", descriptor_name="clip:tiny-clip", reference=False)
+    with pytest.raises(ValueError, match="copy_detection.reference=true"):
+        CopyDetectionConfig(descriptor="clip", reference=False)
+    CopyDetectionConfig(descriptor="clip", reference=False, threshold=0.9)  # a threshold the user stands for

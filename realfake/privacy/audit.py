@@ -513,15 +513,18 @@ def run_lira(cfg: BuildConfig, privacy_cfg: PrivacyConfig | LiraConfig, progress
 def copy_descriptor(cfg: BuildConfig, copy: CopyDetectionConfig):
     """The :class:`~realfake.privacy.copydetect.Descriptor` the settings name, on the build's device.
 
-    ``clip`` without a path uses the build's own CLIP model through the production loader (which also resolves
-    the demo's cached base); a folder or hub id in ``descriptor_path`` is loaded the same way.
+    ``auto`` is SSCD when ``descriptor_path`` is its TorchScript file, else the fallback ``clip``
+    (:func:`~realfake.privacy.copydetect.resolve_descriptor_kind`). ``clip`` without a path uses the build's own
+    CLIP model through the production loader (which also resolves the demo's cached base); a folder or hub id in
+    ``descriptor_path`` is loaded the same way.
     """
     from realfake.models.loading import resolve_device
-    from realfake.privacy.copydetect import Descriptor, build_descriptor
+    from realfake.privacy.copydetect import Descriptor, build_descriptor, resolve_descriptor_kind
 
     device = resolve_device(cfg.device)
-    if copy.descriptor != "clip":
-        return build_descriptor(copy.descriptor, copy.descriptor_path, copy.descriptor_model, device)
+    kind = resolve_descriptor_kind(copy.descriptor, copy.descriptor_path)
+    if kind != "clip":
+        return build_descriptor(kind, copy.descriptor_path, copy.descriptor_model, device)
     from realfake.models.loading import load_clip_vision
 
     model_id = copy.descriptor_path or cfg.models.clip
@@ -536,6 +539,7 @@ def copy_descriptor(cfg: BuildConfig, copy: CopyDetectionConfig):
         mean=tuple(processor.image_mean),
         std=tuple(processor.image_std),
         device=device,
+        kind="clip",
     )
 
 
@@ -590,7 +594,7 @@ def run_copy_detection(cfg: BuildConfig, privacy_cfg: PrivacyConfig | CopyDetect
         FileNotFoundError: the version has no committed synthetic images (build it first).
     """
     from realfake.data.loaders import RealImages
-    from realfake.privacy.copydetect import copy_report, embed_images, l2_normalize
+    from realfake.privacy.copydetect import copy_report, embed_images, l2_normalize, resolve_threshold
 
     copy = privacy_cfg.copy_detection if isinstance(privacy_cfg, PrivacyConfig) else privacy_cfg
     t0 = time.time()
@@ -600,7 +604,12 @@ def run_copy_detection(cfg: BuildConfig, privacy_cfg: PrivacyConfig | CopyDetect
         raise FileNotFoundError(f"{store.uri('synthetic')} holds no committed shards: build the version first")
     real = RealImages(store, "train")
     descriptor = copy_descriptor(cfg, copy)
-    center = copy.center if copy.center is not None else copy.descriptor != "sscd"
+    if descriptor.kind != "sscd":
+        log.warning("copy detection uses the fallback descriptor %s, not SSCD (give copy_detection.descriptor_path "
+                    "= the SSCD TorchScript file): its similarities are not calibrated for copies", descriptor.name)
+        if copy.threshold is None and not (copy.reference and len(real) > 1):  # before any image is embedded
+            resolve_threshold(descriptor.kind, None, None)
+    center = copy.center if copy.center is not None else descriptor.kind != "sscd"
 
     def stream(images, what: str):
         if progress:
@@ -631,7 +640,7 @@ def run_copy_detection(cfg: BuildConfig, privacy_cfg: PrivacyConfig | CopyDetect
         l2_normalize(syn_raw, mean), l2_normalize(real_raw, mean), out, threshold=copy.threshold, k=copy.top_k,
         syn_ids=keys, real_ids=real_ids, syn_images=synthetic, real_images=lambda i: real[i][0],
         n_pairs=copy.n_pairs, reference=copy.reference and len(real) > 1, descriptor_name=descriptor.name,
-        device=descriptor.device,
+        device=descriptor.device, descriptor_kind=descriptor.kind,
     ).to_dict()
     neighbours = out.read_table("copy_neighbours.parquet").to_pylist()
     top1 = {r["syn_id"]: r["real_id"] for r in neighbours if r["rank"] == 0}

@@ -7,8 +7,9 @@ loaded from local files only), L2-normalises the descriptors, finds the top-k mo
 every synthetic image with blocked matrix products (:func:`nearest_real`; memory is bounded by the block
 size, never a loop over pairs) and writes the report (:func:`copy_report`): the similarity histogram,
 the share of synthetic images above a copy threshold, a grid of the closest pairs side by side, the
-neighbour table and a JSON summary. Cosine similarity of SSCD descriptors is calibrated for copies;
-for other backbones read the threshold against the real-to-real reference distribution the report can add.
+neighbour table and a JSON summary. Cosine similarity of SSCD descriptors is calibrated for copies (threshold
+0.5); timm and CLIP backbones are fallbacks, named as such in every summary, whose default threshold is read off
+the real-to-real reference distribution of the same data (:func:`resolve_threshold`), never SSCD's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,9 +36,14 @@ __all__ = [
     "CLIP_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "FALLBACK_QUANTILE",
+    "SSCD_THRESHOLD",
     "CopyReport",
     "Descriptor",
     "build_descriptor",
+    "is_torchscript_file",
+    "resolve_descriptor_kind",
+    "resolve_threshold",
     "clip_descriptor",
     "copy_report",
     "embed_images",
@@ -53,6 +60,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# SSCD's copy threshold, as used for replication by "Diffusion Art or Digital Forgery?" (Somepalli et al., 2023).
+SSCD_THRESHOLD = 0.5
+# A fallback descriptor's default threshold: this quantile of the real -> nearest other real similarities.
+FALLBACK_QUANTILE = 0.99
+_TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".torchscript", ".jit")
+
+DescriptorKind = Literal["sscd", "timm", "clip"]
 ResizeMode = Literal["square", "short_side", "center_crop"]
 ImageLike = Image.Image | np.ndarray
 
@@ -76,6 +90,7 @@ class Descriptor:
         std: Per-channel normalisation std.
         device: Where the model runs.
         extract: Optional function from the model output to a ``[b, d]`` tensor.
+        kind: ``sscd``, or the fallback it is (``timm``, ``clip``); decides the default threshold.
     """
 
     name: str
@@ -86,6 +101,7 @@ class Descriptor:
     std: tuple[float, float, float] = IMAGENET_STD
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     extract: Callable[[Any], torch.Tensor] | None = None
+    kind: DescriptorKind = "sscd"
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """Size ``(width, height)`` an image of this size is resized to before any crop."""
@@ -156,7 +172,7 @@ def sscd_descriptor(path: str | Path, size: int = 288, device: str | torch.devic
     except RuntimeError as e:
         raise ValueError(f"{p} is not a TorchScript model file ({e}); export SSCD with torch.jit.save") from e
     model.eval()
-    return Descriptor(name=f"sscd:{p.name}", model=model, size=size, resize="short_side", device=dev)
+    return Descriptor(name=f"sscd:{p.name}", model=model, size=size, resize="short_side", device=dev, kind="sscd")
 
 
 def timm_descriptor(
@@ -201,6 +217,7 @@ def timm_descriptor(
         mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
         std=tuple(cfg.get("std", IMAGENET_STD)),
         device=dev,
+        kind="timm",
     )
 
 
@@ -234,17 +251,79 @@ def clip_descriptor(folder: str | Path, device: str | torch.device = "cpu") -> D
         mean=mean,
         std=std,
         device=dev,
+        kind="clip",
     )
 
 
+def is_torchscript_file(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``), told apart from a ``torch.save`` weights
+    file by the ``code/`` and ``constants.pkl`` entries only TorchScript writes; the model is not loaded."""
+    p = Path(path).expanduser()
+    if not p.is_file() or not zipfile.is_zipfile(p):
+        return False
+    with zipfile.ZipFile(p) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def resolve_descriptor_kind(descriptor: str, path: str | Path | None) -> DescriptorKind:
+    """The descriptor a ``copy_detection.descriptor`` setting names; ``auto`` is SSCD whenever ``path`` is its
+    TorchScript file (or a missing file named like one, so loading it says what is missing), else the fallback
+    ``clip`` (``path`` then names a CLIP folder or hub id; None: the build's CLIP model)."""
+    if descriptor in ("sscd", "timm", "clip"):
+        return descriptor  # type: ignore[return-value]
+    if descriptor != "auto":
+        raise ValueError(f"copy_detection.descriptor = {descriptor!r} is unknown: use auto, sscd, timm or clip")
+    if path is None:
+        return "clip"
+    p = Path(path).expanduser()
+    if p.is_file():
+        if is_torchscript_file(p):
+            return "sscd"
+        raise ValueError(
+            f"copy_detection.descriptor_path = {str(path)!r} is not a TorchScript file: give the SSCD TorchScript "
+            "file (sscd_disc_mixup.torchscript.pt), or set copy_detection.descriptor to timm or clip for a fallback"
+        )
+    if not p.exists() and p.suffix in _TORCHSCRIPT_SUFFIXES:
+        return "sscd"
+    return "clip"
+
+
+def resolve_threshold(kind: str, threshold: float | None, reference: np.ndarray | None) -> tuple[float, str]:
+    """The similarity threshold of a copy report and where it comes from.
+
+    A given ``threshold`` is used as given. Otherwise SSCD's is :data:`SSCD_THRESHOLD`; a fallback descriptor's
+    is the :data:`FALLBACK_QUANTILE` quantile of ``reference`` (each real image's similarity to its nearest other
+    real image): SSCD's 0.5 means nothing on another descriptor's scale, and no copy calibration exists for these.
+
+    Raises:
+        ValueError: a fallback descriptor without ``threshold`` or ``reference``.
+    """
+    if threshold is not None:
+        return float(threshold), "set by copy_detection.threshold"
+    if kind == "sscd":
+        return SSCD_THRESHOLD, "SSCD copy threshold (Somepalli et al. 2023)"
+    if reference is None or not len(reference):
+        raise ValueError(
+            f"the fallback descriptor ({kind}) has no calibrated copy threshold and no real-to-real reference to "
+            "read one from: set copy_detection.reference=true (needs 2+ real images) or copy_detection.threshold"
+        )
+    value = float(np.quantile(np.asarray(reference, dtype=np.float64), FALLBACK_QUANTILE))
+    return value, (f"p{FALLBACK_QUANTILE * 100:g} of real -> nearest other real similarity on this data (no copy "
+                   "calibration exists for a fallback descriptor)")
+
+
 def build_descriptor(
-    kind: Literal["sscd", "timm", "clip"],
+    kind: Literal["auto", "sscd", "timm", "clip"],
     path: str | Path | None = None,
     model_name: str = "resnet18",
     device: str | torch.device = "cpu",
 ) -> Descriptor:
     """Factory by name: ``sscd`` (``path`` = TorchScript file), ``timm`` (``model_name``, ``path`` = optional
-    weights file) or ``clip`` (``path`` = model folder)."""
+    weights file), ``clip`` (``path`` = model folder) or ``auto`` (:func:`resolve_descriptor_kind`)."""
+    if kind == "auto":
+        if path is None:
+            raise ValueError("descriptor kind 'auto' needs a path here: the SSCD TorchScript file or a CLIP folder")
+        kind = resolve_descriptor_kind(kind, path)
     if kind == "sscd":
         if path is None:
             raise ValueError("descriptor kind 'sscd' needs the path of the SSCD TorchScript file")
@@ -255,7 +334,7 @@ def build_descriptor(
         if path is None:
             raise ValueError("descriptor kind 'clip' needs the path of a local CLIP model folder")
         return clip_descriptor(path, device=device)
-    raise ValueError(f"unknown descriptor kind {kind!r}; use 'sscd', 'timm' or 'clip'")
+    raise ValueError(f"unknown descriptor kind {kind!r}; use 'auto', 'sscd', 'timm' or 'clip'")
 
 
 # -- embedding and search --------------------------------------------------------------------------------
@@ -395,10 +474,14 @@ class CopyReport:
     """Summary of a copy-detection run (also written as ``copy_detection.json``)."""
 
     descriptor: str
+    descriptor_kind: str  # sscd, or the fallback (timm, clip) it is
+    fallback: bool  # not SSCD: similarities are not calibrated for copies
+    note: str  # one line naming the descriptor and the meaning of the threshold, for every summary shown
     n_synthetic: int
     n_real: int
     k: int
     threshold: float
+    threshold_source: str
     share_above_threshold: float
     n_above_threshold: int
     top1_quantiles: dict[str, float]
@@ -423,7 +506,7 @@ def copy_report(
     syn_emb: np.ndarray,
     real_emb: np.ndarray,
     out: Store | str | Path,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     k: int = 5,
     syn_ids: Sequence[str] | None = None,
     real_ids: Sequence[str] | None = None,
@@ -434,6 +517,7 @@ def copy_report(
     descriptor_name: str = "unknown",
     block: int = 4096,
     device: str | torch.device = "cpu",
+    descriptor_kind: str | None = None,
 ) -> CopyReport:
     """Search the nearest real images of every synthetic one and write the copy-detection report.
 
@@ -445,9 +529,9 @@ def copy_report(
         syn_emb: L2-normalised synthetic descriptors ``[m, d]`` (:func:`embed_images`).
         real_emb: L2-normalised real descriptors ``[n, d]``.
         out: Destination store or folder.
-        threshold: Cosine similarity at or above which a synthetic image counts as a (near-)copy. 0.5 is
-            the SSCD threshold used for replication in "Diffusion Art or Digital Forgery?" (Somepalli et
-            al., 2023); other descriptors need their own, read against ``reference``.
+        threshold: Cosine similarity at or above which a synthetic image is flagged; None: the descriptor's
+            default (:func:`resolve_threshold`: SSCD's 0.5, the copy threshold of "Diffusion Art or Digital
+            Forgery?", Somepalli et al. 2023; for a fallback descriptor a quantile of ``reference``).
         k: Nearest real images kept per synthetic image.
         syn_ids: Names of the synthetic images (default: their positions).
         real_ids: Names of the real images (default: their positions).
@@ -459,6 +543,8 @@ def copy_report(
         descriptor_name: Recorded in the summary (``Descriptor.name``).
         block: Tile size of the search (:func:`nearest_real`).
         device: Torch device of the search.
+        descriptor_kind: ``sscd``, ``timm`` or ``clip`` (``Descriptor.kind``); None reads it from the name's
+            prefix (``sscd:...``), and a name without a known prefix counts as a fallback.
 
     Returns:
         The :class:`CopyReport` that was written.
@@ -489,6 +575,16 @@ def copy_report(
         self_first = ri[:, 0] == np.arange(n)
         ref = np.where(self_first, rs[:, 1], rs[:, 0])
 
+    kind = descriptor_kind or descriptor_name.split(":", 1)[0]
+    kind = kind if kind in ("sscd", "timm", "clip") else "unknown"
+    threshold, threshold_source = resolve_threshold(kind, threshold, ref)
+    fallback = kind != "sscd"
+    if fallback:
+        note = (f"fallback descriptor {descriptor_name}, not SSCD: its similarities are not calibrated for copies; "
+                f"threshold {threshold:.3f} ({threshold_source})")
+    else:
+        note = f"SSCD descriptor {descriptor_name}: threshold {threshold:g} ({threshold_source})"
+
     kk = sims.shape[1]
     store.write_table(
         pa.table(
@@ -502,7 +598,8 @@ def copy_report(
         "copy_neighbours.parquet",
     )
     files = {"neighbours": store.uri("copy_neighbours.parquet")}
-    store.write_bytes(similarity_histogram(top1, threshold, reference=ref), "copy_similarity_hist.png")
+    title = f"Nearest real image per synthetic image\n{descriptor_name}" + (" (fallback, not SSCD)" if fallback else "")
+    store.write_bytes(similarity_histogram(top1, threshold, reference=ref, title=title), "copy_similarity_hist.png")
     files["histogram"] = store.uri("copy_similarity_hist.png")
 
     order = np.argsort(-top1, kind="stable")[:n_pairs]
@@ -533,10 +630,14 @@ def copy_report(
     n_above = int((top1 >= threshold).sum())
     report = CopyReport(
         descriptor=descriptor_name,
+        descriptor_kind=kind,
+        fallback=fallback,
+        note=note,
         n_synthetic=m,
         n_real=n,
         k=kk,
         threshold=float(threshold),
+        threshold_source=threshold_source,
         share_above_threshold=n_above / m,
         n_above_threshold=n_above,
         top1_quantiles=_quantiles(top1),
@@ -546,10 +647,11 @@ def copy_report(
     )
     store.write_json(report.to_dict(), "copy_detection.json")
     log.info(
-        "copy detection: %d/%d synthetic images at or above %.3f (max %.3f)",
+        "copy detection: %d/%d synthetic images at or above %.3f (max %.3f); %s",
         n_above,
         m,
         threshold,
         report.top1_quantiles["max"],
+        note,
     )
     return report
