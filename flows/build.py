@@ -19,13 +19,22 @@ from flows.finetune import run_finetune
 from flows.params import BuildParams
 from flows.prepare import run_prepare
 from flows.synthesize import run_synthesis
+from realfake.build import BASELINE_PROMPTS
 from realfake.config import BuildConfig, ConfigError
 from realfake.data.storage import version_store
-from tasks.artifacts import publish_card_link, publish_counts, publish_grid, publish_metrics, publish_report
+from realfake.redact import redacting_errors
+from tasks.artifacts import (
+    publish_card_link,
+    publish_counts,
+    publish_grid,
+    publish_metrics,
+    publish_plan,
+    publish_report,
+)
 from tasks.lease import build_lease
 from tasks.stages import finalize_task, measure_task, report_task, verify_task
 
-__all__ = ["build_flow", "build_version_stages", "main", "run_build_stages"]
+__all__ = ["build_flow", "build_version_stages", "main", "publish_build_plan", "run_build_stages"]
 
 
 def build_version_stages(cfg: BuildConfig, params: BuildParams) -> dict:
@@ -66,7 +75,7 @@ def run_build_stages(cfg: BuildConfig, params: BuildParams) -> dict:
     versions = {"realfake": build_version_stages(cfg, params)}
     configs = {"realfake": cfg}
     if params.compare_baseline:
-        base = library.baseline_config(cfg)
+        base = library.baseline_config(cfg, params.baseline_prompt)
         versions["baseline"] = build_version_stages(base, params)
         configs["baseline"] = base
     report: dict = {"dataset": cfg.dataset, "version": cfg.version, "versions": versions}
@@ -93,13 +102,27 @@ def _summary(synthesis: dict) -> dict:
 
 
 @flow(name="build", log_prints=True, persist_result=True)
+@redacting_errors
 def build_flow(params: BuildParams = BuildParams()) -> dict:
     """Build one synthetic dataset version with the Real-Fake method and measure it."""
     from realfake.preflight import preflight
 
     cfg = params.to_config()  # validation fails here, before any GPU work
     preflight(cfg, measure=params.measure)  # models, source and sizes checked in seconds, naming the field
+    publish_build_plan(cfg, params)  # the first artifact: what the build will cost, before it costs anything
     return run_build_stages(cfg, params)
+
+
+def publish_build_plan(cfg: BuildConfig, params: BuildParams) -> None:
+    """Publish the plan artifact (counts, steps, bytes, GPU-hours); a plan that cannot be made is logged, not fatal."""
+    from realfake.plan import build_plan, format_plan
+    from tasks.gpu import visible_gpus
+
+    gpus = params.fanout.groups or len(visible_gpus()) or 1
+    try:
+        publish_plan(format_plan(build_plan(cfg, gpus=gpus)), cfg.dataset, cfg.version)
+    except ConfigError as e:  # e.g. a global batch that does not split over this node's GPUs
+        get_run_logger().warning("no plan artifact: %s", e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,13 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fanout", choices=["local", "deployment"], default="local", help="how shard groups run")
     p.add_argument("--groups", type=int, default=None, help="shard groups (default: one per visible GPU)")
     p.add_argument("--no-baseline", action="store_true", help="skip the text-to-image baseline version")
+    p.add_argument("--baseline-prompt", choices=list(BASELINE_PROMPTS), default="caption",
+                   help="the baseline's prompt (caption: the authors', the build's prompt with its caption)")
     a = p.parse_args(argv)
     from realfake.redact import install_log_redaction
 
     install_log_redaction()
     try:
         params = BuildParams(preset=a.preset, config_file=a.config, overrides=a.overrides,
-                             fanout={"mode": a.fanout, "groups": a.groups}, compare_baseline=not a.no_baseline)
+                             fanout={"mode": a.fanout, "groups": a.groups}, compare_baseline=not a.no_baseline,
+                             baseline_prompt=a.baseline_prompt)
         params.to_config()
     except ConfigError as e:
         print(e, file=sys.stderr)

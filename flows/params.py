@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from realfake.build import BaselineKind
 from realfake.config import (
     BuildConfig,
     CaptionConfig,
@@ -25,6 +26,7 @@ from realfake.config import (
     OODConfig,
     ShardConfig,
     SourceConfig,
+    StorageConfig,
     SynthesisConfig,
     TrainDataConfig,
     load_config,
@@ -46,7 +48,7 @@ __all__ = [
 EvalData = Literal["real", "synthetic", "real+synthetic"]
 # every section of BuildConfig (tests/test_config.py checks): a child run gets the parent's whole config
 _SECTIONS = ("source", "models", "caption", "guidance", "finetune", "synthesis", "shards", "classifier", "train_data",
-             "ood")
+             "ood", "storage")
 
 
 class _Params(BaseModel):
@@ -104,6 +106,11 @@ class ConfigParams(_Params):
         None, description="Storage root: local path, file:// or s3://bucket/prefix (None: the preset's)."
     )
     device: str | None = Field(None, description="torch device: auto, cpu, cuda, cuda:N (None: the preset's).")
+    mode: Literal["resume", "extend", "overwrite"] | None = Field(
+        None, description="Synthetic shards the version already holds: resume (keep those made under this recipe, "
+        "refuse others), extend (also add new images), overwrite (rebuild those made under another recipe). None: "
+        "the preset's (resume).",
+    )
     source: SourceConfig | None = Field(None, description="Real data source; replaces the preset's fields sent.")
     models: ModelsConfig | None = Field(None, description="Generator, CLIP and captioner ids (hub id or folder).")
     caption: CaptionConfig | None = Field(None, description="BLIP-2 captions.")
@@ -117,6 +124,9 @@ class ConfigParams(_Params):
         "ratio, streaming; replaces the preset's fields sent.",
     )
     ood: OODConfig | None = Field(None, description="Out-of-distribution test folders (ImageNet-V2/-Sketch/-R/-A).")
+    storage: StorageConfig | None = Field(
+        None, description="Object storage endpoint, region and client options (MinIO, Ceph, R2); credentials come "
+        "from the worker's environment, AWS profile or instance role, never from here.")
     overrides: list[str] = Field(
         default_factory=list,
         description="Dotted overrides applied last, e.g. 'finetune.max_steps=200' or 'synthesis.seed=3'.",
@@ -125,7 +135,7 @@ class ConfigParams(_Params):
     def config_data(self) -> dict[str, Any]:
         """The explicit fields of this form as a partial config dict (sections keep only the fields sent)."""
         data: dict[str, Any] = {}
-        for name in ("dataset", "version", "root", "device"):
+        for name in ("dataset", "version", "root", "device", "mode"):
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
@@ -141,6 +151,9 @@ class ConfigParams(_Params):
         Raises:
             realfake.config.ConfigError: naming every bad field, before any work starts.
         """
+        from realfake.redact import register_overrides
+
+        register_overrides(self.overrides)  # a credential given as an override is refused, and masked wherever quoted
         return load_config(
             preset=self.preset, file=self.config_file, overrides=list(self.overrides), data=self.config_data()
         )
@@ -220,6 +233,12 @@ class BuildParams(ConfigParams):
         False,
         description="Also build the paper's baseline version ({version}-baseline: plain text-to-image from the "
         "base generator) and measure it next to the Real-Fake version.",
+    )
+    baseline_prompt: BaselineKind = Field(
+        "caption",
+        description="The baseline's prompt: caption (the authors' text-to-image baseline, paper G.5: the build's "
+        "prompt with the BLIP-2 caption where the preset captions), class_name (the class name alone) or "
+        "a_photo_of ('a photo of {class}'); the last two write {version}-baseline-class-name / -a-photo-of.",
     )
     measure: bool = Field(
         True,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from realfake.config import BuildConfig
-from realfake.data.storage import Store, version_store
+from realfake.data.storage import Store, resolve_storage_options, version_store
 
 __all__ = [
+    "BASELINE_PROMPTS",
+    "BaselineKind",
     "ablation_config",
     "baseline_config",
     "finalize",
@@ -44,18 +46,49 @@ def report_markdown(report: dict) -> str:
 
 
 def store_of(cfg: BuildConfig, storage_options: dict | None = None) -> Store:
-    return version_store(cfg.root, cfg.dataset, cfg.version, storage_options)
+    """The version's store; ``storage_options`` go over the config's ``storage`` section (endpoint, region, ...)."""
+    return version_store(cfg.root, cfg.dataset, cfg.version, resolve_storage_options(cfg.storage, storage_options))
 
 
-def baseline_config(cfg: BuildConfig) -> BuildConfig:
-    """The paper's baseline for the same data: plain text-to-image from the base generator, class-name prompt."""
-    return ablation_config(cfg, latent_prior=False, lora=False, mmd=False, guidance=False,
-                           version=f"{cfg.version}-baseline")
+BaselineKind = Literal["caption", "class_name", "a_photo_of"]
+BASELINE_PROMPTS: dict[str, str | None] = {
+    # The authors' text-to-image baseline (paper G.5; generate.py method SDT2I, prompts from get_prompt): the build's
+    # own prompt, BLIP-2 caption kept where the preset captions, and its prompt_suffix.
+    "caption": None,
+    "class_name": "{class_name}",  # the class name alone, no caption
+    "a_photo_of": "a photo of {class_name}",  # CLIP's zero-shot template, no caption
+}
+
+
+def baseline_config(cfg: BuildConfig, kind: BaselineKind = "caption") -> BuildConfig:
+    """The text-to-image baseline for the same data: the base generator without latent prior, LoRA, MMD or guidance.
+
+    ``kind`` names its prompt (:data:`BASELINE_PROMPTS`): ``caption`` (default) is the authors' baseline, the
+    build's own prompt template with the caption where the preset uses captions (``photo of {class}, {caption}``);
+    ``class_name`` and ``a_photo_of`` are the usual weaker prompts, without captions. Every kind keeps
+    ``synthesis.prompt_suffix`` and the negative prompt. The version is ``{version}-baseline`` for ``caption``,
+    ``{version}-baseline-class-name`` / ``-a-photo-of`` for the others.
+    """
+    if kind not in BASELINE_PROMPTS:
+        raise ValueError(f"baseline {kind!r} is unknown: use one of {', '.join(BASELINE_PROMPTS)}")
+    suffix = "" if kind == "caption" else "-" + kind.replace("_", "-")
+    base = ablation_config(cfg, latent_prior=False, lora=False, mmd=False, guidance=False,
+                           version=f"{cfg.version}-baseline{suffix}")
+    template = BASELINE_PROMPTS[kind]
+    if template is None:
+        return base
+    data = base.model_dump()
+    data["synthesis"]["prompt_template"] = template
+    data["caption"]["enabled"] = False
+    return BuildConfig.model_validate(data)
 
 
 def ablation_config(cfg: BuildConfig, *, latent_prior: bool, lora: bool, mmd: bool, guidance: bool,
                     version: str) -> BuildConfig:
-    """A copy of ``cfg`` with the method's parts switched on or off (the rows of the paper's ablation)."""
+    """A copy of ``cfg`` with the method's parts switched on or off (the rows of the paper's ablation).
+
+    Prompts and captions stay the build's in every row, as in the paper's ablation and the authors' baseline.
+    """
     data = cfg.model_dump()
     data["version"] = version
     data["synthesis"]["latent_prior"] = latent_prior
@@ -63,31 +96,69 @@ def ablation_config(cfg: BuildConfig, *, latent_prior: bool, lora: bool, mmd: bo
     if not mmd:
         data["finetune"]["mmd_weight"] = 0.0
     data["guidance"]["enabled"] = guidance
-    if not (latent_prior or lora or guidance):
-        data["caption"]["enabled"] = False
     return BuildConfig.model_validate(data)
 
 
 def prepare(cfg: BuildConfig, progress: bool = False, storage_options: dict | None = None) -> dict:
-    """Ingest the source (manifest + rejects), then captions and guidance embeddings where enabled."""
-    from realfake.data.ingest import ingest
+    """Ingest the source (manifest + rejects), then captions and guidance embeddings where enabled.
 
+    In a version that already holds synthetic shards, a source whose class names differ from those the shards were
+    made with is refused before anything is written, unless ``mode`` is overwrite (then synthesize rebuilds them).
+    """
+    storage_options = resolve_storage_options(cfg.storage, storage_options)
     store = store_of(cfg, storage_options)
     t0 = time.time()
-    res = ingest(cfg.source, store, storage_options, progress=progress)
+    res = _ingest_under_shards(cfg, store, storage_options, progress)
     out: dict[str, Any] = {"train": res.train, "test": res.test, "rejects": res.rejects, "classes": res.classes,
                            "reject_reasons": res.reject_reasons, "normalised": res.normalised,
                            "ingest_warnings": res.warnings, "ingest_s": round(time.time() - t0, 2)}
     if cfg.caption.enabled:
         from realfake.caption import compute_captions
 
-        out["captions"] = compute_captions(cfg, store, progress=progress)
+        out["captions"] = compute_captions(cfg, store, progress=progress, storage_options=storage_options)
     if cfg.guidance.enabled:
         from realfake.guidance import compute_guidance
 
         out["guidance"] = compute_guidance(cfg, store, progress=progress, storage_options=storage_options)
     out["seconds"] = round(time.time() - t0, 2)
     return out
+
+
+def _ingest_under_shards(cfg: BuildConfig, store: Store, storage_options: dict | None, progress: bool):
+    """Ingest into the version, or, when it holds committed shards, into a scratch folder first: the new manifest
+    replaces the version's only if its class map is the one the shards were made with (see :func:`prepare`)."""
+    import tempfile
+
+    from realfake.data.ingest import ingest
+    from realfake.data.manifest import MANIFEST, REJECTS
+    from realfake.data.shards import committed_shards, read_recipe
+    from realfake.recipe import RecipeMismatchError, recipe_diff, suggest_version
+    from realfake.synthesize import manifest_class_map
+
+    commits = committed_shards(store) if cfg.mode != "overwrite" else []
+    recorded = read_recipe(store) if commits else None
+    if recorded is not None and "class names" in recorded:
+        before = recorded["class names"]
+    elif commits and store.exists(*MANIFEST):
+        before = manifest_class_map(store)  # shards of an earlier realfake: made from the manifest they sit beside
+    else:
+        return ingest(cfg.source, store, storage_options, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="realfake-prepare-") as tmp:
+        scratch = Store(tmp)
+        res = ingest(cfg.source, scratch, storage_options, progress=progress)
+        old, new = {"class names": before}, {"class names": manifest_class_map(scratch)}
+        differ = recipe_diff(old, new, ("class names",) if cfg.mode == "extend" else ())
+        if differ:
+            grows_only = not recipe_diff(old, new, ("class names",))
+            fix = "add the new classes to this version (--set mode=extend), " if grows_only else ""
+            raise RecipeMismatchError(
+                f"prepare: the {len(commits)} committed synthetic shard(s) of {store.uri()} were made with other "
+                f"class names than the source gives now ({'; '.join(differ)}); nothing was written. To use the new "
+                f"names, {fix}rebuild this version's images (--set mode=overwrite, for prepare and synthesize) or "
+                f"write a new version (e.g. --set version={suggest_version(cfg.version)})")
+        for parts in (MANIFEST, REJECTS):
+            store.write_bytes(scratch.read_bytes(*parts), *parts)
+    return res
 
 
 def finetune_scopes(cfg: BuildConfig, storage_options: dict | None = None) -> list[str]:
@@ -108,27 +179,39 @@ def finetune(cfg: BuildConfig, scope: str = "all", progress: bool = False, compo
     by an earlier realfake, is trained again)."""
     from realfake.finetune import adapter_dir, adapter_recipe
     from realfake.finetune import finetune as train_adapter
+    from realfake.recipe import recipe_diff
 
+    storage_options = resolve_storage_options(cfg.storage, storage_options)
     store = store_of(cfg, storage_options)
     folder = adapter_dir(scope)
     if store.exists(*folder, "train_log.json") and store.exists(*folder, "pytorch_lora_weights.safetensors"):
         logged = store.read_json(*folder, "train_log.json")
-        if logged.get("config") == cfg.finetune.model_dump() and \
-                logged.get("recipe") == adapter_recipe(cfg, store, scope):
+        recipe = adapter_recipe(cfg, store, scope)
+        if logged.get("config") == cfg.finetune.model_dump() and logged.get("recipe") == recipe:
             return {"scope": scope, "adapter": store.uri(*folder), "skipped": True, "seconds": 0.0}
-        log.info("adapter %s was trained under another recipe: training it again", store.uri(*folder))
+        differ = recipe_diff(logged.get("recipe") or {}, recipe) or ["finetune settings"]
+        log.info("adapter %s was trained under another recipe (%s): training it again", store.uri(*folder),
+                 "; ".join(differ))
     res = train_adapter(cfg, store, scope, components=components, progress=progress, storage_options=storage_options)
     return {"scope": scope, "adapter": res.uri, "steps": res.steps, "seconds": round(res.seconds, 2),
             "final_loss": res.final_loss, "resumed_from": res.resumed_from, "skipped": False}
 
 
 def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> list[str]:
-    """Names of every shard of the version, in order (deterministic from the manifest and config)."""
-    from realfake.data.shards import plan_shards
-    from realfake.synthesize import plan_work
+    """Names of every shard the version will hold, in order (deterministic from the manifest and config).
 
-    items = plan_work(cfg, store_of(cfg, storage_options))
-    return [p.name for p in plan_shards(items, cfg.shards.max_count)]
+    Run once per build before its shard groups start (under the version's lease): committed shards made under
+    another recipe are refused, or deleted with ``mode`` overwrite, crash leftovers are removed and the recipe is
+    recorded, so the groups find the version settled (see :func:`realfake.synthesize.synthesize`).
+    """
+    from realfake.data.shards import committed_shards, plan_pending
+    from realfake.synthesize import MAY_GROW, plan_work, synthesis_recipe
+
+    store = store_of(cfg, storage_options)
+    items = plan_work(cfg, store)
+    pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=cfg.mode,
+                           recipe=synthesis_recipe(cfg, store), may_grow=MAY_GROW)
+    return sorted({c.name for c in committed_shards(store)} | {p.name for p in pending})
 
 
 def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress: bool = False,
@@ -142,6 +225,7 @@ def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress:
     from realfake.data.shards import VersionLease
     from realfake.synthesize import synthesize as run
 
+    storage_options = resolve_storage_options(cfg.storage, storage_options)
     store = store_of(cfg, storage_options)
     lease = VersionLease(store, owner=lease_owner, heartbeat=False).join() if lease_owner else None
     return run(cfg, store, shard_names, engine=engine, on_shard=on_shard, progress=progress,
@@ -157,8 +241,10 @@ def finalize(cfg: BuildConfig, stats: dict | None = None, storage_options: dict 
     """
     from realfake.data.card import write_card
     from realfake.data.shards import write_wds_info
+    from realfake.synthesize import check_synthesis_recipe
 
     store = store_of(cfg, storage_options)
+    check_synthesis_recipe(cfg, store, "finalize")  # the card describes the config: it must be the shards' recipe
     if cfg.shards.format == "webdataset":
         write_wds_info(store)
     card = write_card(store, cfg.model_dump(mode="json"), stats or {})
@@ -204,6 +290,7 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
 
     if data not in ("real", "synthetic", "real+synthetic"):
         raise ValueError(f"data must be real, synthetic or real+synthetic, got {data!r}")
+    storage_options = resolve_storage_options(cfg.storage, storage_options)
     store = store_of(cfg, storage_options)
     device = resolve_device(cfg.device)
     num_classes = len({s.label for s in read_manifest(store)})
@@ -283,17 +370,18 @@ def build_version(cfg: BuildConfig, progress: bool = False, storage_options: dic
 
 
 def run_build(cfg: BuildConfig, compare_baseline: bool = False, measure: bool = True, progress: bool = False,
-              storage_options: dict | None = None) -> dict:
-    """Build the Real-Fake version (and the baseline), then measure them; returns the report."""
+              storage_options: dict | None = None, baseline: BaselineKind = "caption") -> dict:
+    """Build the Real-Fake version (and the ``baseline`` kind's version), then measure them; returns the report."""
     from realfake.preflight import preflight
     from realfake.report import measure_versions, write_report
 
+    storage_options = resolve_storage_options(cfg.storage, storage_options)
     preflight(cfg, storage_options, measure=measure)  # every field and model checked before any model loads
     t0 = time.time()
     versions = {"realfake": build_version(cfg, progress, storage_options)}
     configs = {"realfake": cfg}
     if compare_baseline:
-        base = baseline_config(cfg)
+        base = baseline_config(cfg, baseline)
         versions["baseline"] = build_version(base, progress, storage_options)
         configs["baseline"] = base
     report: dict[str, Any] = {"dataset": cfg.dataset, "version": cfg.version, "versions": versions}

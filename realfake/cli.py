@@ -1,35 +1,126 @@
 """The ``realfake`` command: the same verbs as the Prefect flows, without Prefect.
 
 Every command takes a preset (``--preset``), a YAML file (``--config``) and ``--set section.field=value``
-overrides, validated before any work starts. Long loops show progress bars.
+overrides, validated, then checked by the pre-flight of its stage (:mod:`realfake.preflight`), before any work
+starts. Long loops show progress bars. A user error (a bad field, a missing file, an unreachable root, ...) prints
+one message naming it and the fix, with secrets masked, and exits 2; ``--traceback`` or ``REALFAKE_TRACEBACK=1``
+adds the traceback. Any other exception is a bug: its (masked) traceback is printed and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
-from typing import Annotated
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from realfake.config import BuildConfig, ConfigError, available_presets, load_config
 
+# Exceptions of these types are about the user's inputs or environment wherever they are raised; so are the
+# project's own error types (realfake.*) and ValueError / RuntimeError / OSError raised by realfake's own code,
+# whose messages name the field or file. Anything else (TypeError, KeyError, an error inside a library) is a bug.
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+_PACKAGE = Path(__file__).resolve().parent
+_show_traceback = False
+
+
+def _raised_by_realfake(e: BaseException) -> bool:
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is about the user's inputs (a message, exit 2) rather than a bug (a traceback, exit 1)."""
+    if type(e).__module__.split(".")[0] == "realfake" or isinstance(e, _USER_OS_ERRORS):
+        return True
+    return isinstance(e, ValueError | RuntimeError | OSError) and _raised_by_realfake(e)
+
+
+def _traceback_wanted() -> bool:
+    return _show_traceback or os.environ.get("REALFAKE_TRACEBACK", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def report_error(e: BaseException) -> int:
+    """Print ``e`` the way the command line shows errors, with secrets masked; return the exit code (2: a user
+    error, one message; 1: a bug, with its traceback)."""
+    from realfake.redact import redact, redact_exception
+
+    e = redact_exception(e)
+    user = is_user_error(e)
+    if _traceback_wanted() or not user:
+        typer.echo(redact("".join(traceback.format_exception(e))).rstrip("\n"), err=True)
+    if user:
+        typer.echo(f"error: {redact(str(e).strip()) or type(e).__name__}", err=True)
+    else:
+        typer.echo("realfake stopped on an unexpected error (a bug): please report it with the traceback above",
+                   err=True)
+    return 2 if user else 1
+
+
+class _App(typer.Typer):
+    """The command group; run as a program it turns an exception into :func:`report_error`'s message and exit
+    code instead of Python's traceback (in-process callers, such as tests, still receive the exception)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - every exception ends here, reported once
+            sys.exit(report_error(e))
+
+
 # Plain tracebacks: the error's message stays on one line, whole (rich's boxes wrap and cut it)
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-Fake synthetic dataset factory.",
-                  pretty_exceptions_enable=False)
+app = _App(add_completion=False, no_args_is_help=True, help="Real-Fake synthetic dataset factory.",
+           pretty_exceptions_enable=False)
 
 Preset = Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (see `realfake presets`).")]
 ConfigFile = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file (overrides the preset).")]
 Sets = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.field=value (repeatable).")]
 
 
-def _cfg(preset: str | None, config: str | None, sets: list[str] | None) -> BuildConfig:
+StorageFile = Annotated[str | None, typer.Option(
+    "--config", "-c", help="YAML config file: its storage section (endpoint, region, ...) reaches the URI.")]
+StorageSets = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Storage override: storage.field=value, e.g. storage.endpoint_url=http://minio:9000.")]
+
+
+def _cfg(preset: str | None, config: str | None, sets: list[str] | None, stage: str | None = None) -> BuildConfig:
+    """The validated configuration; with ``stage``, checked by that stage's pre-flight too."""
+    from realfake.redact import register_overrides
+
+    register_overrides(sets)  # a credential given as an override is refused, and masked wherever it is quoted
     try:
-        return load_config(preset=preset, file=config, overrides=sets)
+        cfg = load_config(preset=preset, file=config, overrides=sets)
+        if stage is not None:
+            from realfake.preflight import preflight
+
+            preflight(cfg, stage=stage)
+        return cfg
     except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(report_error(e)) from None
+
+
+def _storage_options(config: str | None, sets: list[str] | None, uri: str) -> dict:
+    """fsspec options of a command that reads a stored version by URI, once ``uri`` proved readable."""
+    from realfake.config import load_storage_config
+    from realfake.data.storage import resolve_storage_options
+    from realfake.preflight import check_readable
+    from realfake.redact import register_overrides
+
+    register_overrides(sets)
+    try:
+        options = resolve_storage_options(load_storage_config(config, sets))
+        check_readable(uri, options)
+    except ConfigError as e:
+        raise typer.Exit(report_error(e)) from None
+    return options
 
 
 def _print(obj) -> None:
@@ -37,9 +128,14 @@ def _print(obj) -> None:
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+          show_traceback: Annotated[bool, typer.Option(
+              "--traceback", help="Print the traceback of an error too (or set REALFAKE_TRACEBACK=1).")] = False,
+          ) -> None:
+    global _show_traceback
+    _show_traceback = show_traceback
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "botocore", "s3fs", "fsspec"):
+    for noisy in ("httpx", "urllib3", "botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from realfake.redact import install_log_redaction
 
@@ -56,12 +152,17 @@ def presets() -> None:
 @app.command()
 def build(preset: Preset = None, config: ConfigFile = None, set: Sets = None,
           baseline: Annotated[bool, typer.Option(help="Also build the text-to-image baseline version.")] = False,
+          baseline_prompt: Annotated[str, typer.Option(
+              help="The baseline's prompt: caption (the authors': the build's prompt, caption kept where the preset "
+              "captions), class_name, or a_photo_of.")] = "caption",
           measure: Annotated[bool, typer.Option(help="Train and evaluate classifiers on the results.")] = True) -> None:
     """Build a dataset version end to end (prepare, finetune, synthesize, finalize) and measure it."""
-    from realfake.build import run_build
+    from realfake.build import BASELINE_PROMPTS, run_build
 
+    if baseline_prompt not in BASELINE_PROMPTS:
+        raise typer.BadParameter(f"use one of {', '.join(BASELINE_PROMPTS)}", param_hint="--baseline-prompt")
     cfg = _cfg(preset, config, set)
-    report = run_build(cfg, compare_baseline=baseline, measure=measure, progress=True)
+    report = run_build(cfg, compare_baseline=baseline, measure=measure, progress=True, baseline=baseline_prompt)
     typer.echo(report["table"])
     typer.echo(f"\nreport: {report['report']}\ngrid:   {report['grid']}")
     for name, uri in report["locations"]["shards"].items():
@@ -71,7 +172,33 @@ def build(preset: Preset = None, config: ConfigFile = None, set: Sets = None,
 @app.command()
 def demo(set: Sets = None) -> None:
     """The demo preset end to end with the baseline comparison (what `make demo` runs through Prefect)."""
-    build(preset="demo", config=None, set=set, baseline=True, measure=True)
+    build(preset="demo", config=None, set=set, baseline=True, baseline_prompt="caption", measure=True)
+
+
+@app.command()
+def plan(
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set: Sets = None,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs the build runs on: divides wall time, splits the global "
+                                      "batches (the paper used 8).")] = 1,
+    paper_counts: Annotated[bool, typer.Option(
+        "--paper-counts", help="Take the real counts from the paper's Tab. 5 instead of listing the source.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of the tables.")] = False,
+) -> None:
+    """What a build will do and cost, before it runs: image counts, steps, bytes and GPU-hours per stage.
+
+    Offline and in seconds: no model is loaded; GPU-hours come from the rates measured in benchmarks/results.
+    """
+    from realfake.plan import build_plan, format_plan, load_plan_config
+
+    try:
+        cfg, listable = load_plan_config(preset, config, set)
+        result = build_plan(cfg, gpus=gpus, list_source=listable and not paper_counts)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
 
 
 @app.command()
@@ -79,7 +206,7 @@ def prepare(preset: Preset = None, config: ConfigFile = None, set: Sets = None) 
     """Ingest the source (manifest, rejects), captions and guidance embeddings."""
     from realfake.build import prepare as run
 
-    _print(run(_cfg(preset, config, set), progress=True))
+    _print(run(_cfg(preset, config, set, stage="prepare"), progress=True))
 
 
 @app.command()
@@ -89,7 +216,7 @@ def finetune(preset: Preset = None, config: ConfigFile = None, set: Sets = None,
     from realfake.build import finetune as run
     from realfake.build import finetune_scopes
 
-    cfg = _cfg(preset, config, set)
+    cfg = _cfg(preset, config, set, stage="finetune")
     _print([run(cfg, s, progress=True) for s in ([scope] if scope else finetune_scopes(cfg))])
 
 
@@ -99,7 +226,7 @@ def synthesize(preset: Preset = None, config: ConfigFile = None, set: Sets = Non
     """Generate and commit the missing shards (resumes; committed shards are skipped)."""
     from realfake.build import synthesize as run
 
-    _print(run(_cfg(preset, config, set), shard, progress=True))
+    _print(run(_cfg(preset, config, set, stage="synthesize"), shard, progress=True))
 
 
 @app.command()
@@ -107,7 +234,7 @@ def finalize(preset: Preset = None, config: ConfigFile = None, set: Sets = None)
     """Write the index and the card, then verify the version."""
     from realfake.build import finalize as run
 
-    card = run(_cfg(preset, config, set))
+    card = run(_cfg(preset, config, set, stage="finalize"))
     typer.echo(f"verified: {card.get('synthetic', {}).get('num_images')} images")
 
 
@@ -143,7 +270,7 @@ def train_eval(
             sets.append(f"train_data.{name}={json.dumps(value)}")
     if synthetic_version:
         sets.append(f"train_data.synthetic_versions={json.dumps(list(synthetic_version))}")
-    m = run(_cfg(preset, config, sets), data, progress=True)
+    m = run(_cfg(preset, config, sets, stage="train-eval"), data, progress=True)
     _print({k: v for k, v in m.items() if k not in ("confusion",)})
 
 
@@ -152,11 +279,13 @@ def verify(
     uri: str,
     workers: Annotated[int | None, typer.Option(
         min=1, help="Shards checked at a time (default: up to 8, bounded by shard size).")] = None,
+    config: StorageFile = None,
+    set: StorageSets = None,
 ) -> None:
     """Check a dataset version end to end; exits non-zero listing every problem."""
     from realfake.data.card import verify_version
 
-    problems = verify_version(uri, workers=workers)
+    problems = verify_version(uri, _storage_options(config, set, uri), workers=workers)
     if problems:
         for p in problems:
             typer.echo(f"FAIL {p}", err=True)
@@ -165,11 +294,11 @@ def verify(
 
 
 @app.command()
-def inspect(uri: str) -> None:
+def inspect(uri: str, config: StorageFile = None, set: StorageSets = None) -> None:
     """Print a version's card summary and per-class counts."""
     from realfake.data.card import inspect_version
 
-    typer.echo(inspect_version(uri))
+    typer.echo(inspect_version(uri, _storage_options(config, set, uri)))
 
 
 @app.command("demo-base")
@@ -196,6 +325,8 @@ def report(
     version: Annotated[list[str] | None, typer.Option(
         "--version", help="Only this version (repeatable; default: every version with runs).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of the table.")] = False,
+    config: StorageFile = None,
+    set: StorageSets = None,
 ) -> None:
     """Table of every train-eval run of a dataset: mean +- std over seeds per training data and recipe.
 
@@ -203,11 +334,11 @@ def report(
     """
     from realfake.results import ResultsError, results_report
 
+    options = _storage_options(config, set, root)
     try:
-        res = results_report(root, dataset, version)
+        res = results_report(root, dataset, version, options)
     except ResultsError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(report_error(e)) from None
     if as_json:
         _print(res["rows"])
     else:

