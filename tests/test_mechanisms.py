@@ -174,7 +174,29 @@ def test_lora_scale_changes_the_output(prepared):
     assert np.abs(outs[0] - outs[1]).max() > 0
 
 
-def test_seed_depends_on_identity_not_on_batch_or_workers(prepared):
+_GENERATE_ALONE = """
+import hashlib, json, sys
+import numpy as np, torch
+torch.set_num_threads(int(sys.argv[2]))
+from realfake.build import store_of
+from realfake.config import BuildConfig
+from realfake.synthesize import SynthesisEngine, image_seed, plan_work
+cfg = BuildConfig.model_validate_json(open(sys.argv[1]).read())
+store = store_of(cfg)
+items = plan_work(cfg, store)[:4]
+rec = next(iter(SynthesisEngine(cfg, store).generate(items[2:3])))
+print(json.dumps({"seeds": [image_seed(cfg.version, w.sample_id, w.replica, cfg.synthesis.seed) for w in items],
+                  "key": rec.key, "seed": rec.meta["seed"], "pixels": np.asarray(rec.image).tolist()}))
+"""
+
+
+def test_seed_depends_on_identity_not_on_batch_or_workers(prepared, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from test_shards import same_library_env
+
     from realfake.synthesize import SynthesisEngine, image_seed, plan_work
 
     assert image_seed("v1", "a/b.png", 0, 0) == image_seed("v1", "a/b.png", 0, 0)
@@ -183,6 +205,11 @@ def test_seed_depends_on_identity_not_on_batch_or_workers(prepared):
     cfg, store = prepared
     cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"enabled": False})})
     items = plan_work(cfg, store)[:4]
+    # two other workers, each its own process with its own string-hash salt, make item 2 alone
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    workers = [subprocess.Popen([sys.executable, "-c", _GENERATE_ALONE, str(tmp_path / "cfg.json"),
+                                 str(torch.get_num_threads())], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**same_library_env(), "PYTHONHASHSEED": salt}, text=True) for salt in ("1", "2")]
     engine = SynthesisEngine(cfg, store)
     together = {r.key: r for r in engine.generate(items)}
     alone = {r.key: r for r in engine.generate(items[2:3])}  # batch of one, as another worker would run it
@@ -191,6 +218,78 @@ def test_seed_depends_on_identity_not_on_batch_or_workers(prepared):
     a = np.asarray(together[k].image, dtype=np.int16)
     b = np.asarray(alone[k].image, dtype=np.int16)
     assert np.abs(a - b).max() <= 1  # the same noise; only float reduction order may differ across batch sizes
+    here = [together[w.key].meta["seed"] for w in items]
+    for w in workers:
+        out, err = w.communicate()
+        assert w.returncode == 0, err[-3000:]
+        other = json.loads(out)
+        assert other["seeds"] == here and other["key"] == k and other["seed"] == alone[k].meta["seed"]
+        # the same batch size on the same thread count: the very same pixels in another process
+        assert np.array_equal(np.asarray(other["pixels"], dtype=np.uint8), np.asarray(alone[k].image))
+
+
+def _version_like(cfg, store, version: str, **finetune):
+    """A copy of the prepared version's manifest and guidance under another version, with finetune overrides."""
+    from realfake.build import store_of
+    from realfake.config import FinetuneConfig
+
+    ft = FinetuneConfig.model_validate({**cfg.finetune.model_dump(), **finetune})
+    cfg = cfg.model_copy(update={"version": version, "finetune": ft})
+    out = store_of(cfg)
+    for rel in (("real", "manifest.parquet"), ("features", "guidance.parquet")):
+        out.write_bytes(store.read_bytes(*rel), *rel)
+    return cfg, out
+
+
+def test_mmd_term_reaches_training_with_its_configured_weight(prepared):
+    from safetensors.torch import load
+
+    from realfake.finetune import WEIGHTS_NAME, finetune
+
+    cfg, store = prepared
+    adapters, logs = {}, {}
+    # 8 images per step (the MMD term's smallest batch), two steps: Adam's second step follows the gradients' size
+    for name, weight in (("off", 0.0), ("off-again", 0.0), ("on", 0.5)):
+        c, s = _version_like(cfg, store, f"mmd-{name}", mmd_weight=weight, batch_size=8, max_steps=2,
+                             checkpoint_every=1000)
+        finetune(c, s, "all")
+        adapters[name] = load(s.read_bytes("adapters", "all", WEIGHTS_NAME))
+        logs[name] = s.read_json("adapters", "all", "train_log.json")
+    assert logs["on"]["config"]["mmd_weight"] == 0.5
+    for step in logs["on"]["history"]:
+        assert step["mmd"] > 0
+        assert step["loss"] == pytest.approx(step["diffusion"] + 0.5 * step["mmd"], rel=1e-5)
+    assert all(step["mmd"] == 0 for step in logs["off"]["history"])
+    # the same seed gives the same adapter; only the MMD term makes the difference
+    assert all(torch.equal(adapters["off"][k], adapters["off-again"][k]) for k in adapters["off"])
+    assert any(not torch.equal(adapters["off"][k], adapters["on"][k]) for k in adapters["off"])
+
+
+def test_generation_starts_from_its_source_image(prepared):
+    from realfake.synthesize import SynthesisEngine, WorkItem, plan_work
+
+    cfg, store = prepared
+    cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"enabled": False})})
+    engine = SynthesisEngine(cfg, store)
+    first, other = plan_work(cfg, store)[:2]
+    # the same image identity (so the same seed, prompt and guidance vector) started from another real image
+    swapped = WorkItem(first.sample_id, first.label, first.class_name, other.uri, first.replica)
+    starts: list[torch.Tensor] = []
+    hook = engine.pipe.unet.register_forward_pre_hook(lambda m, args: starts.append(args[0].detach().clone()))
+    try:
+        a, b, again = (next(iter(engine.generate([w]))) for w in (first, swapped, first))
+    finally:
+        hook.remove()
+    assert a.meta["seed"] == b.meta["seed"] == again.meta["seed"]
+    steps = len(starts) // 3
+    start_a, start_b, start_again = starts[0], starts[steps], starts[2 * steps]
+    # the first denoising step sees the noised source latent: another source, another start; the same, the same.
+    # (The tiny random VAE's latents are small next to the noise at strength 0.75, hence the small share; a start
+    # that ignored the source would give the very same tensor.)
+    assert torch.equal(start_a, start_again)
+    assert (start_a - start_b).norm() > 1e-3 * start_a.norm()
+    assert np.array_equal(np.asarray(a.image), np.asarray(again.image))
+    assert not np.array_equal(np.asarray(a.image), np.asarray(b.image))
 
 
 def test_finetune_without_latent_cache_runs_and_checkpoints_resume(prepared):

@@ -2,17 +2,32 @@
 
 Write, commit, resume and verify a miniature build on S3; exclusive leases through conditional puts; a proxy
 that fails a share of requests (before or after the server acts) so the build completes through retries;
-SIGKILL of the writing process at random points, then resume.
+SIGKILL of the writing process at chosen requests (the invariants checked after each kill), then resume.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
+import re
+import signal
+import subprocess
+import threading
+import uuid
+from urllib.parse import unquote
 
 import pytest
-from support.s3 import S3Env, faulty_s3, moto, s3  # noqa: F401 - pytest fixtures
-from test_shards import KILL_PER_CLASS, item_key, items_for, kill_loop, mini_build, plan_shards, record_for
+from support.s3 import BUCKET, S3Env, S3Interceptor, faulty_s3, moto, s3, s3_options  # noqa: F401 - pytest fixtures
+from test_shards import (
+    S3_KILLS,
+    KillPoint,
+    assert_same_as_uninterrupted,
+    item_key,
+    items_for,
+    kill_chain,
+    mini_build,
+    plan_shards,
+    record_for,
+)
 
 from realfake.config import ShardConfig
 from realfake.data.card import inspect_version, verify_version
@@ -123,18 +138,51 @@ def test_build_completes_through_retries_when_s3_fails_requests(faulty_s3: S3Env
     assert sorted(keys) == sorted(item_key(i) for i in items)
 
 
+class KillingGateway(S3Interceptor):
+    """Between the writer process and the S3 server: kills the writer (SIGKILL) when its PUT for the armed kill
+    point arrives, before forwarding it (the object never lands) or once the server stored it (the writer never
+    hears back). The request is seen, so the kill lands at that point and no other."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port)
+        self.lock = threading.Lock()
+        self.arm(None)
+
+    def arm(self, point: KillPoint | None) -> None:
+        with self.lock:
+            self.point, self.hits, self.reached, self.proc = point, 0, "", None
+
+    def watch(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def _fire(self, method: str, path: str, when: str) -> bool:
+        with self.lock:
+            p = self.point
+            if p is None or p.when != when or method != "PUT" or not re.search(p.target, unquote(path.split("?")[0])):
+                return False
+            self.hits += 1
+            if self.hits != p.nth:
+                return False
+            assert self.proc is not None, "a writer request arrived before its process was known"
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.point, self.reached = None, p.name
+            return True
+
+    def decide(self, method: str, path: str, body: bytes):
+        if self._fire(method, path, "before"):
+            return "before", (503, "SlowDown", "the writer was killed")
+        return "pass", None
+
+    def acted(self, method: str, path: str) -> None:
+        self._fire(method, path, "after")
+
+
 @pytest.mark.slow
-def test_sigkill_loop_then_resume_on_s3(s3: S3Env) -> None:  # noqa: F811
-    counts = kill_loop(s3.root, s3.storage_options, "parquet", kills=10, seed=7, window_s=(1.5, 4.5))
-    print(f"\nS3 SIGKILL loop: {counts}")
-    assert counts.get("killed", 0) >= 10 and counts["max_committed_at_kill"] > 0
-    store = version_store(s3.root, "toy", "v1", s3.storage_options)
-    items = items_for(KILL_PER_CLASS)
-    mini_build(store, items, ShardConfig(format="parquet", max_count=5), workers=2)
-    assert verify_version(store) == []
-    keys = read_index(store).column("key").to_pylist()
-    assert sorted(keys) == sorted(item_key(i) for i in items)  # none missing, none duplicated
-    assert Counter(m["key"] for _, _, m in iter_synthetic(store)) == Counter(keys)
+def test_kills_at_chosen_points_keep_exactly_once_on_s3(moto, tmp_path) -> None:  # noqa: F811
+    root = f"s3://{BUCKET}/kill-{uuid.uuid4().hex[:10]}"
+    with KillingGateway(moto.port) as gateway:
+        store = kill_chain(root, s3_options(gateway.endpoint_url), "parquet", S3_KILLS, gateway)
+        assert_same_as_uninterrupted(store, tmp_path, "parquet")
 
 
 def test_an_object_written_by_another_process_after_a_listing_is_read(s3: S3Env) -> None:  # noqa: F811

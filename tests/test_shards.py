@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -20,8 +19,9 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from realfake.data.shards import (
     ShardWriter,
     SyntheticRecord,
     VersionLease,
+    committed_keys,
     committed_shards,
     encode_image,
     iter_shard,
@@ -111,8 +112,11 @@ def mini_build(
     reverse: bool = False,
     delay_s: float = 0.0,
     owner: str | None = None,
+    on_record: Callable[[], None] | None = None,
 ) -> list[CommitRecord]:
-    """Plan, write every pending shard with ``workers`` threads, then write the index and the card."""
+    """Plan, write every pending shard with ``workers`` threads, then write the index and the card.
+
+    ``on_record`` is called before each record is made (the crash tests kill the writer there)."""
     with VersionLease(store, owner=owner, ttl_s=60) as lease:
         plans = plan_pending(store, items, item_key, cfg.max_count, mode=mode, lease=lease)
         if reverse:
@@ -121,6 +125,8 @@ def mini_build(
 
         def records(plan):
             for it in plan.items:
+                if on_record is not None:
+                    on_record()
                 if delay_s:
                     time.sleep(delay_s)
                 yield record_for(it)
@@ -585,72 +591,190 @@ def test_heartbeat_keeps_a_short_lease_alive(store: Store) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Crashes: SIGKILL the writer at random points, then resume
+# Crashes: SIGKILL the writer at chosen points, check the invariants after every kill, then resume
 # ---------------------------------------------------------------------------------------------------------
-KILL_PER_CLASS = 50
+KILL_PER_CLASS = 6  # 18 images in shards of 2: nine shards, enough for one kill per point with progress between
+KILL_MAX_COUNT = 2
+SHARD_FILE = r"synthetic/shard-\d+\.(tar|parquet)$"
+INDEX_PART = r"synthetic/_index/shard-\d+\.parquet$"
+COMMIT = r"synthetic/_commits/shard-\d+\.json$"
 
 
-def kill_loop(
-    root: str,
-    storage_options: dict[str, Any] | None,
-    fmt: str,
-    kills: int,
-    seed: int,
-    window_s: tuple[float, float] = (0.8, 3.0),
-) -> dict[str, int]:
-    """Start the writer process ``kills`` times and SIGKILL it at a random moment of ``window_s`` after its start
-    (start-up, planning, mid-shard, between data and commit, index or card); returns what was observed."""
-    rng = random.Random(seed)
+@dataclass(frozen=True)
+class KillPoint:
+    """Where the writer dies: when it is about to make (``before``) or has just made (``after``) the ``nth`` file
+    matching ``target`` (a regex on its path in the version) visible in this run; ``target == "record"``: when its
+    record source is asked for record ``nth`` (mid-shard: the file being written holds some records).
+
+    Locally the writer process kills itself in ``os.replace``, the one call that makes any of its files visible
+    (every file is written under a temporary name, then renamed). On an object store the gateway between writer and
+    server kills it when the PUT arrives: ``before`` forwarding it, or ``after`` the server stored the object and
+    before the writer hears back. ``shards`` is how many shards the run has committed when it dies."""
+
+    name: str
+    target: str
+    when: str = "before"
+    nth: int = 2
+    shards: int = 1
+
+
+LOCAL_KILLS = [
+    KillPoint("mid-shard", "record", nth=KILL_MAX_COUNT + 2),  # the second shard holds one of its records
+    KillPoint("shard file complete, not yet in place", SHARD_FILE),
+    KillPoint("shard file in place, no index part", SHARD_FILE, "after"),
+    KillPoint("mid-index-part: written, not yet in place", INDEX_PART),
+    KillPoint("after the data, before the commit", COMMIT),
+    KillPoint("just after the commit", COMMIT, "after", shards=2),
+    KillPoint("mid-finalize: before the index", r"synthetic/index\.parquet$", nth=1, shards=-1),
+    KillPoint("mid-finalize: before _info.json", r"synthetic/_info\.json$", nth=1, shards=-1),
+    KillPoint("mid-finalize: before the card", r"dataset\.json$", nth=1, shards=-1),
+]
+S3_KILLS = [
+    KillPoint("mid-shard", "record", nth=KILL_MAX_COUNT + 2),
+    KillPoint("mid-upload: the shard's PUT never reaches the server", SHARD_FILE),
+    KillPoint("upload stored, the writer never hears back", SHARD_FILE, "after"),
+    KillPoint("mid-index-part upload", INDEX_PART),
+    KillPoint("after the data, before the commit", COMMIT),
+    KillPoint("commit stored, the writer never hears back", COMMIT, "after", shards=2),
+    KillPoint("mid-finalize: before the index", r"synthetic/index\.parquet$", nth=1, shards=-1),
+    KillPoint("mid-finalize: before the card", r"dataset\.json$", nth=1, shards=-1),
+]
+
+
+def check_after_kill(store: Store, plans: Sequence, point: str = "") -> list[str]:
+    """The exactly-once invariants a reader relies on at any moment, whatever was killed when: every committed
+    shard is one of the plan, whole (size, count, sha256 of its file and index part) and holds exactly its planned
+    keys; no key is committed twice; readers see exactly the committed images. Returns the committed names."""
+    planned = {p.name: [item_key(i) for i in p.items] for p in plans}
+    shard_store = store.child("synthetic")
+    commits = committed_shards(store)
+    keys: list[str] = []
+    for c in commits:
+        assert c.name in planned, f"{point}: committed shard {c.name} was never planned"
+        assert verify_shard(shard_store, c) == [], f"{point}: committed shard {c.name} is not whole"
+        assert c.count == len(planned[c.name]), f"{point}: {c.name} commits {c.count} images"
+        got = [s.key for s in iter_shard(shard_store, c, check=True, checksum=True)]
+        assert got == planned[c.name], f"{point}: {c.name} holds other keys than planned"
+        keys += got
+    assert len(keys) == len(set(keys)), f"{point}: a key is committed twice"
+    assert committed_keys(store) == {c.name: planned[c.name] for c in commits}, point
+    assert [m["key"] for _, _, m in iter_synthetic(store)] == keys, f"{point}: readers see uncommitted images"
+    return [c.name for c in commits]
+
+
+def same_library_env() -> dict[str, str]:
+    """The environment for a child Python that must import the very ``realfake`` this process imported (a script's
+    own folder, not the working directory, leads its import path)."""
+    import realfake
+
+    top = os.path.dirname(os.path.dirname(os.path.abspath(realfake.__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (top, os.environ.get("PYTHONPATH")) if p)}
+
+
+def run_writer(root: str, storage_options: dict[str, Any] | None, fmt: str, spool: str,
+               kill: KillPoint | None = None, started: Callable[[subprocess.Popen], None] | None = None
+               ) -> tuple[int, str]:
+    """Run the writer process (this module as a script) to its end or its death; returns its exit status and the
+    kill point it reported reaching (its own kills write it to a marker file just before SIGKILL)."""
+    marker = os.path.join(spool, "reached")
+    if os.path.exists(marker):
+        os.remove(marker)
+    local_kill = json.dumps(kill.__dict__) if kill is not None else ""
+    args = [sys.executable, __file__, root, json.dumps(storage_options or {}), fmt, spool, local_kill, marker]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=same_library_env())
+    if started is not None:
+        started(proc)
+    _, err = proc.communicate()
+    if proc.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"writer failed on its own: {err.decode()[-3000:]}")
+    reached = Path(marker).read_text() if os.path.exists(marker) else ""
+    return proc.returncode, reached
+
+
+def kill_chain(root: str, storage_options: dict[str, Any] | None, fmt: str, kills: Sequence[KillPoint],
+               gateway: Any = None) -> Store:
+    """Kill the writer at each point in turn (each run resumes what the previous one left), check the invariants
+    after every kill, then let a last run finish; returns the version's store. ``gateway`` (S3) kills at the
+    requests; without it the writer kills itself."""
     store = version_store(root, "toy", "v1", storage_options)
+    plans = plan_shards(items_for(KILL_PER_CLASS), KILL_MAX_COUNT)
     spool = tempfile.mkdtemp(prefix="realfake-kill-spool-")  # a killed writer leaves its spooled shard here
-    args = [sys.executable, __file__, root, json.dumps(storage_options or {}), fmt, spool]
-    counts = Counter()
-    attempts = 0
-    # keep going until `kills` real kills (bounded): a writer that finished the whole build before its kill
-    # leaves nothing to interrupt, so that build is wiped and the next start begins a fresh one
-    while counts["killed"] < kills and attempts < 3 * kills:
-        attempts += 1
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(*window_s))
-        finished = proc.poll() is not None
-        if not finished:
-            proc.send_signal(signal.SIGKILL)
-            counts["killed"] += 1
-        else:
-            counts["finished_before_kill"] += 1
-        proc.wait()
-        if proc.returncode not in (0, -signal.SIGKILL):
-            raise AssertionError(f"writer failed on its own: {proc.stderr.read().decode()[-2000:]}")
-        proc.stderr.close()
-        n = len(committed_shards(store))
-        counts["max_committed_at_kill"] = max(counts["max_committed_at_kill"], n)
-        counts["kills_with_partial_files"] += bool(partial_shards(store))
-        if finished and store.exists():
-            store.fs.rm(store.path(), recursive=True)
-    shutil.rmtree(spool, ignore_errors=True)
-    return dict(counts)
+    try:
+        for point in kills:
+            before = len(committed_shards(store))
+            remote = gateway is not None and point.target != "record"
+            if gateway is not None:
+                gateway.arm(point if remote else None)
+            rc, reached = run_writer(root, storage_options, fmt, spool, None if remote else point,
+                                     gateway.watch if remote else None)
+            if remote:
+                gateway.wait_idle()  # requests of the dead writer still in flight have landed or failed
+                reached = gateway.reached
+            assert rc == -signal.SIGKILL and reached == point.name, (point.name, rc, reached)
+            names = check_after_kill(store, plans, point.name)
+            want = len(plans) if point.shards < 0 else before + point.shards
+            assert len(names) == want, f"{point.name}: {len(names)} shards committed, expected {want}"
+        if gateway is not None:
+            gateway.arm(None)
+        rc, _ = run_writer(root, storage_options, fmt, spool)
+        assert rc == 0
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    check_after_kill(store, plans, "finished")
+    return store
+
+
+def assert_same_as_uninterrupted(store: Store, tmp_path: Path, fmt: str) -> None:
+    """The version a killed-and-resumed build ends with verifies and equals an uninterrupted build, byte for byte."""
+    ref = version_store(str(tmp_path / "reference"), "toy", "v1")
+    items = items_for(KILL_PER_CLASS)
+    mini_build(ref, items, ShardConfig(format=fmt, max_count=KILL_MAX_COUNT))
+    assert verify_version(store) == []
+    assert sorted(read_index(store).column("key").to_pylist()) == sorted(item_key(i) for i in items)
+    assert shard_hashes(store) == shard_hashes(ref) and index_signature(store) == index_signature(ref)
 
 
 def writer_main(argv: list[str]) -> None:
-    """The killable writer: a slowed-down miniature build (3 classes x 50 images, shards of 5, 2 workers)."""
-    root, options, fmt, spool = argv[0], json.loads(argv[1]) or None, argv[2], argv[3]
+    """The killable writer: a miniature build (3 classes x 6 images, shards of 2), one shard at a time, that SIGKILLs
+    itself at the kill point given as JSON (see :class:`KillPoint`), after naming it in the marker file."""
+    import re
+
+    root, options, fmt, spool, kill, marker = argv[0], json.loads(argv[1]) or None, argv[2], argv[3], argv[4], argv[5]
     tempfile.tempdir = spool  # remote shards are spooled here before upload
     store = version_store(root, "toy", "v1", options)
-    mini_build(store, items_for(KILL_PER_CLASS), ShardConfig(format=fmt, max_count=5), delay_s=0.1, workers=2)
+    point = KillPoint(**json.loads(kill)) if kill else None
+    seen = Counter()
+
+    def die() -> None:
+        Path(marker).write_text(point.name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_record() -> None:
+        seen["record"] += 1
+        if point is not None and point.target == "record" and seen["record"] == point.nth:
+            die()
+
+    if point is not None and point.target != "record":
+        real_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):  # every file of the writer becomes visible through this call
+            hit = re.search(point.target, os.fspath(dst).replace(os.sep, "/")) is not None
+            seen["hit"] += hit
+            if hit and seen["hit"] == point.nth and point.when == "before":
+                die()
+            real_replace(src, dst, *args, **kwargs)
+            if hit and seen["hit"] == point.nth and point.when == "after":
+                die()
+
+        os.replace = replace
+    mini_build(store, items_for(KILL_PER_CLASS), ShardConfig(format=fmt, max_count=KILL_MAX_COUNT),
+               on_record=on_record)
 
 
 @pytest.mark.slow
-def test_sigkill_loop_then_resume_local(tmp_path: Path) -> None:
-    root = str(tmp_path / "out")
-    counts = kill_loop(root, None, "webdataset", kills=10, seed=1)
-    print(f"\nlocal SIGKILL loop: {counts}")
-    assert counts.get("killed", 0) >= 10 and counts["max_committed_at_kill"] > 0
-    store = version_store(root, "toy", "v1")
-    mini_build(store, items_for(KILL_PER_CLASS), ShardConfig(format="webdataset", max_count=5))
-    assert verify_version(store) == []
-    keys = read_index(store).column("key").to_pylist()
-    assert sorted(keys) == sorted(item_key(i) for i in items_for(KILL_PER_CLASS))  # none missing, none duplicated
-    assert Counter(m["key"] for _, _, m in iter_synthetic(store)) == Counter(keys)
+def test_kills_at_chosen_points_keep_exactly_once_local(tmp_path: Path) -> None:
+    store = kill_chain(str(tmp_path / "out"), None, "webdataset", LOCAL_KILLS)
+    assert_same_as_uninterrupted(store, tmp_path, "webdataset")
 
 
 if __name__ == "__main__":

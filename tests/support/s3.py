@@ -118,6 +118,8 @@ class S3Interceptor:
         self.upstream_port = upstream_port
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._in_flight = 0
+        self._idle = threading.Condition()
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -126,6 +128,14 @@ class S3Interceptor:
         """``("pass", None)``, or ``("before" | "after", (status, code, message))``: the S3 error to answer with,
         before the request reaches the server or after it acted on it."""
         return "pass", None
+
+    def acted(self, method: str, path: str) -> None:
+        """Called once the server acted on a forwarded request, before its answer is relayed to the client."""
+
+    def wait_idle(self) -> None:
+        """Return once no request is being handled (each ends when answered, or when its forward failed)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         relay = self
@@ -158,7 +168,19 @@ class S3Interceptor:
                     self.wfile.write(body)
 
             def _forward(self) -> None:
+                with relay._idle:
+                    relay._in_flight += 1
+                try:
+                    self._relay()
+                finally:
+                    with relay._idle:
+                        relay._in_flight -= 1
+                        relay._idle.notify_all()
+
+            def _relay(self) -> None:
                 body = self._body()
+                if len(body) < int(self.headers.get("Content-Length", 0) or 0):
+                    return  # the client died mid-body: S3 drops an incomplete request, and so does the relay
                 when, error = relay.decide(self.command, self.path, body)
                 if when == "before":
                     self._error(*error)
@@ -174,6 +196,7 @@ class S3Interceptor:
                     data = resp.read()
                 finally:
                     conn.close()
+                relay.acted(self.command, self.path)
                 if when == "after":
                     self._error(*error)
                     return
