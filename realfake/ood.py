@@ -90,12 +90,15 @@ def class_folders(store: Store) -> list[str]:
     samples = read_manifest(store)
     if not samples:
         raise ValueError(f"{store.uri('real', 'manifest.parquet')} has no rows: run the prepare stage first")
-    # sample_id is the image path under the source folder: {class}/... or {split}/{class}/... when presplit
-    parts = [s.sample_id.split("/") for s in samples]
-    presplit = all(len(p) >= 3 and p[0] == s.split for p, s in zip(parts, samples, strict=True))
     folders: dict[int, set[str]] = {}
-    for p, s in zip(parts, samples, strict=True):
-        folders.setdefault(s.label, set()).add(p[1] if presplit else p[0])
+    if all(s.folder for s in samples):  # the manifest records each row's class folder
+        for s in samples:
+            folders.setdefault(s.label, set()).add(s.folder)
+    else:  # a manifest written before the folder column: sample_id is {class}/... or {split}/{class}/...
+        parts = [s.sample_id.split("/") for s in samples]
+        presplit = all(len(p) >= 3 and p[0] == s.split for p, s in zip(parts, samples, strict=True))
+        for p, s in zip(parts, samples, strict=True):
+            folders.setdefault(s.label, set()).add(p[1] if presplit else p[0])
     labels = sorted(folders)
     if labels != list(range(len(labels))):
         raise ValueError(f"{store.uri('real', 'manifest.parquet')} has labels {labels[:10]}..., not 0..n-1")

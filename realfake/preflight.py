@@ -147,21 +147,41 @@ def check_model(kind: str, model_id: str, revision: str | None = None) -> str | 
 
 
 def _class_folders(source: SourceConfig, storage_options: dict | None) -> tuple[str | None, int]:
-    """(problem, number of class folders) of an image folder, from one or two listings (no recursion)."""
+    """(problem, number of class folders used) of an image folder, from one or two listings (no recursion).
+
+    The split folders are read as ingest reads them (:func:`realfake.data.sources.split_folders`), and
+    ``source.classes`` is checked against the training class folders, so a misread layout or a missing subset
+    class fails here, in seconds. A flat ``val/`` and the class names are checked by ingest's full listing.
+    """
     import fsspec
 
+    from realfake.data.class_names import select_classes
+    from realfake.data.sources import split_folders
+
     assert source.uri is not None
+
+    def subdirs(path: str) -> list[str]:
+        return [posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True)
+                if e.get("type") == "directory"]
+
     try:
         fs, root = fsspec.core.url_to_fs(source.uri, **(storage_options or {}))
         if not fs.isdir(root):
             return "does not exist or is not a folder", 0
-        top = [e for e in fs.ls(root, detail=True) if e.get("type") == "directory"]
-        names = {posixpath.basename(e["name"].rstrip("/")) for e in top}
-        if {"train", "test"} <= names:
-            top = [e for e in fs.ls(posixpath.join(root, "train"), detail=True) if e.get("type") == "directory"]
+        top = subdirs(root)
+        try:
+            train, _ = split_folders(top, source.test_split)
+        except ValueError as e:
+            return str(e), 0
+        folders = [n for n in (subdirs(posixpath.join(root, train)) if train else top) if not n.startswith(".")]
     except Exception as e:  # noqa: BLE001 - permissions, credentials, network: all mean the build cannot read it
         return f"cannot be listed ({type(e).__name__}: {redact(str(e), storage_options)[:160]})", 0
-    return None, sum(not posixpath.basename(e["name"].rstrip("/")).startswith(".") for e in top)
+    if source.classes is not None:
+        try:
+            folders = select_classes(folders, source.classes, f"{source.uri.rstrip('/')}/{train or ''}".rstrip("/"))
+        except ValueError as e:
+            return str(e), 0
+    return None, len(folders)
 
 
 def _check_storage_root(root: str, storage_options: dict | None) -> str | None:

@@ -94,17 +94,25 @@ def _as_store(uri_or_store: str | Store, storage_options: dict[str, Any] | None)
 def _real_counts(store: Store) -> dict[str, Any] | None:
     if not _call(store, "exists", *_MANIFEST):
         return None
-    t = _call(store, "read_table", *_MANIFEST).select(["split", "label", "class_name"]).to_pylist()
+    table = _call(store, "read_table", *_MANIFEST)
+    has_folder = "folder" in table.column_names  # manifests written before the column lack it
+    t = table.select(["split", "label", "class_name", *(["folder"] if has_folder else [])]).to_pylist()
     splits: dict[str, Counter[int]] = {}
     names: dict[int, str] = {}
+    folders: dict[int, str] = {}
     for r in t:
         splits.setdefault(r["split"], Counter())[int(r["label"])] += 1
         names[int(r["label"])] = r["class_name"]
-    return {
+        if r.get("folder"):
+            folders[int(r["label"])] = r["folder"]
+    out = {
         "num_images": len(t),
         "class_names": {str(k): names[k] for k in sorted(names)},
         "splits": {s: {str(k): c[k] for k in sorted(c)} for s, c in sorted(splits.items())},
     }
+    if folders:  # label -> class folder (for ImageNet the wnid), next to label -> class name
+        out["class_folders"] = {str(k): folders[k] for k in sorted(folders)}
+    return out
 
 
 def _rejects(store: Store) -> dict[str, Any]:

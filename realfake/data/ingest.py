@@ -8,8 +8,10 @@ colour profiles converted; the first frame of an animation) and what cannot (emp
 image, too small, exact duplicates, the same bytes under two classes, an empty class) is written to the
 rejects table with a reason ``"<category>: <detail>"`` whose category comes from :data:`REJECT_CATEGORIES`,
 so the card and report can count rejects per category. The run goes on with the rest. Labels are the
-indices, in sorted folder order, of the classes left with at least one image. Without ``train/`` and
-``test/`` folders, each class is split with a fixed seed so the split never depends on file-system order.
+indices, in sorted folder order, of the classes left with at least one image; each row keeps its class folder
+(for ImageNet the wnid) next to the readable class name. Without a ``val/`` or ``test/`` folder next to
+``train/`` (or in a flat folder of classes), each class is split with a fixed seed so the split never depends
+on file-system order.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from realfake.config import SourceConfig
 from realfake.data.manifest import MANIFEST, MANIFEST_SCHEMA, REJECTS, REJECTS_SCHEMA
-from realfake.data.sources import ClassFolder, demo_source_folder, scan_image_folder
+from realfake.data.sources import ClassFolder, SourceLayout, demo_source_folder, scan_image_folder
 from realfake.data.storage import Store
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "decode_image",
     "ingest",
     "reject_category",
+    "scan_source",
     "source_uri",
 ]
 
@@ -229,6 +232,12 @@ def source_uri(cfg: SourceConfig) -> str:
     return str(demo_source_folder(cfg.kind, cfg.image_size))
 
 
+def scan_source(cfg: SourceConfig, storage_options: dict | None = None) -> SourceLayout:
+    """The listing ingest works from: layout, class names and the ``source.classes`` subset, no image read."""
+    return scan_image_folder(source_uri(cfg), storage_options, test_split=cfg.test_split,
+                             class_names=cfg.class_names, classes=cfg.classes, keep_wnids=cfg.keep_wnids)
+
+
 def _split(classes: list[ClassFolder], test_fraction: float, seed: int) -> list[tuple[ClassFolder, str, list[str]]]:
     out = []
     for c in classes:
@@ -311,13 +320,12 @@ def ingest(cfg: SourceConfig, store: Store, storage_options: dict | None = None,
         ValueError: the source layout is inconsistent (see :func:`~realfake.data.sources.scan_image_folder`).
     """
     root = source_uri(cfg)
-    layout = scan_image_folder(root, storage_options)
+    layout = scan_source(cfg, storage_options)
     remote = "://" in layout.root
     rejects: list[dict] = [_reject(s.uri, "", s.split, s.reason) for s in layout.skipped]
     for c in layout.classes:
         if not c.files:
-            rejects.append(_reject(f"{layout.root}/{c.folder}" if c.split is None
-                                   else f"{layout.root}/{c.split}/{c.folder}", c.class_name, c.split,
+            rejects.append(_reject(c.uri, c.class_name, c.split,
                                    "empty class: no image files" + (" in this split" if c.split else "")))
     jobs: list[tuple[ClassFolder, str, str]] = []
     for c, split, files in _split([c for c in layout.classes if c.files], cfg.test_fraction, cfg.split_seed):
@@ -374,10 +382,10 @@ def ingest(cfg: SourceConfig, store: Store, storage_options: dict | None = None,
     label_of = {f: i for i, f in enumerate(folders)}
     for c in layout.classes:
         if c.files and c.folder not in label_of:
-            uri = f"{layout.root}/{c.folder}" if c.split is None else f"{layout.root}/{c.split}/{c.folder}"
-            rejects.append(_reject(uri, c.class_name, c.split, "empty class: every image was rejected"))
+            rejects.append(_reject(c.uri, c.class_name, c.split, "empty class: every image was rejected"))
     for r in rows:
-        r["label"] = label_of[r.pop("_folder")]
+        r["folder"] = r.pop("_folder")
+        r["label"] = label_of[r["folder"]]
     if not rows:
         store.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), *REJECTS)
         raise FileNotFoundError(
@@ -385,10 +393,17 @@ def ingest(cfg: SourceConfig, store: Store, storage_options: dict | None = None,
             f"{store.uri(*REJECTS)})"
         )
     class_names = [next(c.class_name for c in layout.classes if c.folder == f) for f in folders]
-    result_warnings = _layout_warnings(rows, class_names)
+    result_warnings = list(layout.warnings)
+    if layout.train_folder and not layout.test_folder:
+        carved = (f"the real test split is carved out of it ({cfg.test_fraction:g} of each class, "
+                  "source.test_fraction)" if cfg.test_fraction else
+                  "there is no real test split (source.test_fraction = 0)")
+        result_warnings.append(f"{layout.train_folder}/ has no val/ or test/ next to it: {carved}; add "
+                               "val/<class>/<image> for a fixed test split")
+    result_warnings += _layout_warnings(rows, class_names)
     if leaks:
-        result_warnings.append(f"{leaks} image(s) are in both train/ and test/ (same bytes): the test accuracy "
-                               "will be optimistic; remove them from one of the folders")
+        result_warnings.append(f"{leaks} image(s) are in both train/ and {layout.test_folder}/ (same bytes): the test "
+                               "accuracy will be optimistic; remove them from one of the folders")
     for w in result_warnings:
         log.warning("%s: %s", root, w)
     store.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), *MANIFEST)

@@ -45,6 +45,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        # the class folder (for ImageNet the wnid) next to the readable class_name; absent from manifests
+        # written before it was added, where readers see ""
+        ("folder", pa.string()),
     ]
 )
 REJECTS_SCHEMA = pa.schema(
@@ -58,7 +61,7 @@ GUIDANCE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class RealSample:
-    """One row of the manifest."""
+    """One row of the manifest (``folder`` is "" in manifests written before the column existed)."""
 
     sample_id: str
     split: str
@@ -68,6 +71,7 @@ class RealSample:
     sha256: str
     width: int
     height: int
+    folder: str = ""
 
 
 def read_manifest(store: Store, split: str | None = None) -> list[RealSample]:
@@ -75,7 +79,7 @@ def read_manifest(store: Store, split: str | None = None) -> list[RealSample]:
     if not store.exists(*MANIFEST):
         raise FileNotFoundError(f"{store.uri(*MANIFEST)} does not exist: run the prepare stage first")
     rows = store.read_table(*MANIFEST).to_pylist()
-    out = [RealSample(**r) for r in rows if split is None or r["split"] == split]
+    out = [RealSample(**{**r, "folder": r.get("folder") or ""}) for r in rows if split is None or r["split"] == split]
     return sorted(out, key=lambda s: s.sample_id)
 
 

