@@ -19,24 +19,26 @@ uninterrupted run, refuses one written under another recipe, and its ``train_log
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from realfake.conditioning import build_prompt, encode_prompts, inject_guidance
-from realfake.config import BuildConfig
+from realfake.config import MMD_MIN_BATCH, BuildConfig, FinetuneConfig
 from realfake.data.manifest import CAPTIONS, RealSample, read_guidance, read_manifest
 from realfake.data.storage import Store
 from realfake.losses import min_snr_weights, realfake_loss
@@ -45,6 +47,7 @@ __all__ = [
     "LORA_TARGETS",
     "AdapterResult",
     "CheckpointError",
+    "Schedule",
     "adapter_dir",
     "adapter_hash",
     "add_lora",
@@ -52,6 +55,7 @@ __all__ = [
     "load_real_image",
     "local_adapter",
     "read_captions",
+    "training_schedule",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,20 +98,119 @@ def add_lora(unet, rank: int, alpha: float | None = None) -> None:
     )
 
 
-def load_real_image(sample: RealSample, resolution: int, storage_options: dict | None = None) -> Image.Image:
-    """Read a manifest image through fsspec, RGB, resized (bicubic) to a square of ``resolution``."""
+def _read_image(sample: RealSample, storage_options: dict | None = None) -> Image.Image:
     import fsspec
 
     from realfake.data.ingest import decode_image
 
     with fsspec.open(sample.uri, "rb", **(storage_options or {})) as f:
-        img = decode_image(f.read())
-    if img.size != (resolution, resolution):
-        # center crop to square, then resize: the SD training transform
-        s = min(img.size)
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        img = img.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
+        return decode_image(f.read())
+
+
+def load_real_image(sample: RealSample, resolution: int, storage_options: dict | None = None,
+                    fit: Literal["center_crop", "stretch"] = "center_crop") -> Image.Image:
+    """Read a manifest image through fsspec, RGB, as a ``resolution`` square.
+
+    ``fit``: ``center_crop`` takes the largest centred square, then resizes it (bicubic); ``stretch`` resizes the
+    whole image to the square ignoring its aspect, with PIL's default (bicubic) filter, as the authors'
+    ``generate.py`` prepares its img2img sources (``Image.open(p).convert("RGB").resize(img_size)``, line 328).
+    """
+    img = _read_image(sample, storage_options)
+    if img.size == (resolution, resolution):
+        return img
+    if fit == "stretch":
+        return img.resize((resolution, resolution), Image.BICUBIC)
+    s = min(img.size)
+    left, top = (img.width - s) // 2, (img.height - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
+
+
+def _canvas_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
+    """The training canvas of a ``width`` x ``height`` image: the shorter side ``resolution`` (the authors'
+    ``transforms.Resize(resolution)``), the longer one rounded so it exceeds ``resolution`` by whole latent cells
+    of ``step`` pixels; a square crop of it then sits on the VAE's latent grid."""
+    short = min(width, height)
+
+    def side(x: int) -> int:
+        return resolution + step * max(0, round((x * resolution / short - resolution) / step))
+
+    return side(width), side(height)
+
+
+def _training_image(sample: RealSample, resolution: int, step: int, crop: str,
+                    storage_options: dict | None) -> Image.Image:
+    """A training image resized (bilinear, as the authors' transform) onto its canvas; with ``crop=center`` the
+    centred ``resolution`` square of it, with ``random`` the whole canvas (the crop is drawn per step)."""
+    img = _read_image(sample, storage_options)
+    size = _canvas_size(img.width, img.height, resolution, step)
+    if img.size != size:
+        img = img.resize(size, Image.BILINEAR)
+    if crop == "center":
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
     return img
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many steps and images a fine-tuning run takes, and how each global batch is split."""
+
+    images: int  # training images of the adapter's scope
+    processes: int
+    batch_size: int  # global: images per optimiser step over all processes and accumulated micro-batches
+    gradient_accumulation: int
+    micro_batch: int  # images per process per forward/backward (and per MMD term)
+    steps_per_epoch: int
+    steps: int
+    samples: int  # images drawn in all: steps x batch_size
+
+    def describe(self) -> str:
+        return (f"global batch {self.batch_size} = {self.micro_batch} per process x {self.processes} processes x "
+                f"{self.gradient_accumulation} accumulation; {self.steps} steps ({self.steps_per_epoch} per epoch "
+                f"of {self.images} images), {self.samples} images drawn")
+
+
+def training_schedule(ft: FinetuneConfig, images: int, processes: int = 1) -> Schedule:
+    """The steps, images drawn and micro-batch of fine-tuning ``images`` images on ``processes`` processes.
+
+    An epoch is ``ceil(images / batch_size)`` optimiser steps; the run takes ``epochs`` of them, capped by
+    ``max_steps`` (or ``max_steps`` alone when ``epochs`` is None). Raises ValueError (one line naming the fields
+    and the fix) when the global batch does not split evenly, or leaves an MMD term fewer than
+    :data:`~realfake.config.MMD_MIN_BATCH` images.
+    """
+    if images < 1 or processes < 1:
+        raise ValueError(f"a fine-tuning schedule needs images and processes (got {images} images, {processes} "
+                         "processes)")
+    b, accum = ft.batch_size, ft.gradient_accumulation
+    split = processes * accum
+    if b % split:
+        lower, higher = b // split * split, (b // split + 1) * split
+        raise ValueError(
+            f"finetune.batch_size={b} does not split over {processes} process(es) x finetune.gradient_accumulation="
+            f"{accum}: set finetune.batch_size to a multiple of {split} (e.g. {lower or higher} or {higher}) or "
+            "change finetune.gradient_accumulation or the number of processes")
+    micro = b // split
+    if ft.mmd_weight > 0 and micro < MMD_MIN_BATCH:
+        raise ValueError(
+            f"finetune.batch_size={b} over {processes} process(es) x finetune.gradient_accumulation={accum} leaves "
+            f"{micro} images per process for the MMD term, which needs at least {MMD_MIN_BATCH} (the authors' "
+            f"per-GPU batch): set finetune.batch_size={MMD_MIN_BATCH * split} or more, lower "
+            "finetune.gradient_accumulation, or set finetune.mmd_weight=0")
+    per_epoch = math.ceil(images / b)
+    steps = ft.epochs * per_epoch if ft.epochs is not None else None
+    if ft.max_steps is not None:
+        steps = ft.max_steps if steps is None else min(steps, ft.max_steps)
+    assert steps is not None  # the config requires epochs or max_steps
+    return Schedule(images, processes, b, accum, micro, per_epoch, steps, steps * b)
+
+
+def _epoch_order(seed: int, epoch: int, images: int, length: int) -> torch.Tensor:
+    """The image indices epoch ``epoch`` draws, in order: a permutation of all images from a generator of its own
+    (seeded by the run's seed and the epoch, so a resume recomputes it), wrapped around to ``length`` as torch's
+    DistributedSampler pads: every image at least once per epoch and every batch full."""
+    key = int.from_bytes(hashlib.sha256(f"realfake-epoch:{seed}:{epoch}".encode()).digest()[:8], "big") >> 1
+    perm = torch.randperm(images, generator=torch.Generator().manual_seed(key))
+    return perm.repeat(math.ceil(length / images))[:length]
 
 
 def _pixels(img: Image.Image) -> torch.Tensor:
@@ -185,15 +288,17 @@ def _recipe(cfg: BuildConfig, scope: str, samples: list[RealSample], prompts: li
     A resume requires every value to match. Left out on purpose, because they change how the steps are run and not
     which steps are taken:
 
-    * ``finetune.max_steps``: the learning rate is constant and no draw of step k depends on max_steps, so the first
-      k steps of a longer run are those of a shorter one. It may grow (train longer) or shrink down to the
-      checkpoint's step, never below it (checked on its own). A schedule that reads max_steps must join the recipe.
-    * ``finetune.batch_size`` and ``finetune.gradient_accumulation`` each: only their product, the images per
-      optimiser step, is recipe. A run out of GPU memory may resume with smaller micro-batches and more of them, as
-      its error advises; like the number of processes (each takes a slice), the split only changes over how many
-      images the MMD term is estimated.
+    * ``finetune.epochs`` and ``finetune.max_steps``: the learning rate is constant and no draw of step k depends on
+      the run's length (an epoch's image order depends on the seed and the epoch only), so the first k steps of a
+      longer run are those of a shorter one. The length may grow (train longer) or shrink down to the checkpoint's
+      step, never below it (checked on its own). A schedule that reads the length must join the recipe.
+    * ``finetune.gradient_accumulation``: the global batch (``finetune.batch_size``) is recipe, its split is not. A
+      run out of GPU memory may resume with smaller micro-batches and more of them, as its error advises; like the
+      number of processes, the split only changes over how many images each MMD term is estimated.
     * ``finetune.mixed_precision``, ``cache_latents``, ``checkpoint_every``, ``enabled`` and ``scope`` (each adapter
-      has its own checkpoint folder; the adapter's name is recorded below).
+      has its own checkpoint folder; the adapter's name is recorded below). ``cache_latents`` changes no draw; with
+      ``crop=random`` the cached run crops the encoded canvas on the latent grid, the uncached one encodes the
+      cropped pixels, so their latents differ near the window's edges (the encoder's context), not their steps.
     """
     from realfake.models.loading import model_fingerprint
 
@@ -202,9 +307,12 @@ def _recipe(cfg: BuildConfig, scope: str, samples: list[RealSample], prompts: li
         "finetune.rank": ft.rank,
         "finetune.alpha": float(ft.alpha or ft.rank),  # None means alpha = rank: the same scaling
         "finetune.learning_rate": ft.learning_rate,
-        "finetune.batch_size*finetune.gradient_accumulation": ft.batch_size * ft.gradient_accumulation,
+        "finetune.batch_size": ft.batch_size,
+        "finetune.max_grad_norm": ft.max_grad_norm,
         "finetune.resolution": ft.resolution,
+        "finetune.crop": ft.crop,
         "finetune.random_flip": ft.random_flip,
+        "finetune.latents": ft.latents,
         "finetune.snr_gamma": ft.snr_gamma,
         "finetune.mmd_weight": ft.mmd_weight,
         "finetune.mmd_kernel": ft.mmd_kernel,
@@ -226,10 +334,10 @@ def _recipe(cfg: BuildConfig, scope: str, samples: list[RealSample], prompts: li
 
 
 def _open_checkpoint(store: Store, ckpt: tuple[str, ...], recipe: dict[str, Any],
-                     max_steps: int) -> dict[str, Any] | None:
-    """The committed checkpoint's ``state.json``, checked against this run; None when there is none.
+                     ft: FinetuneConfig, steps: int) -> dict[str, Any] | None:
+    """The committed checkpoint's ``state.json``, checked against this run of ``steps`` steps; None when there is none.
 
-    Raises :class:`CheckpointError` when it was written under another recipe, is past ``max_steps`` or cannot be
+    Raises :class:`CheckpointError` when it was written under another recipe, is past ``steps`` or cannot be
     read. Anything under the checkpoint folder that ``state.json`` does not name (the folder of a checkpoint
     whose commit never happened, or everything when nothing was committed) is removed, once the check passed.
     """
@@ -254,11 +362,12 @@ def _open_checkpoint(store: Store, ckpt: tuple[str, ...], recipe: dict[str, Any]
                 f"the fine-tune checkpoint at {where} (step {state['step']}) was written under another recipe "
                 f"({'; '.join(differ)}). Delete {where} to train this adapter from scratch with the current "
                 "config, or restore the checkpoint's values to resume it")
-        if int(state["step"]) > max_steps:
+        if int(state["step"]) > steps:
             raise CheckpointError(
-                f"the fine-tune checkpoint at {where} is at step {state['step']}, past finetune.max_steps="
-                f"{max_steps}: raise finetune.max_steps to at least {state['step']} to resume it, or delete {where} "
-                f"to train {max_steps} steps from scratch")
+                f"the fine-tune checkpoint at {where} is at step {state['step']}, past this run's {steps} steps "
+                f"(finetune.epochs={ft.epochs}, finetune.max_steps={ft.max_steps}): raise finetune.max_steps (or "
+                f"finetune.epochs) to at least {state['step']} steps to resume it, or delete {where} to train "
+                f"{steps} steps from scratch")
     keep = state["folder"] if state is not None else None
     for name in store.listdir(*ckpt):
         if name not in (CHECKPOINT_STATE, keep):
@@ -367,53 +476,62 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
     accelerator, rank, world = _data_parallel(device)
     if accelerator is not None:
         device = accelerator.device  # this process's GPU (cuda:LOCAL_RANK), or the CPU
-    micro = max(1, ft.batch_size)
-    if micro % world:
-        raise ValueError(f"finetune.batch_size={micro} must be a multiple of the number of training processes "
-                         f"({world}): each process takes an equal slice of every batch")
     main = rank == 0  # writes checkpoints, the adapter and its log; the others only compute
     t0 = time.time()
+    samples, prompts, guide = _training_data(cfg, store, scope)
+    plan = training_schedule(ft, len(samples), world)  # a batch that does not split fails before any loading
+    if main:
+        log.info("fine-tuning adapter %s: %s", scope, plan.describe())
     if components is None:
         components = load_sd_components(cfg.models.base, cfg.models.base_revision, device)
     vae, unet, text_encoder, tokenizer = (components[k] for k in ("vae", "unet", "text_encoder", "tokenizer"))
     noise_sched = DDPMScheduler.from_config(components["scheduler"].config)
-    samples, prompts, guide = _training_data(cfg, store, scope)
 
-    # Cache: latents of each image and its mirror, text states per distinct prompt (once per dataset)
     res = ft.resolution
     dtype = torch.float32
     sf = vae.config.scaling_factor
+    cell = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent cell
+    side = res // cell  # the latent side of a training crop
+    shape = (vae.config.latent_channels, side, side)
+    sampled = ft.latents == "sample"
 
-    def pixels(chunk: list[RealSample]) -> torch.Tensor:
-        return torch.stack([_pixels(load_real_image(s, res, storage_options)) for s in chunk]).to(device, dtype)
-
-    def encode(px: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        if flip is not None:
-            px = torch.where(flip.to(device)[:, None, None, None], torch.flip(px, dims=[3]), px)
-        return vae.encode(px).latent_dist.mean.cpu() * sf
+    def encode(px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scaled VAE posterior of a pixel batch: mean and (latents=sample) standard deviation, on the CPU."""
+        dist = vae.encode(px.to(device, dtype)).latent_dist
+        return dist.mean.cpu() * sf, dist.std.cpu() * sf if sampled else None
 
     # The checkpoint to resume, checked before the latents are encoded: a refused one fails at once
     folder = adapter_dir(scope)
     ckpt = (*folder, "checkpoint")
     recipe = _recipe(cfg, scope, samples, prompts, guide)
-    state = _from_rank0(accelerator, lambda: _open_checkpoint(store, ckpt, recipe, ft.max_steps))
+    state = _from_rank0(accelerator, lambda: _open_checkpoint(store, ckpt, recipe, ft, plan.steps))
     resumed = None
     if state is not None:
         files = _checkpoint_files(store, ckpt, state)  # every rank reads the folder rank 0 checked
         resumed = (load_safetensors(files[ADAPTER_FILE]),
                    torch.load(io.BytesIO(files[TRAINER_FILE]), map_location="cpu", weights_only=True))
 
-    lat = lat_flip = None
+    # Cache (cache_latents): per image the posterior of its canvas (crop=random; the crop is then a latent window)
+    # or of its centre crop, and of its mirror image (flipping a latent is not encoding the flipped image)
+    cache: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []  # [plain, mirrored][image] -> (mean, std)
     with torch.no_grad():
         if ft.cache_latents:
-            plain, mirrored = [], []
-            for i in range(0, len(samples), 32):
-                px = pixels(samples[i : i + 32])
-                plain.append(encode(px))
-                if ft.random_flip:
-                    mirrored.append(encode(torch.flip(px, dims=[3])))
-            lat = torch.cat(plain)
-            lat_flip = torch.cat(mirrored) if ft.random_flip else None
+            def unit_size(s: RealSample) -> tuple[int, int]:
+                return _canvas_size(s.width, s.height, res, cell) if ft.crop == "random" else (res, res)
+
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for i, s in enumerate(samples):
+                by_size.setdefault(unit_size(s), []).append(i)
+            cache = [[None] * len(samples) for _ in range(2 if ft.random_flip else 1)]  # type: ignore[list-item]
+            for members in by_size.values():
+                for j in range(0, len(members), 32):
+                    chunk = members[j : j + 32]
+                    px = torch.stack([_pixels(_training_image(samples[i], res, cell, ft.crop, storage_options))
+                                      for i in chunk])
+                    for view, images in enumerate([px, torch.flip(px, dims=[3])][: len(cache)]):
+                        mean, std = encode(images)
+                        for k, i in enumerate(chunk):
+                            cache[view][i] = (mean[k], std[k] if std is not None else None)
         uniq = sorted(set(prompts))
         text = encode_prompts(tokenizer, text_encoder, uniq, device).cpu()
         prompt_idx = torch.tensor([uniq.index(p) for p in prompts])
@@ -422,8 +540,8 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
         torch.manual_seed(ft.seed)
         add_lora(unet, ft.rank, ft.alpha)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=ft.learning_rate)
-    gen = torch.Generator().manual_seed(ft.seed * 1_000_003)  # every draw of the loop: images, flips, noise, t
+    opt = torch.optim.AdamW(params, lr=ft.learning_rate)  # weight decay 1e-2: torch's default, as the authors'
+    gen = torch.Generator().manual_seed(ft.seed * 1_000_003)  # every draw of a step: flips, crops, latents, noise, t
     amp = device.type == "cuda" and ft.mixed_precision != "no"
     scaler = torch.amp.GradScaler("cuda") if amp and ft.mixed_precision == "fp16" else None  # fp16 gradients underflow
     start, history = 0, []
@@ -440,71 +558,120 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
     model = accelerator.prepare_model(unet) if accelerator is not None else unet
     unet.train()
     n = len(samples)
-    # Every process draws the whole batch from the same generator and keeps its slice: with the MMD term off,
-    # N processes take exactly the optimiser steps of one (the MMD term is computed per process, over its slice).
-    local = slice(rank * (micro // world), (rank + 1) * (micro // world))
+    # Every process draws each accumulated chunk of the global batch whole, from the same generator, and keeps its
+    # slice: with the MMD term off, N processes take exactly the optimiser steps of one. The MMD term is computed
+    # per process over its micro-batch (as the authors', per GPU), which the schedule keeps at >= MMD_MIN_BATCH.
+    chunk = plan.batch_size // plan.gradient_accumulation
+    local = slice(rank * plan.micro_batch, (rank + 1) * plan.micro_batch)
     loss_value = float(history[-1]["loss"]) if history else float("nan")
-    steps = range(start, ft.max_steps)
+    steps = range(start, plan.steps)
     if progress:
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc=f"finetune[{scope}]", initial=start, total=ft.max_steps)
+        steps = tqdm(steps, desc=f"finetune[{scope}]", initial=start, total=plan.steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if ft.mixed_precision == "bf16" else torch.float16,
                               enabled=amp)
 
-    def accumulate() -> tuple[torch.Tensor, dict[str, float]]:
-        """Forward and backward over ``finetune.gradient_accumulation`` micro-batches; the last loss and parts."""
+    def window(u: torch.Tensor, width: int, height: int) -> tuple[int, int]:
+        """A random crop's offset in latent cells on a canvas of ``width`` x ``height`` cells, from two uniforms."""
+        return (min(int(u[0] * (width - side + 1)), width - side), min(int(u[1] * (height - side + 1)), height - side))
+
+    def latents(idx: list[int], flip: torch.Tensor | None, crops: torch.Tensor | None) -> torch.Tensor:
+        """The clean latents of this process's images: a posterior sample or mean of each one's (flipped) crop."""
+        flips = flip.tolist() if flip is not None else [False] * len(idx)
+        if cache:
+            means, stds = [], []
+            for k, i in enumerate(idx):
+                mean, std = cache[int(flips[k])][i]
+                if crops is not None:  # a window of the canvas; on the mirror it is the mirrored window
+                    w, h = mean.shape[2], mean.shape[1]
+                    x, y = window(crops[k], w, h)
+                    x = w - side - x if flips[k] else x
+                    mean = mean[:, y : y + side, x : x + side]
+                    std = std[:, y : y + side, x : x + side] if std is not None else None
+                means.append(mean)
+                stds.append(std)
+            return torch.stack(means), (torch.stack(stds) if sampled else None)
+        images = []  # no cache: read, crop, flip and encode this batch's images, as the authors' script does
+        for k, i in enumerate(idx):
+            img = _training_image(samples[i], res, cell, ft.crop, storage_options)
+            if crops is not None:
+                x, y = window(crops[k], img.width // cell, img.height // cell)
+                img = img.crop((x * cell, y * cell, x * cell + res, y * cell + res))
+            px = _pixels(img)
+            images.append(torch.flip(px, dims=[2]) if flips[k] else px)
+        with torch.no_grad():
+            return encode(torch.stack(images))
+
+    def accumulate(order: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward and backward over the accumulated micro-batches of one step; the last loss and its parts."""
         loss, parts = torch.zeros(()), {}
-        for k in range(ft.gradient_accumulation):
-            idx = torch.randint(0, n, (micro,), generator=gen)
-            flip = torch.rand(micro, generator=gen) < 0.5 if ft.random_flip else None
-            idx, flip = idx[local], (flip[local] if flip is not None else None)
-            if lat is None:  # no cache: read and encode this batch's images, as the reference script does
-                with torch.no_grad():
-                    z0 = encode(pixels([samples[i] for i in idx.tolist()]), flip)
-            else:
-                z0 = lat[idx] if flip is None else torch.where(flip[:, None, None, None], lat_flip[idx], lat[idx])
-            noise = torch.randn((micro, *z0.shape[1:]), generator=gen)[local]
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (micro,), generator=gen)[local]
+        batch = order[(step % plan.steps_per_epoch) * plan.batch_size:][: plan.batch_size]
+        for k in range(plan.gradient_accumulation):
+            idx = batch[k * chunk : (k + 1) * chunk][local].tolist()
+            flip = torch.rand(chunk, generator=gen)[local] < 0.5 if ft.random_flip else None
+            crops = torch.rand(chunk, 2, generator=gen)[local] if ft.crop == "random" else None
+            eps = torch.randn((chunk, *shape), generator=gen)[local] if sampled else None
+            noise = torch.randn((chunk, *shape), generator=gen)[local]
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (chunk,), generator=gen)[local]
+            mean, std = latents(idx, flip, crops)
+            z0 = mean + std * eps if sampled else mean
             zt = noise_sched.add_noise(z0, noise, t).to(device)
-            states = inject_guidance(text[prompt_idx[idx]], guide[idx] if guide is not None else None,
+            rows = torch.tensor(idx)
+            states = inject_guidance(text[prompt_idx[rows]], guide[rows] if guide is not None else None,
                                      cfg.guidance.slot).to(device)
             # all-reduce once per optimiser step, not per micro-batch
-            sync = accelerator.no_sync(model) if accelerator is not None and k + 1 < ft.gradient_accumulation \
+            sync = accelerator.no_sync(model) if accelerator is not None and k + 1 < plan.gradient_accumulation \
                 else contextlib.nullcontext()
             with sync:
                 with autocast:
                     pred = model(zt, t.to(device), states).sample
                 w = min_snr_weights(noise_sched.alphas_cumprod, t, ft.snr_gamma).to(device)
                 loss, parts = realfake_loss(pred, noise.to(device), w, ft.mmd_weight, ft.mmd_kernel)
-                scaled = loss / ft.gradient_accumulation
+                scaled = loss / plan.gradient_accumulation
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return loss, parts
 
     saved = start  # the step of the last committed checkpoint (or of the one resumed from)
+    order, order_epoch = None, -1
     for step in steps:
+        epoch = step // plan.steps_per_epoch
+        if epoch != order_epoch:
+            order, order_epoch = _epoch_order(ft.seed, epoch, n, plan.steps_per_epoch * plan.batch_size), epoch
         opt.zero_grad(set_to_none=True)
         try:
-            loss, parts = accumulate()
+            loss, parts = accumulate(order, step)
         except torch.cuda.OutOfMemoryError as e:
             cause = str(e).splitlines()[0] if str(e) else type(e).__name__
             kept = f"the checkpoint of step {saved} is kept and a re-run resumes from it" if saved else \
                 "no checkpoint was written yet (finetune.checkpoint_every)"
             raise torch.cuda.OutOfMemoryError(
                 f"GPU out of memory fine-tuning adapter {scope!r} at step {step + 1} with finetune.batch_size="
-                f"{ft.batch_size} at finetune.resolution={ft.resolution} ({world} process(es)): lower "
-                "finetune.batch_size and raise finetune.gradient_accumulation to keep the effective batch, or use "
+                f"{ft.batch_size} ({plan.micro_batch} per process x {world} process(es) x "
+                f"finetune.gradient_accumulation={ft.gradient_accumulation}) at finetune.resolution={ft.resolution}: "
+                "raise finetune.gradient_accumulation to keep the global batch in smaller micro-batches (each "
+                f"keeping >= {MMD_MIN_BATCH} images while finetune.mmd_weight > 0), or use "
                 f"finetune.mixed_precision=bf16; {kept}. Cause: {cause}"
             ) from e
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+        # the gradients are already averaged over the processes: every rank clips by the same norm
+        norm = torch.nn.utils.clip_grad_norm_(params, ft.max_grad_norm or float("inf"))
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
         done = loss.detach()
-        loss_value = float(accelerator.reduce(done, "mean") if accelerator is not None else done)
-        history.append({"step": step + 1, "loss": loss_value, **parts})
-        if (step + 1) % ft.checkpoint_every == 0 and step + 1 < ft.max_steps:
+        mmd_batch = torch.tensor([parts.pop("mmd_batch")], device=device)
+        if accelerator is not None:
+            loss_value = float(accelerator.reduce(done, "mean"))
+            per_rank = [int(b) for b in accelerator.gather(mmd_batch).tolist()]
+        else:
+            loss_value, per_rank = float(done), [int(mmd_batch)]
+        history.append({"step": step + 1, "loss": loss_value, **parts, "grad_norm": float(norm),
+                        "mmd_batch_per_rank": per_rank})
+        if (step + 1) % ft.checkpoint_every == 0 and step + 1 < plan.steps:
             saved = step + 1  # every rank knows the step of the checkpoint rank 0 commits
         if main and saved == step + 1:
             buf = io.BytesIO()
@@ -519,14 +686,14 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
             _save_adapter(unet, Path(tmp))
             _upload_folder(store, Path(tmp), *folder)
         # the history of the steps before a resume comes from the checkpoint: each step is logged once
-        store.write_json({"scope": scope, "config": ft.model_dump(), "recipe": recipe, "images": n, "history": history,
-                          "processes": world, "resumed_from": start, "seconds": round(time.time() - t0, 2)},
-                         *folder, "train_log.json")
+        store.write_json({"scope": scope, "config": ft.model_dump(), "recipe": recipe, "images": n,
+                          "schedule": dataclasses.asdict(plan), "history": history, "processes": world,
+                          "resumed_from": start, "seconds": round(time.time() - t0, 2)}, *folder, "train_log.json")
         store.remove(*ckpt, recursive=True)
     if accelerator is not None:
         accelerator.wait_for_everyone()  # the adapter is written before any process returns
     unet.unload_lora()  # leave shared components as they came: base layers back, no peft wrappers
-    return AdapterResult(scope, store.uri(*folder), ft.max_steps, time.time() - t0, loss_value, start)
+    return AdapterResult(scope, store.uri(*folder), plan.steps, time.time() - t0, loss_value, start)
 
 
 def adapter_hash(store: Store, scope: str) -> str:

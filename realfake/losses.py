@@ -52,7 +52,12 @@ def mmd_rbf(pred: torch.Tensor, target: torch.Tensor, bandwidth: float | None = 
 
 def realfake_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, mmd_weight: float,
                   kernel: str = "linear") -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts (``diffusion``, ``mmd``) for logging."""
+    """Total loss and its parts for logging: ``diffusion``, ``mmd`` and ``mmd_batch``, the number of samples the
+    MMD term was taken over (the whole of ``pred``; 0 when the term is off).
+
+    ``mmd_weight`` multiplies the linear MMD on *sums*: its effect grows with the batch (on means, the same term
+    at batch B is ``mmd_weight * B**2``), so a weight is tied to the batch it was tuned at (0.003 at 8 images).
+    """
     per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
     diffusion = (weights.float() * per_sample).mean()
     if mmd_weight > 0:
@@ -60,4 +65,5 @@ def realfake_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
     else:
         mmd = torch.zeros((), device=pred.device)
     total = diffusion + mmd_weight * mmd
-    return total, {"diffusion": float(diffusion.detach()), "mmd": float(mmd.detach())}
+    return total, {"diffusion": float(diffusion.detach()), "mmd": float(mmd.detach()),
+                   "mmd_batch": pred.shape[0] if mmd_weight > 0 else 0}

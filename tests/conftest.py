@@ -61,7 +61,7 @@ def mini_config(root: str, base: str, source_uri: str, **over):
         "device": "cpu",
         "source": {"kind": "image_folder", "uri": source_uri, "max_per_class": 4, "test_fraction": 0.25},
         "models": {"base": base, "clip": base},
-        "finetune": {"max_steps": 3, "batch_size": 4, "resolution": 32, "mixed_precision": "no",
+        "finetune": {"max_steps": 3, "batch_size": 8, "resolution": 32, "mixed_precision": "no",
                      "checkpoint_every": 2, "random_flip": False, "rank": 4},
         "synthesis": {"steps": 4, "resolution": 32, "batch_size": 8},
         "shards": {"format": "webdataset", "image_format": "png", "max_count": 16},

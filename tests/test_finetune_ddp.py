@@ -2,8 +2,10 @@
 
 With the MMD term off, two processes that each take half of every batch and average their gradients must make
 the same optimiser steps as one process on the whole batch: the adapters agree to float rounding. The MMD term is
-computed per process over its slice, so it is switched off for this comparison only. One process writes the
-adapter and its log; a batch that does not split evenly fails at once naming the field.
+computed per process over its own micro-batch (as the authors', per GPU), so it is switched off for this comparison
+only; with it on, each rank's term spans its whole micro-batch of 8 (logged per rank), and a global batch that
+leaves a rank fewer than 8 images fails at once. One process writes the adapter and its log; a batch that does not
+split evenly fails at once naming the field.
 """
 
 from __future__ import annotations
@@ -70,7 +72,33 @@ def test_a_batch_that_does_not_split_fails_naming_the_field(prepared):
     _, config = prepared
     run = _torchrun(config, "finetune.batch_size=3")
     assert run.returncode != 0
-    assert "finetune.batch_size=3 must be a multiple of the number of training processes (2)" in run.stderr
+    assert ("finetune.batch_size=3 does not split over 2 process(es) x finetune.gradient_accumulation=1: set "
+            "finetune.batch_size to a multiple of 2 (e.g. 2 or 4)") in run.stderr
+
+
+def test_each_rank_takes_the_mmd_over_its_whole_micro_batch(prepared):
+    """MMD on, a global batch of 16 on 2 processes: every step, each rank's MMD term spans its 8 images."""
+    cfg, config = prepared
+    store = store_of(cfg)
+    store.remove(*adapter_dir("all"), recursive=True)
+    run = _torchrun(config, "finetune.mmd_weight=0.003", "finetune.batch_size=16")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "global batch 16 = 8 per process x 2 processes x 1 accumulation" in run.stderr
+    log = store.read_json(*adapter_dir("all"), "train_log.json")
+    assert log["processes"] == 2 and log["schedule"]["micro_batch"] == 8
+    assert [h["mmd_batch_per_rank"] for h in log["history"]] == [[8, 8]] * 3
+    assert all(h["mmd"] > 0 for h in log["history"])
+    store.remove(*adapter_dir("all"), recursive=True)
+
+
+def test_a_global_batch_leaving_a_rank_fewer_than_8_mmd_images_fails(prepared):
+    """8 images over 2 processes passes the static check (8 per micro-batch on one process) but leaves 4 per rank."""
+    _, config = prepared
+    run = _torchrun(config, "finetune.mmd_weight=0.003", "finetune.batch_size=8")
+    assert run.returncode != 0
+    assert ("finetune.batch_size=8 over 2 process(es) x finetune.gradient_accumulation=1 leaves 4 images per "
+            "process for the MMD term, which needs at least 8 (the authors' per-GPU batch): set "
+            "finetune.batch_size=16 or more") in run.stderr
 
 
 def test_the_prefect_worker_launch_trains_data_parallel_and_returns_one_result(prepared):

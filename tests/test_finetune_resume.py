@@ -41,9 +41,12 @@ class Killed(RuntimeError):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_base, digits_folder):
-    """A prepared version (manifest, guidance); max_steps 6 with a checkpoint every 2 steps, flips and MMD on."""
+    """A prepared version (manifest, guidance); max_steps 6 with a checkpoint every 2 steps, flips, MMD, sampled
+    latents and gradient clipping on. 30 training images at a global batch of 16: 2 steps per epoch, so a resume
+    from step 4 starts an epoch, one from step 2 or 4 lands on an epoch's boundary and step 5 is mid-epoch."""
     cfg = mini_config(str(tmp_path_factory.mktemp("resume")), tiny_base, digits_folder, finetune__max_steps=6,
-                      finetune__checkpoint_every=2, finetune__random_flip=True)
+                      finetune__checkpoint_every=2, finetune__random_flip=True, finetune__batch_size=16,
+                      finetune__max_grad_norm=0.05)
     build.prepare(cfg)
     return cfg
 
@@ -147,7 +150,7 @@ def test_execution_settings_may_change_across_a_resume(prepared):
     cfg, store = _version(prepared, "execution")
     _train(cfg, store, kill_at_step=3)
     split = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={
-        "batch_size": 2, "gradient_accumulation": 2, "checkpoint_every": 3, "cache_latents": False})})
+        "gradient_accumulation": 2, "checkpoint_every": 3, "cache_latents": False})})
     result = _train(split, store)
     assert result.resumed_from == 2
     assert _steps(store) == [1, 2, 3, 4, 5, 6]
@@ -229,7 +232,10 @@ def _snapshot(store) -> dict[str, bytes]:
     ("finetune", {"rank": 8}, "finetune.rank: 4 in the checkpoint, 8 now"),
     ("finetune", {"alpha": 8.0}, "finetune.alpha: 4.0 in the checkpoint, 8.0 now"),
     ("finetune", {"learning_rate": 1e-3}, "finetune.learning_rate: 0.0001 in the checkpoint, 0.001 now"),
-    ("finetune", {"batch_size": 8}, "finetune.batch_size*finetune.gradient_accumulation: 4 in the checkpoint, 8 now"),
+    ("finetune", {"batch_size": 8}, "finetune.batch_size: 16 in the checkpoint, 8 now"),
+    ("finetune", {"max_grad_norm": None}, "finetune.max_grad_norm: 0.05 in the checkpoint, None now"),
+    ("finetune", {"latents": "mean"}, "finetune.latents: 'sample' in the checkpoint, 'mean' now"),
+    ("finetune", {"crop": "center"}, "finetune.crop: 'random' in the checkpoint, 'center' now"),
     ("finetune", {"resolution": 16}, "finetune.resolution: 32 in the checkpoint, 16 now"),
     ("finetune", {"seed": 1}, "finetune.seed: 0 in the checkpoint, 1 now"),
     ("finetune", {"mmd_weight": 0.0}, "finetune.mmd_weight: 0.003 in the checkpoint, 0.0 now"),
@@ -254,8 +260,9 @@ def test_a_checkpoint_of_another_recipe_is_refused_naming_the_field(checkpointed
 def test_a_checkpoint_past_max_steps_is_refused(checkpointed):
     cfg, store, comps = checkpointed
     shorter = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"max_steps": 1})})
-    with pytest.raises(CheckpointError, match=r"at step 2, past finetune.max_steps=1: raise finetune.max_steps to "
-                                              r"at least 2"):
+    with pytest.raises(CheckpointError, match=r"at step 2, past this run's 1 steps \(finetune.epochs=100, "
+                                              r"finetune.max_steps=1\): raise finetune.max_steps \(or finetune.epochs\)"
+                                              r" to at least 2 steps"):
         finetune(shorter, store, "all", components=comps)
 
 
