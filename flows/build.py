@@ -121,8 +121,9 @@ def publish_build_plan(cfg: BuildConfig, params: BuildParams) -> None:
     gpus = params.fanout.groups or len(visible_gpus()) or 1
     try:
         publish_plan(format_plan(build_plan(cfg, gpus=gpus)), cfg.dataset, cfg.version)
-    except ConfigError as e:  # e.g. a global batch that does not split over this node's GPUs
-        get_run_logger().warning("no plan artifact: %s", e)
+    except Exception as e:  # noqa: BLE001 - the plan informs, it never stops a build (e.g. a batch that
+        # does not split over this node's GPUs is the fine-tune stage's own error to raise, naming the field)
+        get_run_logger().warning("no plan artifact: %s: %s", type(e).__name__, e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ __all__ = [
     "publish_counts",
     "publish_grid",
     "publish_metrics",
+    "publish_plan",
     "publish_report",
     "update_progress_artifact",
 ]
@@ -163,6 +164,14 @@ def publish_grid(grid_uri: str, dataset: str, version: str) -> UUID:
     shown = f"![sample grid]({url})\n\n" if url.startswith("file://") else ""
     md = f"## Samples of {dataset}/{version}\n\n{shown}Grid file: `{grid_uri}`\n"
     return create_markdown_artifact(md, key=artifact_key(dataset, "grid"), description="Sample grid per class")
+
+
+def publish_plan(markdown: str, dataset: str, version: str) -> UUID:
+    """Markdown artifact with the build's plan (:func:`realfake.plan.format_plan`), published before any GPU work."""
+    return create_markdown_artifact(
+        markdown, key=artifact_key(dataset, "plan"), description=f"Plan of {dataset}/{version}: counts, steps, "
+        "bytes and GPU-hours per stage"
+    )
 
 
 def publish_report(markdown: str, dataset: str, version: str) -> UUID:
