@@ -16,6 +16,8 @@ from prefect import flow, get_run_logger
 
 from flows.params import FanoutParams, FinetuneParams
 from realfake.config import BuildConfig
+from realfake.data.storage import resolve_storage_options
+from realfake.redact import redacting_errors
 from tasks.gpu import ensure_gpu_limit, split_groups, visible_gpus
 from tasks.stages import adapter_exists, finetune_scopes_task, finetune_task
 
@@ -33,7 +35,7 @@ def run_finetune(cfg: BuildConfig, fanout: FanoutParams) -> dict[str, dict]:
     ensure_gpu_limit(fanout.gpu_limit, len(gpus) or 1)
 
     def check(scope: str, result: dict, device: str | None) -> dict:
-        if adapter_exists(result):
+        if adapter_exists(result, resolve_storage_options(cfg.storage)):
             return result
         log.warning("cached adapter %r of %s/%s is gone from storage: retraining", scope, cfg.dataset, cfg.version)
         return finetune_task.with_options(refresh_cache=True)(cfg, scope, device, fanout.gpu_limit)
@@ -61,9 +63,13 @@ def run_finetune(cfg: BuildConfig, fanout: FanoutParams) -> dict[str, dict]:
 
 
 @flow(name="finetune", log_prints=True, persist_result=True)
+@redacting_errors
 def finetune_flow(params: FinetuneParams = FinetuneParams()) -> dict:
     """Train (or reuse) the LoRA adapters of a prepared dataset version."""
+    from realfake.preflight import preflight
+
     cfg = params.to_config()
+    preflight(cfg, stage="finetune")  # root, device and base model checked in seconds, naming the field
     return run_finetune(cfg, params.fanout)
 
 

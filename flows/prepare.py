@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import PrepareParams
 from realfake.config import BuildConfig
+from realfake.redact import redacting_errors
 from tasks.stages import prepare_outputs_exist, prepare_task
 
 __all__ = ["prepare_flow", "run_prepare"]
@@ -30,9 +31,14 @@ def run_prepare(cfg: BuildConfig) -> dict:
 
 
 @flow(name="prepare", log_prints=True, persist_result=True)
+@redacting_errors
 def prepare_flow(params: PrepareParams = PrepareParams()) -> dict:
     """Ingest, caption and embed the real images of a dataset version."""
-    return run_prepare(params.to_config())
+    from realfake.preflight import preflight
+
+    cfg = params.to_config()
+    preflight(cfg, stage="prepare")  # source, root, captioner and CLIP checked in seconds, naming the field
+    return run_prepare(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.params import ConfigParams
 from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig, ShadowFamily
+from realfake.redact import redacting_errors
 from tasks.child_runs import require_deployment
 from tasks.gpu import ensure_gpu_limit, visible_gpus
 from tasks.privacy import (
@@ -176,10 +177,17 @@ def run_lira_fanout(cfg: BuildConfig, lira: LiraConfig, gpu_limit: str, fanout: 
 
 
 @flow(name="privacy-audit", log_prints=True, persist_result=True)
+@redacting_errors
 def privacy_flow(params: PrivacyParams = PrivacyParams()) -> dict:
     """Audit a dataset version for privacy: LiRA membership inference and copy detection."""
+    from realfake.preflight import preflight
+
     log = get_run_logger()
     cfg = params.to_config()
+    # LiRA's shadows run whole builds (fine-tune, synthesize, train) here or on the GPU pool; copy detection reads
+    # the version under the root
+    remote = ("device",) if params.lira_enabled and params.fanout.mode == "deployment" else ()
+    preflight(cfg, stage="build" if params.lira_enabled else "finalize", skip=remote)
     if params.copy_enabled and not _committed_synthetic(cfg):
         # Fail before hours of shadow training, not after.
         raise FileNotFoundError(
@@ -204,9 +212,13 @@ def privacy_flow(params: PrivacyParams = PrivacyParams()) -> dict:
 
 
 @flow(name="privacy-shadows", log_prints=True, persist_result=True)
+@redacting_errors
 def privacy_shadows_flow(params: ShadowRunParams = ShadowRunParams()) -> dict:
     """Child run: train a batch of LiRA shadows of one family and store their logits (finished ones are skipped)."""
+    from realfake.preflight import preflight
+
     cfg = params.to_config()
+    preflight(cfg)  # a shadow is a whole build on its half of the data
     require_lira_plan(cfg, params.lira)
     indices = list(params.shadows) or list(range(params.lira.n_shadows))
     ensure_gpu_limit(params.gpu_limit, len(visible_gpus()) or 1)

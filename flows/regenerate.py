@@ -15,7 +15,8 @@ from prefect import flow, get_run_logger
 from flows.build import run_build_stages
 from flows.params import RegenerateParams
 from realfake.config import BuildConfig, load_config
-from realfake.data.storage import version_store
+from realfake.data.storage import resolve_storage_options, version_store
+from realfake.redact import redacting_errors
 from tasks.versions import promote_latest_task, read_latest
 
 __all__ = ["regenerate_flow", "regeneration_config"]
@@ -26,10 +27,11 @@ def regeneration_config(params: RegenerateParams, now: dt.datetime | None = None
     now = now or dt.datetime.now(dt.UTC)
     version = f"{params.version_prefix}{now:%Y%m%d-%H%M%S}"
     form = params.to_config()
-    pointer = read_latest(form.root, form.dataset) if params.from_latest else None
+    options = resolve_storage_options(form.storage)
+    pointer = read_latest(form.root, form.dataset, options) if params.from_latest else None
     if pointer is None:
         return form.model_copy(update={"version": version})
-    card = version_store(form.root, form.dataset, pointer["version"]).read_json("dataset.json")
+    card = version_store(form.root, form.dataset, pointer["version"], options).read_json("dataset.json")
     recorded = card.get("config")
     if not isinstance(recorded, dict):
         raise RuntimeError(f"card of {form.dataset}/{pointer['version']} records no config; cannot regenerate it")
@@ -38,9 +40,13 @@ def regeneration_config(params: RegenerateParams, now: dt.datetime | None = None
 
 
 @flow(name="regenerate", log_prints=True, persist_result=True)
+@redacting_errors
 def regenerate_flow(params: RegenerateParams = RegenerateParams()) -> dict:
     """Rebuild a dataset as a new version and move its `latest` pointer once the new version verifies."""
+    from realfake.preflight import preflight
+
     cfg = regeneration_config(params)
+    preflight(cfg, measure=params.measure)  # the whole build is checked before its first stage
     get_run_logger().info("regenerating %s as version %s", cfg.dataset, cfg.version)
     report = run_build_stages(cfg, params)
     pointer = promote_latest_task(cfg)

@@ -16,8 +16,9 @@ import sys
 from prefect import flow, get_run_logger
 
 from flows.params import FanoutParams, ShardGroupParams, SynthesizeParams
+from realfake.build import store_of
 from realfake.config import BuildConfig
-from realfake.data.storage import version_store
+from realfake.redact import redacting_errors
 from tasks.artifacts import ProgressReporter, artifact_key
 from tasks.gpu import ensure_gpu_limit, split_groups, visible_gpus
 from tasks.lease import build_lease
@@ -30,7 +31,7 @@ def _progress_counter(cfg: BuildConfig, names: list[str]):
     from realfake.data.shards import committed_shards
 
     wanted = set(names)
-    store = version_store(cfg.root, cfg.dataset, cfg.version)
+    store = store_of(cfg)
 
     def count() -> tuple[int, int]:
         done = [c for c in committed_shards(store) if c.name in wanted]
@@ -111,9 +112,13 @@ def _wait_for_every_group(futures: list, cfg: BuildConfig) -> list[dict]:
 
 
 @flow(name="synthesize-shards", log_prints=True, retries=2, retry_delay_seconds=30, persist_result=True)
+@redacting_errors
 def synthesize_shards_flow(params: ShardGroupParams = ShardGroupParams()) -> dict:
     """Child run: write and commit one group of shards (committed ones are skipped, so retries resume)."""
+    from realfake.preflight import preflight
+
     cfg = params.to_config()
+    preflight(cfg, stage="synthesize")  # on the node that generates: its device, the base model, the root
     names = list(params.shard_names) or plan_task(cfg)
     ensure_gpu_limit(params.gpu_limit, len(visible_gpus()) or 1)
     gpus = visible_gpus()
@@ -122,9 +127,14 @@ def synthesize_shards_flow(params: ShardGroupParams = ShardGroupParams()) -> dic
 
 
 @flow(name="synthesize", log_prints=True, persist_result=True)
+@redacting_errors
 def synthesize_flow(params: SynthesizeParams = SynthesizeParams()) -> dict:
     """Plan the shards of a prepared (and fine-tuned) version, synthesize them in parallel, then finalize."""
+    from realfake.preflight import preflight
+
     cfg = params.to_config()
+    # child runs on the GPU pool check their own device
+    preflight(cfg, stage="synthesize", skip=("device",) if params.fanout.mode == "deployment" else ())
     with build_lease(cfg) as lease:  # a concurrent build or synthesis of this version fails here, naming it
         summary = run_synthesis(cfg, params.fanout, params.pinned(cfg), lease.owner)
         if params.finalize:

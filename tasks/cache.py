@@ -59,7 +59,9 @@ def source_fingerprint(cfg: BuildConfig) -> str:
     if cfg.source.kind == "image_folder" and cfg.source.uri:
         import fsspec
 
-        fs, root = fsspec.core.url_to_fs(cfg.source.uri)
+        from realfake.data.storage import resolve_storage_options
+
+        fs, root = fsspec.core.url_to_fs(cfg.source.uri, **resolve_storage_options(cfg.storage))
         for path, info in sorted(fs.find(root, detail=True).items()):
             h.update(f"{path[len(root):]}\t{info.get('size')}\n".encode())
     return h.hexdigest()
@@ -93,10 +95,11 @@ def finetune_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 
     Returns None (no caching) when the version has no manifest yet: the stage will fail with that message.
     """
+    from realfake.build import store_of
     from realfake.data.manifest import manifest_hash
 
     cfg = _cfg(parameters)
-    store = version_store(cfg.root, cfg.dataset, cfg.version)
+    store = store_of(cfg)
     try:
         mhash = manifest_hash(store)
     except FileNotFoundError:

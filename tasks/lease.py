@@ -15,7 +15,6 @@ from contextlib import contextmanager
 
 from realfake.config import BuildConfig
 from realfake.data.shards import VersionLease
-from realfake.data.storage import version_store
 
 __all__ = ["build_lease", "lease_owner"]
 
@@ -31,7 +30,9 @@ def lease_owner() -> str:
 @contextmanager
 def build_lease(cfg: BuildConfig, wait_s: float = 0.0) -> Iterator[VersionLease]:
     """Hold the lease of ``cfg``'s version for the block (``LeaseHeldError`` names the build holding it)."""
-    lease = VersionLease(version_store(cfg.root, cfg.dataset, cfg.version), owner=lease_owner()).acquire(wait_s)
+    from realfake.build import store_of
+
+    lease = VersionLease(store_of(cfg), owner=lease_owner()).acquire(wait_s)
     try:
         yield lease
     finally:

@@ -3,8 +3,9 @@
 Each task is a thin wrapper of one call in :mod:`realfake.build`; the logic lives there and runs without
 Prefect. What the wrapper adds: retries for transient faults only (a bad config fails at once), content
 cache keys for the expensive deterministic stages (prepare, fine-tune), a slot of the GPU global
-concurrency limit around GPU work, and messages that name the stage, shard or scope at fault. The library
-is imported inside the tasks so that deploying or serving a flow does not load torch.
+concurrency limit around GPU work, and messages that name the stage, shard or scope at fault, with secrets masked
+before Prefect keeps them (:func:`realfake.redact.redacting_errors`). The library is imported inside the tasks so
+that deploying or serving a flow does not load torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 
 from realfake.config import BuildConfig
-from realfake.data.storage import version_store
+from realfake.redact import redacting_errors
 from tasks.cache import TRANSIENT_RETRY, finetune_cache_key, prepare_cache_key
 from tasks.child_runs import run_child_deployment
 from tasks.gpu import run_group_process
@@ -45,7 +46,7 @@ def _build() -> Any:
 
 def prepare_outputs_exist(cfg: BuildConfig) -> bool:
     """True when the version holds what prepare writes (so a cache hit is not a dangling one)."""
-    store = version_store(cfg.root, cfg.dataset, cfg.version)
+    store = _build().store_of(cfg)
     needed = [("real", "manifest.parquet")]
     if cfg.guidance.enabled:
         needed.append(("features", "guidance.parquet"))
@@ -54,18 +55,19 @@ def prepare_outputs_exist(cfg: BuildConfig) -> bool:
     return all(store.exists(*p) for p in needed)
 
 
-def adapter_exists(result: dict) -> bool:
+def adapter_exists(result: dict, storage_options: dict | None = None) -> bool:
     """True when the adapter a (possibly cached) fine-tune result points at is still on storage."""
     import fsspec
 
     uri = result.get("adapter") if isinstance(result, dict) else None
     if not uri:
         return True  # fine-tuning disabled: nothing to check
-    fs, path = fsspec.core.url_to_fs(str(uri))
+    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
     return bool(fs.exists(path))
 
 
 @task(name="prepare", cache_key_fn=prepare_cache_key, persist_result=True, tags=["realfake", "cpu"], **TRANSIENT_RETRY)
+@redacting_errors
 def prepare_task(cfg: BuildConfig) -> dict:
     """Ingest the real images, then captions and guidance embeddings; returns the counts."""
     log = get_run_logger()
@@ -76,6 +78,7 @@ def prepare_task(cfg: BuildConfig) -> dict:
 
 
 @task(name="finetune-scopes", tags=["realfake"])
+@redacting_errors
 def finetune_scopes_task(cfg: BuildConfig) -> list[str]:
     """The adapter scopes of this config: ``["all"]`` or one per class id."""
     return list(_build().finetune_scopes(cfg))
@@ -89,6 +92,7 @@ def finetune_scopes_task(cfg: BuildConfig) -> list[str]:
     tags=["realfake", "gpu"],
     **TRANSIENT_RETRY,
 )
+@redacting_errors
 def finetune_task(
     cfg: BuildConfig, scope: str = "all", device: str | None = None, gpu_limit: str = "realfake-gpu",
     nproc: int = 1,
@@ -121,12 +125,14 @@ def finetune_task(
 
 
 @task(name="plan-shards", tags=["realfake"])
+@redacting_errors
 def plan_task(cfg: BuildConfig) -> list[str]:
     """Deterministic shard names of the synthesis plan."""
     return list(_build().plan_synthesis(cfg))
 
 
 @task(name="synthesize-group", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
+@redacting_errors
 def synthesize_group_task(
     cfg: BuildConfig, shard_names: list[str], device: str | None = None, gpu_limit: str = "realfake-gpu",
     lease_owner: str | None = None,
@@ -158,6 +164,7 @@ def synthesize_group_task(
 
 @task(name="run-shard-group", task_run_name="child-{group_index}", tags=["realfake"], retries=1,
       retry_delay_seconds=30)
+@redacting_errors
 def run_shard_group_deployment(deployment: str, parameters: dict, group_index: int) -> dict:
     """Start one child flow run of the shard-group deployment and wait for it; fail if it did not complete.
 
@@ -169,6 +176,7 @@ def run_shard_group_deployment(deployment: str, parameters: dict, group_index: i
 
 
 @task(name="finalize", tags=["realfake"], **TRANSIENT_RETRY)
+@redacting_errors
 def finalize_task(cfg: BuildConfig, stats: dict | None = None, verify: bool = True) -> dict:
     """Write the index and the dataset card (with the build's ``stats``), then verify; returns the card.
 
@@ -180,6 +188,7 @@ def finalize_task(cfg: BuildConfig, stats: dict | None = None, verify: bool = Tr
 
 
 @task(name="verify", tags=["realfake"], **TRANSIENT_RETRY)
+@redacting_errors
 def verify_task(cfg: BuildConfig) -> None:
     """Verify a version end to end (every commit record, checksum, index row and the card); raise listing problems."""
     _build().verify_or_raise(cfg)
@@ -187,6 +196,7 @@ def verify_task(cfg: BuildConfig) -> None:
 
 
 @task(name="train-eval", task_run_name="train-eval-{data}", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
+@redacting_errors
 def train_eval_task(
     cfg: BuildConfig, data: str = "synthetic", gpu_limit: str = "realfake-gpu", nproc_per_node: int = 1
 ) -> dict:
@@ -210,6 +220,7 @@ def train_eval_task(
 
 
 @task(name="measure", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
+@redacting_errors
 def measure_task(configs: dict[str, BuildConfig], gpu_limit: str = "realfake-gpu") -> dict:
     """The three measures of each built version (accuracy on real test, label fidelity, feature distances)."""
     from realfake.report import measure_versions
@@ -221,6 +232,7 @@ def measure_task(configs: dict[str, BuildConfig], gpu_limit: str = "realfake-gpu
 
 
 @task(name="report", tags=["realfake"], **TRANSIENT_RETRY)
+@redacting_errors
 def report_task(cfg: BuildConfig, report: dict, configs: dict[str, BuildConfig]) -> dict:
     """Write the report files (markdown, sample grid PNG) next to the version; returns their locations."""
     from realfake.report import write_report

@@ -22,6 +22,8 @@ def promote_latest_task(cfg: BuildConfig) -> dict:
     Raises:
         RuntimeError: the version does not verify; the pointer is left where it was.
     """
-    pointer = promote_latest(cfg.root, cfg.dataset, cfg.version)
+    from realfake.data.storage import resolve_storage_options
+
+    pointer = promote_latest(cfg.root, cfg.dataset, cfg.version, resolve_storage_options(cfg.storage))
     get_run_logger().info("latest of %s: %s -> %s", cfg.dataset, pointer["previous"], cfg.version)
     return pointer

@@ -17,15 +17,18 @@ import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realfake.redact import redact
+
+if TYPE_CHECKING:
+    from realfake.config import StorageConfig
 
 __all__ = [
     "Store",
@@ -36,6 +39,7 @@ __all__ = [
     "full_error",
     "local_location",
     "out_of_space",
+    "resolve_storage_options",
     "version_store",
 ]
 
@@ -301,6 +305,41 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _merged(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_storage_options(storage: StorageConfig | None, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The fsspec ``storage_options`` of a build: the ``storage`` section's connection settings (endpoint, region,
+    addressing style, profile, CA bundle, further options) as s3fs takes them, under the caller's own options
+    (a Prefect block, a test's), which win key by key. Empty when neither sets anything, so that fsspec's and
+    botocore's own resolution from the environment (AWS_ENDPOINT_URL, FSSPEC_S3_*, AWS_PROFILE) applies as before.
+    Resolving twice gives the same options.
+    """
+    out: dict[str, Any] = {}
+    if storage is not None:
+        client: dict[str, Any] = {}
+        if storage.endpoint_url:
+            out["endpoint_url"] = storage.endpoint_url
+        if storage.region:
+            client["region_name"] = storage.region
+        if storage.ca_bundle:
+            client["verify"] = storage.ca_bundle
+        if client:
+            out["client_kwargs"] = client
+        if storage.addressing_style:
+            out["config_kwargs"] = {"s3": {"addressing_style": storage.addressing_style}}
+        if storage.profile:
+            out["profile"] = storage.profile
+        if storage.anon:
+            out["anon"] = True
+        out = _merged(out, storage.options)
+    return _merged(out, given or {})
 
 
 def dataset_store(root: str, dataset: str, storage_options: dict[str, Any] | None = None) -> Store:
