@@ -179,7 +179,8 @@ def ood_dataset(name: str, uri: str, class_names: Sequence[str], storage_options
         raise ValueError(f"unknown OOD set {name!r}; expected one of {', '.join(OOD_SETS)}")
     field = f"ood.{name}"
     try:
-        layout = scan_image_folder(uri, storage_options)
+        # matched by folder, never by name: a wnid outside the 1000 (an -21k folder) needs no name here
+        layout = scan_image_folder(uri, storage_options, keep_wnids=True)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{field} = {uri}: {e}") from None
     except ValueError as e:  # a class_names.json that does not fit the folders

@@ -97,11 +97,10 @@ def test_loc_synset_mapping_names_classes_by_the_first_lemma(tmp_path):
     assert [c.class_name for c in layout.classes] == ["tench", "goldfish"]
     assert layout.class_names_file == str(src / "LOC_synset_mapping.txt")
 
-    # the same file elsewhere, named by source.class_names, beats the shipped names
+    # a file elsewhere, named by source.class_names, beats the one in the root
     elsewhere = tmp_path / "devkit" / "synsets.txt"
     elsewhere.parent.mkdir()
     elsewhere.write_text(f"{TENCH} Tinca tinca\n{GOLDFISH} Carassius auratus\n")
-    (src / "LOC_synset_mapping.txt").unlink()
     store = Store(str(tmp_path / "v"))
     ingest(SourceConfig(uri=str(src), class_names=str(elsewhere), test_fraction=0.5), store)
     assert {r.class_name for r in read_manifest(store)} == {"Tinca tinca", "Carassius auratus"}
@@ -216,11 +215,11 @@ def test_a_flat_val_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError) as e:
         ingest(SourceConfig(uri=str(src)), Store(str(tmp_path / "v")))
     text = _one_line(e)
-    assert f"{src}/val/ holds 4 images directly, not in class folders" in text
+    assert f"{src}/val/ holds 4 image(s) directly, not in class folders" in text
     assert "valprep.sh" in text and "LOC_val_solution.csv" in text
     assert not (tmp_path / "v" / MANIFEST[0]).exists()  # refused before any image was read
     flat_train = _tree(tmp_path / "flat", {"train": 2, f"val/{TENCH}": 1})
-    with pytest.raises(ValueError, match=r"train/ holds 2 images directly, not in class folders: arrange them as "
+    with pytest.raises(ValueError, match=r"train/ holds 2 image\(s\) directly, not in class folders: arrange them as "
                                          r"train/<class>/<image>"):
         scan_image_folder(str(flat_train))
     empty_val = _tree(tmp_path / "empty", {f"train/{TENCH}": 1, "val": 0})

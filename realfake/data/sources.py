@@ -431,10 +431,10 @@ def _check_split_folder(d: str, files: list[str], dirs: list[str], shown: str) -
         fix = "" if d == TRAIN_FOLDER else f", or remove {d}/ to carve the test split from train/"
         raise FileNotFoundError(f"{shown}/ holds no class folders: put its images in {d}/<class>/<image>{fix}")
     if d == TRAIN_FOLDER:
-        raise ValueError(f"{shown}/ holds {loose} images directly, not in class folders: arrange them as "
+        raise ValueError(f"{shown}/ holds {loose} image(s) directly, not in class folders: arrange them as "
                          "train/<class>/<image>")
     raise ValueError(
-        f"{shown}/ holds {loose} images directly, not in class folders (ImageNet's raw val/ is flat): arrange them "
+        f"{shown}/ holds {loose} image(s) directly, not in class folders (ImageNet's raw val/ is flat): arrange them "
         f"as {d}/<wnid>/<image>, e.g. with the common valprep.sh or from LOC_val_solution.csv (ImageId, then the wnid "
         f"as the first word of PredictionString), or point source.uri at the train/ folder to carve the test split "
         "from it (source.test_fraction)"
