@@ -11,6 +11,7 @@ summed: 4x the gradient) or a step per micro-batch moves the weights by more tha
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ from realfake.classify import batch_schedule, train_classifier
 from realfake.config import ClassifierConfig, available_presets, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 TOLERANCE = 1e-5
 GROUPNORM = dict(
     model="resnet18",
@@ -197,3 +199,31 @@ def test_the_source_check_sees_a_value_without_one(tmp_path):
     bad.write_text("dataset: x  # realfake, because a name\nsynthesis:\n  steps: 30  # Tab. 6\n  strength: 0.5\n"
                    "  # realfake, because a long reason\n  seed: 0\nsource:\n  kind: image_folder\n")
     assert _unsourced(bad) == ["bad.yaml:4: strength: 0.5"]
+
+
+def _field(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return list(cfg) if isinstance(cfg, tuple) else cfg
+
+
+def test_the_recipes_page_shows_each_presets_values():
+    """docs/recipes.md: per preset, every row's realfake column is the preset's value (a preset edit without the
+    page, or the page without the preset, fails here)."""
+    sections = re.split(r"^## ", RECIPES.read_text(), flags=re.MULTILINE)
+    seen = set()
+    for section in sections[1:]:
+        name = section.split("\n", 1)[0].strip()
+        if name not in available_presets():
+            continue
+        seen.add(name)
+        cfg = load_config(name, overrides=[] if name == "demo" else ["source.uri=/data"])
+        rows = re.findall(r"^\| `([a-z_.]+)` \|.*\| `([^`]*)` \|$", section, flags=re.MULTILINE)
+        assert len(rows) >= 40, f"{name}: {len(rows)} rows"
+        for field, shown in rows:
+            try:
+                value = json.loads(shown)
+            except json.JSONDecodeError:
+                value = shown
+            assert value == _field(cfg, field), f"docs/recipes.md, {name}: {field} shows {shown!r}"
+    assert seen == set(available_presets())
