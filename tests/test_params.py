@@ -8,7 +8,7 @@ from realfake.config import BuildConfig, load_config
 
 
 def test_the_form_has_every_config_section() -> None:
-    scalars = {"dataset", "version", "root", "device"}
+    scalars = {"dataset", "version", "root", "device", "mode"}
     assert set(_SECTIONS) == set(BuildConfig.model_fields) - scalars
     assert set(_SECTIONS) | scalars <= set(ConfigParams.model_fields)
 

@@ -28,6 +28,7 @@ from realfake.data.shards import (
     COMMITS_DIR,
     INDEX_FILE,
     LEASE_FILE,
+    RECIPE_FILE,
     WDS_INFO_FILE,
     WDS_SPLIT,
     CommitRecord,
@@ -36,9 +37,11 @@ from realfake.data.shards import (
     io_retry,
     iter_shard,
     partial_shards,
+    read_recipe,
     write_index,
 )
 from realfake.data.storage import Store
+from realfake.recipe import recipe_diff
 
 __all__ = [
     "CARD_FILE",
@@ -184,6 +187,8 @@ def write_card(
                 "sha256": hashlib.sha256(index_bytes).hexdigest(),
             },
             "load_with": _load_hint(fmt, folder),
+            # what every image was made from (class names, prompts, models, sampler, seeds): verify checks it
+            "recipe": read_recipe(store, folder),
         },
         "shards": [_shard_entry(c) for c in commits],
         "real": _real_counts(store),
@@ -208,9 +213,10 @@ _VERIFY_MAX_WORKERS = 8
 
 @dataclass
 class _ShardCheck:
-    """What checking one committed shard found: its samples as (key, label, image sha256), in shard order."""
+    """What checking one committed shard found: its samples as (key, label, image sha256, class name), in shard
+    order, the class name taken from each sample's provenance record."""
 
-    samples: list[tuple[str, int, str]] = field(default_factory=list)
+    samples: list[tuple[str, int, str, str | None]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     part_problems: list[str] = field(default_factory=list)
 
@@ -218,9 +224,12 @@ class _ShardCheck:
 def _check_shard(shard_store: Store, c: CommitRecord) -> _ShardCheck:
     """Read one committed shard in full (sizes, sha256, counts, provenance) and its index part."""
     out = _ShardCheck()
+    names: dict[str, str] = {}  # one string object per class name, however many samples carry it
     try:
         for s in iter_shard(shard_store, c, check=True, checksum=True):
-            out.samples.append((s.key, s.label, hashlib.sha256(s.image).hexdigest()))
+            name = s.meta.get("class_name")
+            name = names.setdefault(name, name) if isinstance(name, str) else None
+            out.samples.append((s.key, s.label, hashlib.sha256(s.image).hexdigest(), name))
             if s.meta.get("label") != s.label or s.meta.get("key") != s.key:
                 out.problems.append(f"shard {c.name}, key {s.key}: provenance record disagrees with key/label")
     except FileNotFoundError as e:
@@ -308,16 +317,16 @@ def verify_version(
 
     # Shards and their index parts, several at a time (object-store GETs overlap, hashing runs on every core);
     # findings are merged in commit order, so the report is the same whatever the concurrency.
-    seen: dict[str, tuple[str, int, str]] = {}
+    seen: dict[str, tuple[str, int, str, str | None]] = {}
     part_problems: list[str] = []
     for c, check in zip(commits, _map_bounded(lambda c: _check_shard(shard_store, c), commits,
                                              _verify_workers(commits, workers)), strict=True):
         problems += check.problems
         part_problems += check.part_problems
-        for key, label, sha in check.samples:
+        for key, label, sha, name in check.samples:
             if key in seen:
                 problems.append(f"key {key!r} appears in shard {seen[key][0]} and in shard {c.name}")
-            seen[key] = (c.name, label, sha)
+            seen[key] = (c.name, label, sha, name)
     problems += part_problems
 
     # Index against the shards.
@@ -326,7 +335,7 @@ def verify_version(
         problems.append(f"index {shard_store.uri(INDEX_FILE)} missing")
     else:
         index_bytes = _call(shard_store, "read_bytes", INDEX_FILE)
-        columns = ["key", "shard", "label", "image_sha256"]
+        columns = ["key", "shard", "label", "image_sha256", "class_name"]
         index_rows = pq.read_table(io.BytesIO(index_bytes), columns=columns).to_pylist()
         keys = [r["key"] for r in index_rows]
         dup = [k for k, n in Counter(keys).items() if n > 1]
@@ -341,10 +350,11 @@ def verify_version(
         bad = [
             r["key"]
             for r in index_rows
-            if r["key"] in seen and seen[r["key"]] != (r["shard"], r["label"], r["image_sha256"])
+            if r["key"] in seen and seen[r["key"]] != (r["shard"], r["label"], r["image_sha256"], r["class_name"])
         ]
         if bad:
-            problems.append(f"index: {len(bad)} row(s) disagree with their shard (shard/label/sha256), e.g. {bad[:3]}")
+            problems.append(f"index: {len(bad)} row(s) disagree with their shard (shard/label/sha256/class name), "
+                            f"e.g. {bad[:3]}")
         if card is not None:
             want = card.get("synthetic", {}).get("index", {}).get("sha256")
             if want != hashlib.sha256(index_bytes).hexdigest():
@@ -355,7 +365,7 @@ def verify_version(
         syn = card.get("synthetic", {})
         if syn.get("num_images") != len(seen):
             problems.append(f"card: num_images {syn.get('num_images')} but committed shards hold {len(seen)}")
-        per_class = Counter(label for _, label, _ in seen.values())
+        per_class = Counter(label for _, label, _, _ in seen.values())
         card_counts = {int(k): v.get("count") for k, v in syn.get("classes", {}).items()}
         if card_counts != dict(per_class):
             diff = {
@@ -372,6 +382,17 @@ def verify_version(
                     f"card: shard {name} is {card_shards.get(name)} in the card, {actual.get(name)} "
                     "in its commit record"
                 )
+
+    # One class map and one recipe: the manifest, the recorded recipe, the card, the index and every image's
+    # provenance must agree (a prepare re-run with new class names must not leave shards made with the old ones).
+    try:
+        recorded = read_recipe(store, folder)
+    except ShardIntegrityError as e:
+        problems.append(str(e))
+        recorded = None
+    if commits and card is not None and "recipe" in card.get("synthetic", {}):
+        problems += _recipe_problems(shard_store, card["synthetic"]["recipe"], recorded)
+    problems += _class_map_problems(store, card, recorded, seen, index_rows)
 
     # timm's split description against the commits.
     if commits and commits[0].format == "webdataset":
@@ -390,6 +411,67 @@ def verify_version(
             f"{len(leftovers)} uncommitted file(s) in {shard_store.uri()} (interrupted writes; resume "
             f"the build to finish or remove them): {leftovers[:5]}"
         )
+    return problems
+
+
+def _recipe_problems(shard_store: Store, in_card: dict | None, recorded: dict | None) -> list[str]:
+    if in_card == recorded:
+        return []
+    where = shard_store.uri(RECIPE_FILE)
+    if recorded is None:
+        return [f"card: records the recipe of the shards, but {where} is missing"]
+    if in_card is None:
+        return [f"card: records no recipe, but {where} does (the card was written before the shards: finalize again)"]
+    differ = recipe_diff(in_card, recorded)
+    return [f"card: its recipe differs from {where} (card -> recorded): {'; '.join(differ) or 'in form'}"]
+
+
+def _names_by_label(pairs: Iterator[tuple[int, str | None]], source: str, problems: list[str]) -> dict[str, str]:
+    """Label -> class name of one source, in label order; a label given several names is a problem."""
+    seen: dict[int, dict[str | None, None]] = {}
+    for label, name in pairs:
+        seen.setdefault(int(label), {})[name] = None
+    for label in sorted(seen):
+        if len(seen[label]) > 1:
+            problems.append(f"class names: {source} gives label {label} {len(seen[label])} names "
+                            f"({', '.join(repr(n) for n in list(seen[label])[:3])})")
+    return {str(k): str(next(iter(seen[k]))) for k in sorted(seen)}
+
+
+def _class_map_problems(store: Store, card: dict | None, recorded: dict | None,
+                        seen: dict[str, tuple[str, int, str, str | None]], index_rows: list[dict]) -> list[str]:
+    """Every class map of the version against the first complete one (the manifest's, else the recorded recipe's):
+    maps of every class must equal it, maps of the classes with synthetic images must agree with it where they
+    name a class."""
+    problems: list[str] = []
+    complete: list[tuple[str, dict[str, str]]] = []
+    if _call(store, "exists", *_MANIFEST):
+        t = _call(store, "read_table", *_MANIFEST).select(["label", "class_name"])
+        complete.append(("real/manifest.parquet", _names_by_label(
+            zip(t.column("label").to_pylist(), t.column("class_name").to_pylist(), strict=True),
+            "real/manifest.parquet", problems)))
+    if recorded is not None and isinstance(recorded.get("class names"), dict):
+        complete.append((f"synthetic/{RECIPE_FILE}", recorded["class names"]))
+    card = card or {}
+    if isinstance((card.get("real") or {}).get("class_names"), dict):
+        complete.append(("the card's real classes", card["real"]["class_names"]))
+    partial = [
+        ("the card's synthetic classes", {k: v.get("class_name") for k, v in card.get("synthetic", {}).get(
+            "classes", {}).items()}),
+        ("synthetic/index.parquet", _names_by_label(((r["label"], r["class_name"]) for r in index_rows),
+                                                    "synthetic/index.parquet", problems)),
+        ("the shards' provenance records", _names_by_label(((v[1], v[3]) for v in seen.values()),
+                                                           "the shards' provenance records", problems)),
+    ]
+    if not complete:
+        return problems
+    (ref_name, ref), rest = complete[0], complete[1:]
+    for name, names in rest:
+        for d in recipe_diff({"class names": ref}, {"class names": names}):
+            problems.append(f"class names differ between {ref_name} and {name}: {d.removeprefix('class names: ')}")
+    for name, names in partial:
+        for d in recipe_diff({"class names": names}, {"class names": ref}, may_grow=("class names",)):
+            problems.append(f"class names differ between {name} and {ref_name}: {d.removeprefix('class names: ')}")
     return problems
 
 

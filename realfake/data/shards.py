@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
@@ -56,6 +56,7 @@ from realfake.data.storage import (
     local_location,
     out_of_space,
 )
+from realfake.recipe import RecipeMismatchError, canonical, recipe_bytes, recipe_diff, suggest_version
 
 __all__ = [
     "COMMITS_DIR",
@@ -63,6 +64,7 @@ __all__ = [
     "INDEX_PARTS_DIR",
     "INDEX_SCHEMA",
     "LEASE_FILE",
+    "RECIPE_FILE",
     "WDS_INFO_FILE",
     "WDS_SPLIT",
     "CommitRecord",
@@ -88,6 +90,7 @@ __all__ = [
     "plan_pending",
     "plan_shards",
     "read_index",
+    "read_recipe",
     "remove_partial_shards",
     "verify_shard",
     "write_index",
@@ -101,6 +104,7 @@ INDEX_PARTS_DIR = "_index"
 INDEX_FILE = "index.parquet"
 WDS_INFO_FILE = "_info.json"
 LEASE_FILE = "_lease.json"
+RECIPE_FILE = "_recipe.json"  # in the shard folder: the recipe every committed shard of the version was made under
 WDS_SPLIT = "train"  # synthetic data is training data; timm's `wds/` reader defaults to split "train"
 _EXT = {"webdataset": "tar", "parquet": "parquet"}
 _IMAGE_EXTS = ("jpg", "png", "webp")
@@ -1409,7 +1413,7 @@ def partial_shards(store: Store, folder: str = "synthetic") -> list[str]:
     """Files in the shard folder that belong to no committed shard (crash leftovers, temp files)."""
     s = store.child(folder)
     committed = committed_shards(store, folder)
-    owned = {f.path for c in committed for f in c.files} | {INDEX_FILE, WDS_INFO_FILE}
+    owned = {f.path for c in committed for f in c.files} | {INDEX_FILE, WDS_INFO_FILE, RECIPE_FILE}
     parts = {os.path.basename(c.index_part) for c in committed}
     io_retry(lambda: s.fs.invalidate_cache(s.path()), "invalidate listing cache")
     ls = lambda *p: io_retry(lambda: s.listdir(*p), f"list {s.uri(*p)}")  # noqa: E731
@@ -1728,6 +1732,8 @@ def plan_pending(
     prefix: str = "shard",
     folder: str = "synthetic",
     lease: VersionLease | None = None,
+    recipe: dict[str, Any] | None = None,
+    may_grow: Collection[str] = (),
 ) -> list[ShardPlan]:
     """The shards still to write for ``items``, given what the version already holds.
 
@@ -1738,9 +1744,19 @@ def plan_pending(
     - ``extend``: as resume when nothing changed; when items were added (more images per class, new classes),
       returns new shards numbered after the last one holding only the items not yet committed. Committed
       shards are never touched.
-    - ``overwrite``: deletes every shard, the index and the card, then plans everything.
+    - ``overwrite``: deletes every shard, the index and the card, then plans everything; with a ``recipe``, only
+      when the committed shards were made under another recipe or plan (a re-run of an interrupted overwrite
+      resumes it).
+
+    ``recipe`` (see :mod:`realfake.recipe`) is what the shards' content depends on. It is recorded in
+    ``{folder}/_recipe.json`` before any shard of it is written (the same bytes from every worker of a build), and
+    committed shards recorded under another recipe, or under none, are refused in ``resume`` and ``extend``.
+    ``may_grow`` names the recipe fields an extension may change (:func:`~realfake.recipe.recipe_diff`); the
+    items then decide between resume and extend, as without a recipe.
 
     Raises:
+        RecipeMismatchError: The committed shards were made under another recipe; the message names the fields
+            that differ and how to overwrite them or write a new version.
         ValueError: With the fix in the message, when committed items are missing from ``items`` or (resume)
             when ``items`` changed since the version was written.
     """
@@ -1749,16 +1765,41 @@ def plan_pending(
     if mode not in ("resume", "extend", "overwrite"):
         raise ValueError(f"mode must be resume, extend or overwrite, got {mode!r}")
     full = plan_shards(items, max_count, prefix)
-    if mode == "overwrite":
-        io_retry(lambda: store.remove(folder, recursive=True), f"remove {store.uri(folder)}")
-        io_retry(lambda: store.remove("dataset.json"), f"remove {store.uri('dataset.json')}")
+    if mode == "overwrite" and recipe is None:
+        _remove_shards_and_card(store, folder)
         return full
     remove_partial_shards(store, folder)
     done = committed_keys(store, folder)
-    if not done:
-        return full
     by_name = {p.name: p for p in full}
     consistent = all(n in by_name and [key(i) for i in by_name[n].items] == ks for n, ks in done.items())
+    recorded = read_recipe(store, folder) if recipe is not None else None
+    if recipe is not None and done:
+        differ = recipe_diff(recorded, recipe, may_grow) if recorded is not None else \
+            ["no recipe recorded with them (written by an earlier realfake)"]
+        if differ and mode != "overwrite":
+            version = posixpath.basename(store.root)
+            raise RecipeMismatchError(
+                f"the {len(done)} committed shard(s) in {store.uri(folder)} were made under another recipe: "
+                f"{'; '.join(differ)}. Rebuild them with this one (mode=overwrite, e.g. --set mode=overwrite, "
+                f"deletes them) or write a new version (e.g. --set version={suggest_version(version)})")
+        if differ or (mode == "overwrite" and not consistent):
+            log.info("overwrite: deleting the %d committed shard(s) of %s (%s)", len(done), store.uri(folder),
+                     "; ".join(differ) or "another plan")
+            _remove_shards_and_card(store, folder)
+            done, consistent, recorded = {}, True, None
+    pending = _pending(store, items, key, max_count, mode, prefix, folder, full, done, consistent)
+    if recipe is not None and (recorded is None or canonical(recorded) != canonical(recipe)):
+        # before the first shard of this recipe commits; every worker of a build writes these same bytes
+        target = store.child(folder)
+        io_retry(lambda: target.write_bytes(recipe_bytes(recipe), RECIPE_FILE), f"write {target.uri(RECIPE_FILE)}")
+    return pending
+
+
+def _pending(store: Store, items: Sequence, key: Callable[[Any], str], max_count: int, mode: str, prefix: str,
+             folder: str, full: list[ShardPlan], done: dict[str, list[str]], consistent: bool) -> list[ShardPlan]:
+    """The body of :func:`plan_pending` once the committed shards are known (and the recipe accepted)."""
+    if not done:
+        return full
     if consistent:
         return [p for p in full if p.name not in done]
     done_keys = {k for ks in done.values() for k in ks}
@@ -1767,13 +1808,36 @@ def plan_pending(
     if missing:
         raise ValueError(
             f"{len(missing)} committed image(s) of {store.uri(folder)} are not among the planned items "
-            f"(e.g. {sorted(missing)[:3]}): the configuration changed; use mode='overwrite' or a new version"
+            f"(e.g. {sorted(missing)[:3]}): the configuration changed; use mode='overwrite' (--set mode=overwrite) "
+            "or a new version"
         )
     if mode == "resume":
         raise ValueError(
             f"the planned items of {store.uri(folder)} differ from its committed shards (images were added or "
-            "max_count changed): use mode='extend' to add the new images, or mode='overwrite' to rebuild"
+            "max_count changed): use mode='extend' (--set mode=extend) to add the new images, or mode='overwrite' "
+            "to rebuild"
         )
     pending = [i for i in items if key(i) not in done_keys]
     start = max(int(n.rsplit("-", 1)[1]) for n in done if n.rsplit("-", 1)[-1].isdigit()) + 1
     return plan_shards(pending, max_count, prefix, start=start)
+
+
+def _remove_shards_and_card(store: Store, folder: str) -> None:
+    io_retry(lambda: store.remove(folder, recursive=True), f"remove {store.uri(folder)}")
+    io_retry(lambda: store.remove("dataset.json"), f"remove {store.uri('dataset.json')}")
+
+
+def read_recipe(store: Store, folder: str = "synthetic") -> dict[str, Any] | None:
+    """The recipe recorded with a version's shards (``{folder}/_recipe.json``, see :func:`plan_pending`), or None."""
+    s = store.child(folder)
+    try:
+        raw = io_retry(lambda: s.read_bytes(RECIPE_FILE), f"read {s.uri(RECIPE_FILE)}")
+    except FileNotFoundError:
+        return None
+    try:
+        recipe = json.loads(raw)
+    except ValueError as e:
+        raise ShardIntegrityError(f"{s.uri(RECIPE_FILE)} is not valid JSON ({e})") from e
+    if not isinstance(recipe, dict):
+        raise ShardIntegrityError(f"{s.uri(RECIPE_FILE)} holds {type(recipe).__name__}, not a recipe (a mapping)")
+    return recipe
