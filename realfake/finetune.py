@@ -151,6 +151,21 @@ def _training_image(sample: RealSample, resolution: int, step: int, crop: str,
     return img
 
 
+def _window(u: torch.Tensor, width: int, height: int, side: int) -> tuple[int, int]:
+    """A random crop's (x, y) offset, in latent cells, of a ``side`` square on a ``width`` x ``height`` canvas, from
+    two uniforms in [0, 1)."""
+    return min(int(u[0] * (width - side + 1)), width - side), min(int(u[1] * (height - side + 1)), height - side)
+
+
+def _latent_window(canvas: torch.Tensor, u: torch.Tensor, side: int, mirrored: bool) -> torch.Tensor:
+    """The crop of a cached latent canvas (C, H, W) at the window ``u`` draws; on a ``mirrored`` canvas (the encoded
+    flipped image) the mirror of that window: the flip of the crop the draw chose, as the authors crop, then flip."""
+    height, width = canvas.shape[1:]
+    x, y = _window(u, width, height, side)
+    x = width - side - x if mirrored else x
+    return canvas[:, y : y + side, x : x + side]
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How many steps and images a fine-tuning run takes, and how each global batch is split."""
@@ -572,10 +587,6 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if ft.mixed_precision == "bf16" else torch.float16,
                               enabled=amp)
 
-    def window(u: torch.Tensor, width: int, height: int) -> tuple[int, int]:
-        """A random crop's offset in latent cells on a canvas of ``width`` x ``height`` cells, from two uniforms."""
-        return (min(int(u[0] * (width - side + 1)), width - side), min(int(u[1] * (height - side + 1)), height - side))
-
     def latents(idx: list[int], flip: torch.Tensor | None, crops: torch.Tensor | None) -> torch.Tensor:
         """The clean latents of this process's images: a posterior sample or mean of each one's (flipped) crop."""
         flips = flip.tolist() if flip is not None else [False] * len(idx)
@@ -583,12 +594,9 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
             means, stds = [], []
             for k, i in enumerate(idx):
                 mean, std = cache[int(flips[k])][i]
-                if crops is not None:  # a window of the canvas; on the mirror it is the mirrored window
-                    w, h = mean.shape[2], mean.shape[1]
-                    x, y = window(crops[k], w, h)
-                    x = w - side - x if flips[k] else x
-                    mean = mean[:, y : y + side, x : x + side]
-                    std = std[:, y : y + side, x : x + side] if std is not None else None
+                if crops is not None:
+                    mean = _latent_window(mean, crops[k], side, flips[k])
+                    std = _latent_window(std, crops[k], side, flips[k]) if std is not None else None
                 means.append(mean)
                 stds.append(std)
             return torch.stack(means), (torch.stack(stds) if sampled else None)
@@ -596,7 +604,7 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
         for k, i in enumerate(idx):
             img = _training_image(samples[i], res, cell, ft.crop, storage_options)
             if crops is not None:
-                x, y = window(crops[k], img.width // cell, img.height // cell)
+                x, y = _window(crops[k], img.width // cell, img.height // cell, side)
                 img = img.crop((x * cell, y * cell, x * cell + res, y * cell + res))
             px = _pixels(img)
             images.append(torch.flip(px, dims=[2]) if flips[k] else px)
