@@ -62,11 +62,11 @@ def load_plan_config(preset: str | None = None, file: str | None = None,
 # ------------------------------------------------------------------------------------------------------------
 def _listed_counts(cfg: BuildConfig, storage_options: dict | None) -> dict[str, Any]:
     """Per-class train / test counts as ingest will split them, from one listing of the source (no image read)."""
-    from realfake.data.ingest import _split, source_uri  # the very split ingest makes, so the plan cannot drift
-    from realfake.data.sources import scan_image_folder
+    # the very listing (layout, source.classes) and split ingest makes, so the plan cannot drift
+    from realfake.data.ingest import _split, scan_source, source_uri
 
     uri = source_uri(cfg.source)
-    layout = scan_image_folder(uri, storage_options)
+    layout = scan_source(cfg.source, storage_options)
     train: dict[str, int] = {}
     test = 0
     samples: list[str] = []

@@ -175,3 +175,10 @@ def test_the_build_flow_publishes_the_plan_before_any_work(harness, tmp_path):
     published = [a for a in artifacts if a.key]  # Prefect's own unkeyed result record aside
     assert [a.key for a in published] == ["demo-plan"]  # nothing else was published, nothing else ran
     assert "| real images | 2,000 train, 1,000 test, 10 classes | listed " in published[0].data
+
+
+def test_batches_are_split_over_the_planned_gpus():
+    cfg, listable = load_plan_config("imagenette", overrides=[*IMAGENETTE, "classifier.batch_size=100"])
+    assert build_plan(cfg, gpus=4, list_source=listable)["classifier"]["micro_batch"] == 25  # 100 / 4
+    with pytest.raises(ConfigError, match=r"classifier\.batch_size.*--gpus 8"):
+        build_plan(cfg, gpus=8, list_source=listable)  # 100 images do not split over 8 GPUs
