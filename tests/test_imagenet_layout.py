@@ -244,6 +244,11 @@ def test_imagenette_is_cut_from_a_wider_wnid_tree(tmp_path):
     assert res.classes == ["tench", "English Springer Spaniel", "cassette player", "chainsaw", "church",
                            "French horn", "garbage truck", "gas pump", "golf ball", "parachute"]
     assert not {r.folder for r in rows} & set(others)
+    # `realfake plan` counts what ingest will keep
+    from realfake.plan import build_plan
+
+    cfg = load_config("imagenette", overrides=[f"source.uri={src}", "finetune.max_steps=4"])
+    assert (lambda r: (r["train"], r["test"], r["classes"]))(build_plan(cfg)["real"]) == (20, 10, 10)
     # the same from a tree that holds only the subset
     only = _tree(tmp_path / "imagenette2", {f"{s}/{w}": 1 for s in ("train", "val") for w in IMAGENETTE})
     assert len(scan_image_folder(str(only), classes="imagenette").classes) == 20
