@@ -247,24 +247,22 @@ def test_a_refused_index_part_upload_leaves_no_commit_and_no_file(moto) -> None:
 
 def test_verify_checks_shards_concurrently_on_s3(moto) -> None:  # noqa: F811
     """`realfake verify` of a version on an object store overlaps the shards' GETs (each takes a round trip):
-    a gateway holds every shard GET for a moment and records how many were in flight at once."""
-    import threading
-    import time
-    import uuid
-
-    from support.s3 import BUCKET, S3Interceptor, s3_options
+    a gateway records how many shard GETs are in flight at once; when told to, it holds each until a second one
+    arrives (observed, not timed: concurrent GETs meet there, and from then on none is held; a reader that never
+    overlaps them gets each released after a minute, and fails)."""
 
     class HoldShardGets(S3Interceptor):
-        in_flight, most = 0, 0
-        lock = threading.Lock()
+        in_flight, most, hold = 0, 0, False
+        met = threading.Condition()
 
         def decide(self, method: str, path: str, body: bytes):
             if method == "GET" and "/synthetic/shard-" in path:
-                with self.lock:
+                with self.met:
                     self.in_flight += 1
                     self.most = max(self.most, self.in_flight)
-                time.sleep(0.3)
-                with self.lock:
+                    self.met.notify_all()
+                    if self.hold:
+                        self.met.wait_for(lambda: self.most >= 2, timeout=60)
                     self.in_flight -= 1
             return "pass", None
 
@@ -277,6 +275,6 @@ def test_verify_checks_shards_concurrently_on_s3(moto) -> None:  # noqa: F811
         gateway.most = 0
         assert verify_version(store.uri(), opts, workers=1) == []
         assert gateway.most == 1
-        gateway.most = 0
+        gateway.most, gateway.hold = 0, True
         assert verify_version(store.uri(), opts) == []  # the default: several at a time
         assert gateway.most >= 2, gateway.most

@@ -550,14 +550,21 @@ def test_second_build_of_a_version_fails_with_a_clear_message(store: Store) -> N
 
 
 def test_waiting_build_gets_the_lease_when_the_first_releases(store: Store) -> None:
-    first = VersionLease(store, owner="A", heartbeat=False).acquire()
     import threading
 
-    t = threading.Timer(0.3, first.release)
-    t.start()
-    second = VersionLease(store, owner="B", heartbeat=False).acquire(wait_s=5, poll_s=0.05)
-    t.join()
-    assert second.read()["owner"] == "B"
+    first = VersionLease(store, owner="A", heartbeat=False).acquire()
+    second = VersionLease(store, owner="B", heartbeat=False)
+    refused = threading.Event()  # set once B found A's lease (read it after its exclusive create failed)
+    read = second.read
+    second.read = lambda: (rec := read(), rec and rec["owner"] == "A" and refused.set())[0]
+    got: list[VersionLease] = []
+    waiter = threading.Thread(target=lambda: got.append(second.acquire(wait_s=3600, poll_s=0.05)))
+    waiter.start()
+    refused.wait()
+    assert not got  # B waits while A holds the lease
+    first.release()
+    waiter.join()
+    assert got == [second] and second.read()["owner"] == "B"
     second.release()
 
 
@@ -582,8 +589,13 @@ def test_a_build_that_lost_its_lease_cannot_commit(store: Store) -> None:
 
 
 def test_heartbeat_keeps_a_short_lease_alive(store: Store) -> None:
-    lease = VersionLease(store, owner="A", ttl_s=0.6).acquire()
-    time.sleep(1.0)
+    lease = VersionLease(store, owner="A", ttl_s=3.0).acquire()
+    first_expiry = lease.read()["expires_at"]
+    # observed, not slept: wait until the heartbeat has renewed the lease after its first expiry time passed (or
+    # until the record has gone a whole TTL past its expiry unrenewed: then there is no heartbeat)
+    while (rec := lease.read())["renewed_at"] <= first_expiry and time.time() < rec["expires_at"] + lease.ttl_s:
+        time.sleep(0.05)
+    assert rec["owner"] == "A" and rec["renewed_at"] > first_expiry, "the heartbeat did not renew the lease"
     with pytest.raises(LeaseHeldError):
         VersionLease(store, owner="B", heartbeat=False).acquire()
     lease.check()
