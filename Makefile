@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint mutants clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest tests -m "not slow"
+
+# Named deliberate bugs in the mechanism and contract modules, each run against its targeted tests in a temporary
+# copy of the tree (slow: about an hour on 2 cores; not part of `make test`). Result: benchmarks/results/mutants.md
+mutants: install
+	$(PY) benchmarks/mutants.py
 
 lint: install
 	$(VENV)/bin/ruff check realfake flows tasks tests benchmarks
