@@ -176,7 +176,7 @@ def _class_folders(source: SourceConfig, storage_options: dict | None) -> tuple[
     import fsspec
 
     from realfake.data.class_names import select_classes
-    from realfake.data.sources import split_folders
+    from realfake.data.sources import read_class_name_file, split_folders
 
     assert source.uri is not None
 
@@ -196,11 +196,16 @@ def _class_folders(source: SourceConfig, storage_options: dict | None) -> tuple[
         folders = [n for n in (subdirs(posixpath.join(root, train)) if train else top) if not n.startswith(".")]
     except Exception as e:  # noqa: BLE001 - permissions, credentials, network: all mean the build cannot read it
         return f"cannot be listed ({type(e).__name__}: {redact(str(e), storage_options)[:160]})", 0
-    if source.classes is not None:
-        try:
+    try:
+        if source.classes is not None:
             folders = select_classes(folders, source.classes, f"{source.uri.rstrip('/')}/{train or ''}".rstrip("/"))
-        except ValueError as e:
-            return str(e), 0
+        if source.class_names:
+            read_class_name_file(source.class_names, storage_options)  # a few kB: missing or malformed fails here
+    except (ValueError, FileNotFoundError) as e:
+        return str(e), 0
+    except Exception as e:  # noqa: BLE001 - permissions, credentials, network on the class-name file
+        return (f"source.class_names = {source.class_names} cannot be read ({type(e).__name__}: "
+                f"{redact(str(e), storage_options)[:160]})"), 0
     return None, len(folders)
 
 

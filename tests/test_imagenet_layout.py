@@ -106,6 +106,12 @@ def test_loc_synset_mapping_names_classes_by_the_first_lemma(tmp_path):
     assert {r.class_name for r in read_manifest(store)} == {"Tinca tinca", "Carassius auratus"}
     with pytest.raises(FileNotFoundError, match="source.class_names = .*nope.txt does not exist"):
         scan_image_folder(str(src), class_names=str(tmp_path / "nope.txt"))
+    problem, _ = _class_folders(SourceConfig(uri=str(src), class_names=str(tmp_path / "nope.txt")), None)
+    assert problem == f"source.class_names = {tmp_path / 'nope.txt'} does not exist; point it at the class-name " \
+                      "file or remove it"
+    elsewhere.write_text("n01440764\n")
+    problem, _ = _class_folders(SourceConfig(uri=str(src), class_names=str(elsewhere)), None)
+    assert problem.startswith(f"{elsewhere} line 1: expected '<folder> <name>")
 
 
 def test_a_keras_index_copied_in_as_class_names_json_is_read_as_one(tmp_path):
@@ -220,7 +226,7 @@ def test_a_flat_val_folder_is_a_clear_error(tmp_path):
     assert not (tmp_path / "v" / MANIFEST[0]).exists()  # refused before any image was read
     flat_train = _tree(tmp_path / "flat", {"train": 2, f"val/{TENCH}": 1})
     with pytest.raises(ValueError, match=r"train/ holds 2 image\(s\) directly, not in class folders: arrange them as "
-                                         r"train/<class>/<image>"):
+                                         r"train/<class>/<image>; if 'train' is one of your classes, rename"):
         scan_image_folder(str(flat_train))
     empty_val = _tree(tmp_path / "empty", {f"train/{TENCH}": 1, "val": 0})
     with pytest.raises(FileNotFoundError, match=r"val/ holds no class folders: put its images in val/<class>/<image>, "

@@ -44,6 +44,7 @@ __all__ = [
     "SkippedFile",
     "SourceLayout",
     "demo_source_folder",
+    "read_class_name_file",
     "scan_image_folder",
     "split_folders",
     "write_demo_folder",
@@ -273,7 +274,7 @@ def split_folders(top_dirs: Iterable[str], test_split: str = "auto") -> tuple[st
     return TRAIN_FOLDER, (tests[0] if tests else None)
 
 
-def _read_class_name_file(uri: str, storage_options: dict | None) -> ClassNameFile:
+def read_class_name_file(uri: str, storage_options: dict | None) -> ClassNameFile:
     """The class-name file a user named in ``source.class_names``."""
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as f:
@@ -340,7 +341,7 @@ def scan_image_folder(uri: str, storage_options: dict | None = None, *, test_spl
 
     name_file: ClassNameFile | None = None
     if class_names:
-        name_file = _read_class_name_file(class_names, storage_options)
+        name_file = read_class_name_file(class_names, storage_options)
     else:
         found = next((f for f in CLASS_NAME_FILES if f in files), None)
         if found is not None:
@@ -432,7 +433,8 @@ def _check_split_folder(d: str, files: list[str], dirs: list[str], shown: str) -
         raise FileNotFoundError(f"{shown}/ holds no class folders: put its images in {d}/<class>/<image>{fix}")
     if d == TRAIN_FOLDER:
         raise ValueError(f"{shown}/ holds {loose} image(s) directly, not in class folders: arrange them as "
-                         "train/<class>/<image>")
+                         "train/<class>/<image>; if 'train' is one of your classes, rename its folder (e.g. "
+                         "train_vehicle/) and name it in class_names.json")
     raise ValueError(
         f"{shown}/ holds {loose} image(s) directly, not in class folders (ImageNet's raw val/ is flat): arrange them "
         f"as {d}/<wnid>/<image>, e.g. with the common valprep.sh or from LOC_val_solution.csv (ImageId, then the wnid "
