@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-prompt", choices=list(BASELINE_PROMPTS), default="caption",
                    help="the baseline's prompt (caption: the authors', the build's prompt with its caption)")
     a = p.parse_args(argv)
+    from realfake.cli import report_error
     from realfake.redact import install_log_redaction
 
     install_log_redaction()
@@ -148,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
                              baseline_prompt=a.baseline_prompt)
         params.to_config()
     except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
+        return report_error(e)
     from realfake.report import report_markdown
 
-    report = build_flow(params)
+    try:
+        report = build_flow(params)
+    except Exception as e:  # noqa: BLE001 - shown as the realfake command shows errors: one line, or a bug's traceback
+        return report_error(e)
     print(report_markdown(report))
     locations = report.get("locations", {})
     print(f"\nreport: {report.get('report')}\ngrid:   {report.get('grid')}")

@@ -15,6 +15,7 @@ endpoint or missing credentials is reported in seconds, naming ``root`` and how 
 
 from __future__ import annotations
 
+import copy
 import os
 import posixpath
 import string
@@ -51,7 +52,8 @@ STAGES: dict[str, frozenset[str]] = {
     "train-eval": frozenset({"root", "device", "classifier"}),
 }
 # The storage probe: one attempt, short timeouts (s3fs and botocore would otherwise retry for minutes).
-_PROBE_CONFIG = {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 15}
+# total_max_attempts counts the first request (botocore's max_attempts counts retries only).
+_PROBE_CONFIG = {"retries": {"total_max_attempts": 1, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 15}
 _PROBE_PROTOCOLS = ("s3", "s3a")
 
 
@@ -220,7 +222,7 @@ def _probe_options(uri: str, storage_options: dict | None) -> dict:
         return options
     options.pop("skip_instance_cache", None)  # the probe instance is cached, so the source listing reuses it
     config = dict(options.get("config_kwargs") or {})
-    options["config_kwargs"] = {**config, **_PROBE_CONFIG}
+    options["config_kwargs"] = {**config, **copy.deepcopy(_PROBE_CONFIG)}  # botocore edits the retries dict
     try:
         fsspec.filesystem(protocol, **options).retries = 1  # s3fs retries every call 5 times on top of botocore
     except Exception:  # noqa: BLE001 - options the filesystem refuses: the probe itself reports them

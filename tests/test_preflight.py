@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import mini_config
+from support.s3 import moto  # noqa: F401 - pytest fixture
 
 from realfake.config import ConfigError
 from realfake.preflight import PreflightError, check_model, preflight
@@ -245,3 +246,51 @@ def test_a_model_without_pretrained_weights_cannot_ask_for_them(tmp_path, tiny_b
         preflight(cfg, check_models=False)
     preflight(_with_weights(tmp_path, tiny_base, model="resnet200", pretrained=False, model_kwargs={}),
               check_models=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per stage, and object storage in one bounded request
+# --------------------------------------------------------------------------------------------------------
+def test_each_stage_checks_only_what_it_uses(tmp_path, tiny_base, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    cfg = mini_config(str(tmp_path / "out"), "org/no-base", _two_classes(tmp_path), device="gpu",
+                      models={"base": "org/no-base", "clip": "org/no-clip", "captioner": "org/no-captioner"},
+                      caption={"enabled": True}, classifier__model="resnet9000")
+
+    def fields(stage: str) -> list[str]:
+        with pytest.raises(PreflightError) as err:
+            preflight(cfg, stage=stage)
+        return [p.split(" = ")[0] for p in err.value.problems]
+
+    assert fields("build") == ["device", "models.base", "models.clip", "models.captioner", "classifier.model"]
+    assert fields("prepare") == ["device", "models.clip", "models.captioner"]
+    assert fields("finetune") == fields("synthesize") == ["device", "models.base"]
+    assert fields("train-eval") == ["device", "classifier.model"]
+    assert preflight(cfg, stage="finalize") == ["root"]
+    assert preflight(cfg, stage="synthesize", skip=("device",), check_models=False) == [
+        "root", "source.uri", "synthesis.prompt_template", "guidance.slot"]
+    with pytest.raises(ValueError, match="unknown stage 'deploy'"):
+        preflight(cfg, stage="deploy")
+
+
+@pytest.mark.s3
+def test_an_object_store_is_probed_with_one_request_and_the_failure_names_root(tmp_path, tiny_base, moto):  # noqa: F811
+    # Every request fails with 503 SlowDown, which s3fs and botocore would otherwise retry for a minute
+    from support.s3 import BUCKET, FaultyProxy, s3_options
+
+    from realfake.data.storage import resolve_storage_options
+
+    with FaultyProxy(moto.port, failure_rate=1.0, after_share=0.0) as proxy:
+        cfg = mini_config(f"s3://{BUCKET}/probe", tiny_base, _two_classes(tmp_path),
+                          storage={"endpoint_url": proxy.endpoint_url})
+        opts = {k: v for k, v in s3_options(proxy.endpoint_url).items() if k in ("key", "secret")}
+        assert resolve_storage_options(cfg.storage, opts)["endpoint_url"] == proxy.endpoint_url
+        with pytest.raises(PreflightError) as err:
+            preflight(cfg, opts, stage="finalize")
+        assert proxy.counts.requests == 1
+    (problem,) = err.value.problems
+    assert problem.startswith(f"root = 's3://{BUCKET}/probe': cannot be reached (") and "Service Unavailable" in problem
+    # the same store behind no proxy: reached
+    cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"endpoint_url": moto.endpoint_url})})
+    assert preflight(cfg, opts, stage="finalize") == ["root"]
