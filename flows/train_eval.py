@@ -16,6 +16,7 @@ from prefect import flow
 
 from flows.params import TrainEvalParams
 from realfake.config import BuildConfig
+from realfake.data.storage import resolve_storage_options
 from realfake.redact import redacting_errors
 from tasks.artifacts import publish_metrics
 from tasks.gpu import ensure_gpu_limit, visible_gpus
@@ -63,7 +64,7 @@ def train_eval_flow(params: TrainEvalParams = TrainEvalParams()) -> dict:
     metrics = run_train_eval(cfg, list(params.data), nproc_per_node=params.nproc_per_node,
                              synthetic_scales=params.synthetic_scales)
     publish_metrics(metrics, cfg.dataset, cfg.version)
-    results_task(cfg.root, cfg.dataset, [cfg.version])
+    results_task(cfg.root, cfg.dataset, [cfg.version], resolve_storage_options(cfg.storage))
     return metrics
 
 

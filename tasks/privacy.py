@@ -33,6 +33,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.logging import get_logger
 
 from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig
+from realfake.redact import redacting_errors
 from tasks.artifacts import artifact_key, browser_url, create_link_artifact, create_markdown_artifact
 from tasks.cache import TRANSIENT_RETRY
 from tasks.child_runs import retry_on_lost_child, run_child_deployment
@@ -151,6 +152,7 @@ def _name_the_shadow(e: Exception, cfg: BuildConfig, family: str, index: int) ->
 
 
 @task(name="privacy-plan", tags=["realfake", "cpu"], **TRANSIENT_RETRY)
+@redacting_errors
 def plan_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
     """Prepare the version if needed and write the shadow membership of its real training set."""
     plan = _audit().plan_lira(cfg, lira)
@@ -160,6 +162,7 @@ def plan_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
 
 
 @task(name="privacy-real-shadow", task_run_name="real-shadow-{index}", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
+@redacting_errors
 def real_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str = "realfake-gpu",
                      gpu: str | None = None) -> dict:
     """Train real shadow ``index`` on its half of the real training set, holding one GPU slot.
@@ -174,6 +177,7 @@ def real_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: 
 
 @task(name="privacy-synthetic-shadow", task_run_name="synthetic-shadow-{index}", tags=["realfake", "gpu"],
       **TRANSIENT_RETRY)
+@redacting_errors
 def synthetic_shadow_task(cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str = "realfake-gpu",
                           gpu: str | None = None) -> dict:
     """Build synthetic shadow version ``index`` (fine-tune, synthesize on its half) and train its classifier.
@@ -231,6 +235,7 @@ def require_lira_plan(cfg: BuildConfig, lira: LiraConfig) -> dict:
 
 
 @task(name="privacy-pending-shadows", tags=["realfake", "cpu"], **TRANSIENT_RETRY)
+@redacting_errors
 def pending_shadows_task(cfg: BuildConfig, lira: LiraConfig) -> dict[str, list[int]]:
     """Family -> indices of the shadows that have no stored logits of this recipe and half yet.
 
@@ -261,6 +266,7 @@ def pending_shadows_task(cfg: BuildConfig, lira: LiraConfig) -> dict[str, list[i
 
 @task(name="privacy-shadow-run", task_run_name="child-{family}-{indices}", tags=["realfake"], retries=1,
       retry_delay_seconds=30, retry_condition_fn=retry_on_lost_child)
+@redacting_errors
 def run_shadow_deployment(deployment: str, parameters: dict, cfg: BuildConfig, family: str,
                           indices: list[int]) -> dict:
     """Run one batch of shadows as a child flow run of ``deployment`` and wait; fail naming the shadows.
@@ -277,6 +283,7 @@ def run_shadow_deployment(deployment: str, parameters: dict, cfg: BuildConfig, f
 
 
 @task(name="privacy-score-lira", tags=["realfake", "cpu"], **TRANSIENT_RETRY)
+@redacting_errors
 def score_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
     """Online and offline LiRA per family from the stored logits; writes the table and the ROC plot."""
     out = _audit().score_lira(cfg, lira)
@@ -285,6 +292,7 @@ def score_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
 
 
 @task(name="privacy-copy-detection", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
+@redacting_errors
 def copy_detection_task(cfg: BuildConfig, copy: CopyDetectionConfig, gpu_limit: str = "realfake-gpu") -> dict:
     """Embed synthetic and real training images and write the copy-detection report, holding one GPU slot."""
     with concurrency(gpu_limit, occupy=1):

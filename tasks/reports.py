@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import task
 
-from realfake.redact import scrub
+from realfake.redact import redacting_errors, scrub
 from tasks.artifacts import artifact_key, create_markdown_artifact, create_table_artifact
 
 __all__ = ["publish_results", "results_rows", "results_task"]
@@ -66,6 +66,7 @@ def publish_results(report: dict[str, Any], dataset: str, storage_options: dict 
 
 
 @task(name="results-report", tags=["realfake"])
+@redacting_errors
 def results_task(root: str, dataset: str, versions: list[str] | None = None,
                  storage_options: dict | None = None) -> dict[str, Any]:
     """Collect every run of the dataset's versions, write ``reports/results.{md,json}`` and publish the table."""

@@ -11,11 +11,13 @@ from prefect import get_run_logger, task
 from realfake.config import BuildConfig
 from realfake.data.card import LATEST, promote_latest, read_latest
 from realfake.data.storage import dataset_store
+from realfake.redact import redacting_errors
 
 __all__ = ["LATEST", "dataset_store", "promote_latest_task", "read_latest"]
 
 
 @task(name="promote-latest", tags=["realfake"], retries=2, retry_delay_seconds=10)
+@redacting_errors
 def promote_latest_task(cfg: BuildConfig) -> dict:
     """Verify ``cfg``'s version on storage, then point ``latest`` at it.
 
