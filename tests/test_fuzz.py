@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
+import yaml
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -43,11 +44,16 @@ _values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_siz
 _config_dicts = st.dictionaries(_keys, _values, max_size=8).map(
     lambda d: {"dataset": "fuzz", "source": {"kind": "demo_digits"}, **d}
 )
+_SECTION_FIELDS = sorted(f"{sec}.{f}" for sec in ("source", "models", "caption", "guidance", "finetune", "synthesis",
+                         "shards", "classifier")
+                         for f in BuildConfig.model_fields[sec].annotation.model_fields)  # type: ignore[union-attr]
 _override = st.builds(
     lambda path, value: f"{'.'.join(path)}={value}",
-    st.lists(st.one_of(st.sampled_from(_FIELDS), st.text(max_size=6)), min_size=1, max_size=3),
-    st.one_of(st.text(max_size=15), st.sampled_from(["[", "{a: 1", "!!python/object:os.system", "*x", "&a [*a]",
-                                                     "1e999", "-1", "null", "[1, 2]", "{}", "'"])),
+    st.one_of(st.lists(st.one_of(st.sampled_from(_FIELDS), st.text(max_size=6)), min_size=1, max_size=3),
+              st.sampled_from(_SECTION_FIELDS).map(lambda p: p.split("."))),  # real fields, so some validate
+    st.one_of(st.text(max_size=15), st.integers(0, 64).map(str),
+              st.sampled_from(["[", "{a: 1", "!!python/object:os.system", "*x", "&a [*a]", "1e999", "-1", "null",
+                               "[1, 2]", "{}", "'", "true", "false", "no", "0.5", "png", "parquet", "rbf"])),
 )
 
 
@@ -62,13 +68,32 @@ def test_config_from_random_dicts_validates_or_raises_config_error(data):
     assert isinstance(cfg, BuildConfig)
 
 
-@settings(_SETTINGS, report_multiple_bugs=False)  # one exception (not a group), so the xfail can match it
+@_SETTINGS
 @given(st.lists(_override, max_size=4))
+@example(["synthesis.steps=12", "shards.format=parquet", "finetune.mmd_kernel=rbf", "finetune.mixed_precision=no"])
 def test_config_overrides_validate_or_raise_config_error(overrides):
     try:
-        load_config(data={"dataset": "fuzz", "source": {"kind": "demo_digits"}}, overrides=overrides)
-    except ConfigError:
-        pass
+        cfg = load_config(data={"dataset": "fuzz", "source": {"kind": "demo_digits"}}, overrides=overrides)
+    except ConfigError as e:
+        assert str(e).startswith(("invalid configuration", "override ")), str(e)
+        return
+    assert isinstance(cfg, BuildConfig)
+    # what validated is a whole config: written out and loaded back, it is the same config
+    dumped = cfg.model_dump(mode="json")
+    assert load_config(data=dumped) == cfg
+    # and every override of a field took effect (when no other override touches the same path)
+    paths = [item.split("=", 1)[0].strip().split(".") for item in overrides]
+    for item, path in zip(overrides, paths, strict=True):
+        if sum(p[: len(path)] == path or path[: len(p)] == p for p in paths) > 1 or len(path) != 2:
+            continue
+        section, name = path
+        if not isinstance(dumped.get(section), dict) or name not in dumped[section]:
+            continue
+        raw = item.split("=", 1)[1]
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()
+        assert dumped[section][name] == value, item
 
 
 @pytest.mark.parametrize("item", ["synthesis.steps=[", "source.uri={a: 1", "x=!!python/object:os.system",

@@ -120,14 +120,26 @@ def test_entrypoints_are_flows_with_one_described_parameter_model(entrypoint):
     assert not undocumented, f"{entrypoint}: fields without description: {undocumented}"
 
 
+def _subset(given, parsed) -> bool:
+    """Every value written in the deployment is the one the flow's model holds (nested mappings compared key by key)."""
+    if isinstance(given, dict):
+        return isinstance(parsed, dict) and all(k in parsed and _subset(v, parsed[k]) for k, v in given.items())
+    return given == parsed
+
+
 def test_deployment_parameters_validate_against_the_flow_models(deployments):
+    checked = []
     for d in deployments["deployments"]:
         if "params" not in (d.get("parameters") or {}):
             continue
         path, name = d["entrypoint"].split(":")
         fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
         model = typing.get_type_hints(fl.fn)["params"]
-        model.model_validate(d["parameters"]["params"])  # raises on an unknown or mistyped field
+        given = d["parameters"]["params"]
+        parsed = model.model_validate(given)  # raises on an unknown or mistyped field
+        assert _subset(given, parsed.model_dump(mode="json")), (d["name"], given)
+        checked.append(d["name"])
+    assert {"build", "regenerate"} <= set(checked), checked  # the deployments that carry parameters were checked
 
 
 def test_regeneration_schedule_ships_inactive(deployments):
