@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check of a lent H100/H200 node in one command (see benchmarks/README or the docstring of
 # gpu_synthesis.py): wheels carried in .whl/ (diffusers, peft, transformers, pydantic) are installed into
-# /tmp/site, then the eager benchmark (engine vs reference-style loop at batch 1/8/16/32 + fine-tuning) and a
+# /tmp/site, then the eager benchmark (engine vs the reference-style loop at batch 1/8/16/32, that loop loading its
+# fp16 pipeline once per process as the authors' generate.py; + fine-tuning) and a
 # torch.compile pass of the engine at batch 16/32 run on the same random-weight SD v1.5 folder.
 # Results land in ${OUT:-benchmarks/results}. With the argument `shard-io` it runs only the CPU shard I/O benchmark
 # (local folder) on the node's cores instead (about a minute).
@@ -27,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" || exit 1
 work=/tmp/realfake-gpu-bench
 timeout "${EAGER_TIMEOUT:-330}" python3 benchmarks/gpu_synthesis.py --workdir "$work" --batches 2 --min-images 8 \
-  --out "$out/gpu_synthesis.json" 2>&1 | grep -v "Loading weights" | tee "$out/gpu_eager.log"
+  --out "$out/gpu_synthesis_eager.json" 2>&1 | grep -v "Loading weights" | tee "$out/gpu_eager.log"
 timeout "${COMPILE_TIMEOUT:-220}" python3 benchmarks/gpu_synthesis.py --workdir "$work" --batches 2 --min-images 8 \
   --compile --no-reference --no-finetune --batch-sizes 16 32 --out "$out/gpu_synthesis_compile.json" 2>&1 \
   | grep -v "Loading weights" | tee "$out/gpu_compile.log"

@@ -6,9 +6,9 @@ saves them in the diffusers layout, prepares a small dataset version from the bu
 (manifest, CLIP guidance from a 768-d stand-in encoder, a LoRA adapter), then measures in one process:
 
 * generation images/s at several batch sizes, 512x512, 30 UniPC steps, strength 0.75, CFG 2.0, bf16, SDPA,
-  channels-last, optionally ``torch.compile``: a *reference-style* loop (a stock
-  ``StableDiffusionImg2ImgPipeline`` re-created per batch, LoRA loaded unfused and scaled through
-  ``cross_attention_kwargs``, model CPU offload) against realfake's resident ``SynthesisEngine`` (loaded once,
+  channels-last, optionally ``torch.compile``: a *reference-style* loop shaped as the authors' ``generate.py`` (a
+  stock ``StableDiffusionImg2ImgPipeline`` loaded once per process in fp16, LoRA loaded unfused and scaled through
+  ``cross_attention_kwargs``, model CPU offload) against realfake's resident ``SynthesisEngine`` (loaded once, bf16,
   LoRA fused), with the share of wall time spent outside UNet + VAE compute (forward hooks timed with CUDA
   events), the FLOPs of one image counted by ``torch.utils.flop_counter``, achieved TFLOP/s and the fraction
   of the card's dense bf16 peak;
@@ -37,12 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from realfake.conditioning import encode_prompts, inject_guidance  # noqa: E402
+from realfake.conditioning import encode_prompts, generation_prompt, inject_guidance  # noqa: E402
 from realfake.config import BuildConfig, load_config  # noqa: E402
 from realfake.data.storage import Store, version_store  # noqa: E402
 from realfake.models.sd15 import CLIP_L14_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 
-__all__ = ["ComputeTimer", "dense_bf16_peak", "engine_run", "main", "prepare_version", "reference_run"]
+__all__ = [
+    "ComputeTimer", "dense_bf16_peak", "engine_run", "main", "prepare_version", "reference_pipeline", "reference_run",
+]
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor data sheets, TFLOP/s; matched by card name.
 BF16_PEAK_TFLOPS = (
@@ -159,7 +161,7 @@ def single_class_folder(dest: Path) -> str:
 
 
 def prepare_version(work: Path, base: str, resolution: int, device: str, batch_size: int, steps: int,
-                    ft_steps: int = 2, ft_resolution: int | None = None, ft_batch: int = 2,
+                    ft_steps: int = 2, ft_resolution: int | None = None, ft_batch: int = 8,
                     lora_scale: float = 0.5, version: str = "bench") -> tuple[BuildConfig, Store]:
     """Config + store with manifest, guidance and a trained LoRA adapter (scope ``all``)."""
     from realfake.data.ingest import ingest
@@ -205,66 +207,77 @@ def engine_run(engine, items: Sequence, device: torch.device) -> dict:
     return {"wall_s": wall, **{f"{k}_s": v for k, v in timer.seconds().items()}, "images": records}
 
 
-def reference_run(cfg: BuildConfig, store: Store, items: Sequence, device: torch.device, dtype: torch.dtype,
-                  offload: bool) -> dict:
-    """The reference-style loop: per batch, a fresh stock img2img pipeline with the LoRA loaded unfused.
+def reference_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA as the authors' ``generate.py`` (``torch_dtype=torch.float16``, line 117); fp32 on CPU (smoke)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
 
-    Conditioning is identical to the engine's (same prompts, guidance slot, negative prompt, per-image
-    seeds), so the two differ only in how the pipeline is held and how the LoRA is applied.
+
+def reference_pipeline(cfg: BuildConfig, store: Store, device: torch.device, offload: bool):
+    """The authors' generation pipeline, loaded once per process as their ``generate.py`` does.
+
+    ``generate.py`` builds it once before its loop (``self.pipe = self.get_pipe(prev_class_id)``, line 310) and again
+    only when a per-class adapter changes (lines 211-212; one adapter for the whole dataset here, its default
+    ``if_full``): a stock ``StableDiffusionImg2ImgPipeline`` in fp16 (line 117), the LoRA loaded unfused (line 120;
+    peft's ``load_lora_weights`` here), the UniPC scheduler (line 133), then ``enable_model_cpu_offload()``
+    (line 127). The LoRA scale 0.5 is applied per call (``cross_attention_kwargs``, line 226).
     """
     from diffusers import StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler
 
+    from realfake.finetune import local_adapter
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(cfg.models.base, dtype=reference_dtype(device),
+                                                          safety_checker=None, feature_extractor=None,
+                                                          requires_safety_checker=False)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(local_adapter(store, "all"))
+    if offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_run(pipe, cfg: BuildConfig, store: Store, items: Sequence, device: torch.device) -> dict:
+    """The reference-style loop over ``items`` with a pipeline from :func:`reference_pipeline`, batch by batch.
+
+    Conditioning is identical to the engine's (same prompts, guidance slot, negative prompt, per-image seeds), so
+    the two differ in how the LoRA is applied (unfused at scale 0.5 against fused), the dtype (fp16 against bf16)
+    and model CPU offload. The pipeline's one-off load is not in ``wall_s``, as the engine's is not.
+    """
     from realfake.data.manifest import read_guidance
-    from realfake.finetune import load_real_image, local_adapter
+    from realfake.finetune import load_real_image
     from realfake.synthesize import _as_sample, image_seed
 
     syn = cfg.synthesis
     guidance = read_guidance(store)
-    adapter = local_adapter(store, "all")
-    wall = setup = 0.0
-    compute = {"unet": 0.0, "vae": 0.0}
+    dtype = pipe.unet.dtype
     images = []
+    timer = ComputeTimer(device).attach(pipe)
+    _sync(device)
+    t0 = time.perf_counter()
     for i in range(0, len(items), syn.batch_size):
         batch = items[i : i + syn.batch_size]
-        _sync(device)
-        t0 = time.perf_counter()
-        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(cfg.models.base, dtype=dtype, safety_checker=None,
-                                                              feature_extractor=None, requires_safety_checker=False)
-        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-        pipe.load_lora_weights(adapter)
-        if offload and device.type == "cuda":
-            pipe.enable_model_cpu_offload(device=device)
-            run_device = device
-        else:
-            pipe.to(device)
-            run_device = device
-        pipe.set_progress_bar_config(disable=True)
-        _sync(device)
-        setup += time.perf_counter() - t0
-        timer = ComputeTimer(device).attach(pipe)
         with torch.no_grad():
-            prompts = [f"photo of {w.class_name}" for w in batch]
-            states = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, run_device)
+            prompts = [generation_prompt(syn, w.class_name) for w in batch]  # with generate.py's ", best quality"
+            states = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, device)
             guide = torch.stack([torch.from_numpy(guidance[w.sample_id]) for w in batch])
             states = inject_guidance(states, guide, cfg.guidance.slot)
-            negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [syn.negative_prompt], run_device)
-            sources = [load_real_image(_as_sample(w), syn.resolution) for w in batch]
+            negative = encode_prompts(pipe.tokenizer, pipe.text_encoder, [syn.negative_prompt], device)
+            # stretched to the square by default, as generate.py line 328 (synthesis.source_resize)
+            sources = [load_real_image(_as_sample(w), syn.resolution, fit=syn.source_resize) for w in batch]
             generators = [torch.Generator("cpu").manual_seed(image_seed(cfg.version, w.sample_id, w.replica, syn.seed))
                           for w in batch]
             out = pipe(image=sources, strength=syn.strength, num_inference_steps=syn.steps,
                        guidance_scale=syn.guidance_scale, prompt_embeds=states.to(dtype),
                        negative_prompt_embeds=negative.expand(len(batch), -1, -1).to(dtype), generator=generators,
                        cross_attention_kwargs={"scale": syn.lora_scale}, output_type="pil")
-        _sync(device)
-        wall += time.perf_counter() - t0
-        timer.detach()
-        for k, v in timer.seconds().items():
-            compute[k] += v
         images += out.images
-        del pipe, out
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {"wall_s": wall, "setup_s": setup, "unet_s": compute["unet"], "vae_s": compute["vae"], "images": images}
+    _sync(device)
+    wall = time.perf_counter() - t0
+    timer.detach()
+    compute = timer.seconds()
+    return {"wall_s": wall, "unet_s": compute["unet"], "vae_s": compute["vae"], "images": images}
 
 
 def flops_per_image(engine, item) -> float:
@@ -282,7 +295,7 @@ def _row(name: str, bs: int, n: int, r: dict, flops: float, peak: float | None) 
     compute = r["unet_s"] + r["vae_s"]
     tflops = ips * flops / 1e12
     return {"loop": name, "batch": bs, "images": n, "images_per_s": ips, "wall_s": r["wall_s"],
-            "setup_s": r.get("setup_s", 0.0), "unet_s": r["unet_s"], "vae_s": r["vae_s"],
+            "unet_s": r["unet_s"], "vae_s": r["vae_s"],
             "outside_share": max(0.0, 1 - compute / r["wall_s"]), "tflops": tflops,
             "peak_fraction": tflops / peak if peak else None}
 
@@ -316,6 +329,13 @@ def bench_generation(cfg: BuildConfig, store: Store, device: torch.device, batch
             inductor.epilogue_fusion = False
             inductor.coordinate_descent_check_all_directions = True
         engine.pipe.unet = torch.compile(engine.pipe.unet)
+    ref_pipe, ref_load_s = None, None
+    if reference:  # once per process, as the authors' generate.py
+        _sync(device)
+        t0 = time.perf_counter()
+        ref_pipe = reference_pipeline(cfg, store, device, offload)
+        _sync(device)
+        ref_load_s = time.perf_counter() - t0
     rows, agreement = [], {}
     for bs in batch_sizes:
         engine.cfg.synthesis.batch_size = bs
@@ -326,14 +346,16 @@ def bench_generation(cfg: BuildConfig, store: Store, device: torch.device, batch
         ours = engine_run(engine, items, device)
         label = "realfake engine" + (" +compile" if compile_unet else "") + (" (tuned inductor)" if tuned else "")
         rows.append(_row(label, bs, n, ours, flops, peak))
-        if reference:
+        if ref_pipe is not None:
             c = cfg.model_copy(update={"synthesis": cfg.synthesis.model_copy(update={"batch_size": bs})})
-            ref = reference_run(c, store, items, device, dtype, offload)
+            reference_run(ref_pipe, c, store, items[:bs], device)  # warm-up, as the engine's
+            ref = reference_run(ref_pipe, c, store, items, device)
             rows.append(_row("reference-style" + (" (offload)" if offload and device.type == "cuda" else ""), bs,
                              n, ref, flops, peak))
             agreement[bs] = _mean_abs_diff([r.image for r in ours["images"]], ref["images"])
-    return {"engine_load_s": load_s, "flops_per_image": flops, "dtype": str(dtype), "rows": rows,
-            "mean_abs_pixel_diff_engine_vs_reference": agreement}
+    return {"engine_load_s": load_s, "reference_load_s": ref_load_s,
+            "reference_dtype": str(reference_dtype(device)) if reference else None, "flops_per_image": flops,
+            "dtype": str(dtype), "rows": rows, "mean_abs_pixel_diff_engine_vs_reference": agreement}
 
 
 def bench_finetune(cfg: BuildConfig, store: Store, device: torch.device, batch: int, resolution: int,
@@ -376,11 +398,13 @@ def markdown(result: dict) -> str:
     lines = [f"device: {result['device']}, command: {result['command']}"]
     if "generation" in result:
         g = result["generation"]
-        head = ["loop", "batch", "images", "images_per_s", "wall_s", "setup_s", "unet_s", "vae_s", "outside_share",
-                "tflops", "peak_fraction"]
+        head = ["loop", "batch", "images", "images_per_s", "wall_s", "unet_s", "vae_s", "outside_share", "tflops",
+                "peak_fraction"]
         lines += [f"dtype {result['dtype']}, peak bf16 dense: {_fmt(result['peak_tflops'])} "
                   f"TFLOP/s, FLOPs/image counted: {g['flops_per_image'] / 1e12:.3g} TFLOP "
-                  f"(SD v1.5 floor {SD15_FLOOR_TFLOP_PER_IMAGE} at 512 px), engine load {g['engine_load_s']:.1f} s", "",
+                  f"(SD v1.5 floor {SD15_FLOOR_TFLOP_PER_IMAGE} at 512 px), engine load {g['engine_load_s']:.1f} s"
+                  + (f", reference pipeline load {g['reference_load_s']:.1f} s ({g['reference_dtype']}, once per "
+                     "process)" if g.get("reference_load_s") is not None else ""), "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(_fmt(r[k]) for k in head) + " |" for r in g["rows"]]
         if g["mean_abs_pixel_diff_engine_vs_reference"]:
@@ -443,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "strength": 0.75, "guidance_scale": 2.0, "scheduler": "unipc", "compile": a.compile,
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
     if not a.no_finetune:  # first: its numbers are in hand even if a long compile below runs out of time
-        result["finetune"] = bench_finetune(cfg, store, device, 2 if a.smoke else 8, res, ft_steps)
+        # 8 images per GPU: the authors' per-GPU batch, and the fewest an MMD term may take (config.MMD_MIN_BATCH)
+        result["finetune"] = {**bench_finetune(cfg, store, device, 8, res, ft_steps), "device": name}
         print(json.dumps(result["finetune"]), flush=True)
     if not a.no_generation:
         gen = bench_generation(cfg, store, device, batch_sizes, lambda bs: max(a.min_images, a.batches * bs),

@@ -3,12 +3,12 @@
 Both loops make the same images from the same dataset version, prompts, guidance vectors, seeds and sampler
 settings (30 UniPC steps at strength 0.75, CFG 2.0, LoRA scale 0.5), in one process, one after the other:
 
-* **reference-style**: what the paper's generation script does per batch: a stock
-  ``StableDiffusionImg2ImgPipeline`` loaded from the model folder, the LoRA loaded unfused with
+* **reference-style**: what the authors' ``generate.py`` does: a stock ``StableDiffusionImg2ImgPipeline``
+  loaded once per process from the model folder (fp16 on CUDA, fp32 here), the LoRA loaded unfused with
   ``load_lora_weights`` and scaled through ``cross_attention_kwargs`` (no CPU offload on CPU);
 * **realfake engine**: :class:`realfake.synthesize.SynthesisEngine`, loaded once with the LoRA fused.
 
-Reported per model: images/s, the engine's one-off load time (and images/s including it), and the share of
+Reported per model: images/s, each loop's one-off load time (and images/s including it), and the share of
 wall time spent outside UNet + VAE compute, measured by forward hooks. The models are realfake's tiny SD
 twin and a larger "small" one, both random-weight SD architectures built offline (weights do not change
 the cost). The machinery (hook timer, both loops) is shared with ``gpu_synthesis.py``.
@@ -92,8 +92,8 @@ def markdown(results: list[dict], header: str) -> str:
     for r in results:
         for row in r["rows"]:
             engine = row["loop"].startswith("realfake")
-            load = r["engine_load_s"] if engine else row["setup_s"]
-            incl = row["images"] / (row["wall_s"] + (load if engine else 0.0))  # reference loads inside its wall
+            load = r["engine_load_s"] if engine else r["reference_load_s"]  # each loaded once, outside its wall
+            incl = row["images"] / (row["wall_s"] + load)
             vals = [r["model"], row["loop"], row["batch"], row["images"], f"{row['images_per_s']:.3g}",
                     f"{row['wall_s']:.1f}", f"{load:.1f}", f"{incl:.3g}", f"{row['unet_s']:.1f}", f"{row['vae_s']:.1f}",
                     f"{100 * row['outside_share']:.0f}%"]

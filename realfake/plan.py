@@ -350,8 +350,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"| fine-tuning | {ft['steps']:,} steps, {ft['samples']:,} samples, {ft['adapters']} adapter(s) "
         f"({ft['scope']}) | {length}, {per_epoch}global batch {ft['batch_size']} (per GPU "
         f"{ft['micro_batch']} x {ft['gradient_accumulation']} accumulation){off} |",
-        f"| classifier | {clf['steps']:,} steps, {clf['epochs']} epochs | {clf['model']} at {clf['image_size']} px on "
-        f"the synthetic images, global batch {clf['batch_size']} (per GPU {clf['micro_batch']} x "
+        f"| classifier | {clf['steps']:,} steps, {clf['epochs']} epochs | one run: {clf['model']} at "
+        f"{clf['image_size']} px on the synthetic images (a measured build also trains one on the real), "
+        f"global batch {clf['batch_size']} (per GPU {clf['micro_batch']} x "
         f"{clf['gradient_accumulation']} accumulation), {clf['steps_per_epoch']:,} steps per epoch |",
         f"| bytes written | {_size(b['total'])} ({_size(b['per_sample'])} per sample) | {b['method']} |",
         "",
