@@ -277,3 +277,16 @@ def test_a_failed_flow_run_keeps_no_secret_in_its_state_messages_or_result(harne
             assert "source.uri = 'http://builder:***@127.0.0.1:9/data'" in text
         else:
             assert len(tasks) == 1 and tasks[0].state.is_failed() and "src-***" in text and "no usable image" in text
+
+
+def test_storage_options_come_from_the_section_under_the_callers_own():
+    from realfake.config import StorageConfig
+    from realfake.data.storage import resolve_storage_options
+
+    assert resolve_storage_options(StorageConfig()) == {}  # the environment's settings stay in charge
+    section = StorageConfig(endpoint_url="http://minio:9000/", region="us-east-1", addressing_style="path",
+                            options={"config_kwargs": {"max_pool_connections": 50}})
+    opts = resolve_storage_options(section, {"key": "k", "client_kwargs": {"region_name": "eu-west-1"}})
+    assert opts == {"endpoint_url": "http://minio:9000", "key": "k", "client_kwargs": {"region_name": "eu-west-1"},
+                    "config_kwargs": {"s3": {"addressing_style": "path"}, "max_pool_connections": 50}}
+    assert resolve_storage_options(section, opts) == opts  # resolving twice changes nothing
