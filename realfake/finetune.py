@@ -619,7 +619,7 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
             idx = batch[k * chunk : (k + 1) * chunk][local].tolist()
             flip = torch.rand(chunk, generator=gen)[local] < 0.5 if ft.random_flip else None
             crops = torch.rand(chunk, 2, generator=gen)[local] if ft.crop == "random" else None
-            eps = torch.randn((chunk, *shape), generator=gen)[local] if sampled else None
+            eps = torch.randn((chunk, *shape), generator=gen)[local]  # drawn for latents=mean too: same other draws
             noise = torch.randn((chunk, *shape), generator=gen)[local]
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (chunk,), generator=gen)[local]
             mean, std = latents(idx, flip, crops)
