@@ -245,12 +245,14 @@ def generation_rate(cfg: BuildConfig, results: Path = RESULTS_DIR) -> dict[str, 
                            f"{', compiled' if syn.compile else ''} (benchmarks/results/gpu_synthesis_*.json)"}
     _, batch, ips, name, data = min(candidates)
     nearest = "" if batch == syn.batch_size else f" (nearest measured batch to {syn.batch_size})"
+    if cfg.finetune.enabled and cfg.finetune.scope == "per_class":
+        nearest += ", one adapter for all classes (per-class adapter swaps not measured)"
     return {"per_s": ips, "unit": "images/s", "device": data["device"], "file": f"benchmarks/results/{name}",
             "detail": f"engine, batch {batch}{nearest}, {data['resolution']} px, {data.get('dtype', '')} "
                       f"{'compiled' if data.get('compile') else 'eager'}, random-weight SD v1.5"}
 
 
-def finetune_rate(cfg: BuildConfig, results: Path = RESULTS_DIR) -> dict[str, Any]:
+def finetune_rate(cfg: BuildConfig, results: Path = RESULTS_DIR, micro_batch: int | None = None) -> dict[str, Any]:
     """Measured fine-tuning samples/s per GPU for this configuration, or why there is none."""
     ft = cfg.finetune
     if cfg.models.base == DEMO_BASE:
@@ -265,8 +267,9 @@ def finetune_rate(cfg: BuildConfig, results: Path = RESULTS_DIR) -> dict[str, An
     device = data.get("device") or "NVIDIA H200 (named in benchmarks/results/synthesis.md)"
     return {"per_s": data[f"{mode}_samples_per_s"], "unit": "samples/s", "device": device,
             "file": "benchmarks/results/gpu_finetune.json",
-            "detail": f"realfake finetune, latents {mode}, {data['batch']} images per GPU, {data['resolution']} px, "
-                      "bf16, rank 4, random-weight SD v1.5"}
+            "detail": f"realfake finetune, latents {mode}, {data['batch']} images per GPU"
+                      + (f" (this plan: {micro_batch})" if micro_batch not in (None, data["batch"]) else "")
+                      + f", {data['resolution']} px, bf16, rank 4, random-weight SD v1.5"}
 
 
 def _stage(name: str, work: str, amount: float, rate: dict[str, Any] | None, gpus: int,
@@ -298,7 +301,8 @@ def build_plan(cfg: BuildConfig, gpus: int = 1, list_source: bool = True, storag
         _stage("guidance embedding (CLIP)", f"{real['train']:,} images", real["train"], None, gpus,
                cfg.guidance.enabled),
         _stage("fine-tuning (LoRA)", f"{ft['adapters']} adapter(s), {ft['steps']:,} steps x {ft['batch_size']} = "
-               f"{ft['samples']:,} samples", ft["samples"], finetune_rate(cfg, results), gpus, ft["enabled"]),
+               f"{ft['samples']:,} samples", ft["samples"], finetune_rate(cfg, results, ft["micro_batch"]), gpus,
+               ft["enabled"]),
         _stage("generation", f"{synthetic:,} images", synthetic, generation_rate(cfg, results), gpus),
         _stage("classifier training", f"{clf['epochs']} epochs x {clf['images_per_epoch']:,} = "
                f"{clf['image_passes']:,} image passes", clf["image_passes"], None, gpus),
