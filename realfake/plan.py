@@ -64,6 +64,7 @@ def _listed_counts(cfg: BuildConfig, storage_options: dict | None) -> dict[str, 
     """Per-class train / test counts as ingest will split them, from one listing of the source (no image read)."""
     # the very listing (layout, source.classes) and split ingest makes, so the plan cannot drift
     from realfake.data.ingest import _split, scan_source, source_uri
+    from realfake.redact import redact
 
     uri = source_uri(cfg.source)
     layout = scan_source(cfg.source, storage_options)
@@ -82,7 +83,7 @@ def _listed_counts(cfg: BuildConfig, storage_options: dict | None) -> dict[str, 
             test += len(files)
     step = max(1, len(samples) // _SAMPLE_IMAGES)  # spread over the classes, not the first few
     return {"train": sum(train.values()), "test": test, "classes": len(train), "per_class_train": train,
-            "source": f"listed {uri} (files before ingest's decode and duplicate checks)",
+            "source": f"listed {redact(uri, storage_options)} (files before ingest's decode and duplicate checks)",
             "sample_uris": samples[::step][:_SAMPLE_IMAGES]}
 
 
