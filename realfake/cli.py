@@ -196,8 +196,7 @@ def plan(
         cfg, listable = load_plan_config(preset, config, set)
         result = build_plan(cfg, gpus=gpus, list_source=listable and not paper_counts)
     except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(report_error(e)) from None
     typer.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
 
 
