@@ -256,3 +256,32 @@ def test_mode_is_a_validated_config_field(version) -> None:
     assert load_config(data=data, overrides=["mode=overwrite"]).mode == "overwrite"
     with pytest.raises(ConfigError, match="mode"):
         load_config(data=data, overrides=["mode=replace"])
+
+
+def test_an_overwrite_split_over_shard_groups_writes_the_bytes_of_one_run(version, tmp_path) -> None:
+    """A Prefect build plans once (plan_synthesis: the stale shards go) and then runs shard groups, each of which
+    synthesizes with mode=overwrite too: a later group must keep what an earlier one wrote under the new recipe, and
+    the version must end byte-identical to an overwrite run in one call."""
+    from realfake.build import build_version, finalize, finetune, plan_synthesis, prepare, store_of, synthesize
+
+    cfg, src = version
+    _rename_class_zero(src)
+    shards = {**cfg.shards.model_dump(mode="json"), "max_count": 4}
+    over = _with(cfg, mode="overwrite", shards=shards)
+    one_call = _with(over, root=str(tmp_path / "one-call"))
+    shutil.copytree(cfg.root, one_call.root)
+    build_version(one_call)
+
+    prepare(over)
+    finetune(over)
+    names = plan_synthesis(over)
+    assert names == ["shard-000000", "shard-000001", "shard-000002"] and committed_shards(store_of(over)) == []
+    store = store_of(over)
+    assert synthesize(over, names[:1])["shards_written"] == names[:1]
+    first = committed_shards(store)
+    assert synthesize(over, names[1:])["shards_written"] == names[1:]
+    assert committed_shards(store)[:1] == first  # the first group's shard was kept, not rewritten
+    finalize(over)
+    assert [(c.name, c.sha256) for c in committed_shards(store)] == \
+        [(c.name, c.sha256) for c in committed_shards(store_of(one_call))]
+    assert read_recipe(store) == read_recipe(store_of(one_call)) and verify_version(store) == []
