@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", default="./out/privacy-demo", help="Storage root of the audited version.")
     p.add_argument("--shadows", type=int, default=4, help="Shadow pipelines per family (paper: 16).")
     p.add_argument("--max-per-class", type=int, default=20, help="Real images per class and split.")
-    p.add_argument("--finetune-steps", type=int, default=60, help="LoRA steps per version (demo preset: 300).")
+    p.add_argument("--finetune-steps", type=int, default=60, help="LoRA steps per version (demo: 320).")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     p.add_argument("--descriptor", choices=["clip", "thumbnail"], default="thumbnail",
                    help="copy descriptor: the demo base's (random-init) CLIP tower, or a 16x16 grey thumbnail saved "
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         f"source.max_per_class={a.max_per_class}",
         f"finetune.max_steps={a.finetune_steps}",
         "finetune.batch_size=32",
+        "finetune.gradient_accumulation=1",  # one micro-batch of 32 (the demo preset splits 64 into 8 x 8)
+        "finetune.epochs=null",  # --finetune-steps alone sets the length
         *a.overrides,
     ]
     cfg = load_config(preset="demo", overrides=overrides)

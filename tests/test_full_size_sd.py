@@ -80,7 +80,7 @@ def test_sd15_sized_finetune_step_and_generation(tmp_path, digits_folder):
         "source": {"kind": "image_folder", "uri": digits_folder, "max_per_class": 1, "test_fraction": 0.2},
         "models": {"base": str(base), "clip": str(base)},
         "finetune": {"max_steps": 1, "batch_size": 1, "resolution": 64, "mixed_precision": "no",
-                     "random_flip": False, "rank": 4},
+                     "random_flip": False, "rank": 4, "mmd_weight": 0.0},  # one image: no batch for an MMD
         "synthesis": {"steps": 4, "resolution": 64, "batch_size": 1},
     })
     store = version_store(cfg.root, cfg.dataset, cfg.version)

@@ -126,7 +126,7 @@ def test_oom_while_fine_tuning_names_the_fix_and_keeps_the_last_checkpoint(tmp_p
 
     handle = comps["unet"].register_forward_pre_hook(third_step_fails, with_kwargs=True)
     try:
-        with pytest.raises(torch.cuda.OutOfMemoryError, match=r"adapter 'all' at step 3 with finetune.batch_size=4 "
+        with pytest.raises(torch.cuda.OutOfMemoryError, match=r"adapter 'all' at step 3 with finetune.batch_size=8 "
                            r".*raise finetune.gradient_accumulation.*checkpoint of step 2 is kept"):
             build.finetune(cfg, "all", components=comps)
     finally:

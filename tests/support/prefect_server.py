@@ -322,7 +322,7 @@ def miniature_params(root: Path, models: Path, version: str, **extra) -> dict:
 
 MINIATURE_OVERRIDES = (
     "finetune.max_steps=2",
-    "finetune.batch_size=4",
+    "finetune.batch_size=8",  # the MMD term needs 8 images a micro-batch
     "finetune.resolution=16",
     "synthesis.steps=4",
     "synthesis.resolution=16",
