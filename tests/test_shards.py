@@ -536,6 +536,37 @@ def test_resume_after_a_mid_shard_failure_keeps_names_and_bytes(tmp_path: Path) 
     assert index_signature(store) == index_signature(ref) and shard_hashes(store) == shard_hashes(ref)
 
 
+def test_a_shard_file_that_lands_short_is_not_committed(store: Store, monkeypatch) -> None:
+    """The size in storage is checked after the file lands: one that lost bytes on the way is never committed."""
+    import re
+
+    real_replace = os.replace
+
+    def lands_short(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if re.search(SHARD_FILE, os.fspath(dst).replace(os.sep, "/")):
+            os.truncate(dst, os.path.getsize(dst) - 512)
+
+    monkeypatch.setattr(os, "replace", lands_short)
+    writer = ShardWriter(store, ShardConfig(format="webdataset", max_count=10), retries=1)
+    with pytest.raises(ShardIntegrityError, match="bytes after writing"):
+        writer.write_shard("shard-000000", (record_for(i) for i in items_for(2)))
+    monkeypatch.undo()
+    assert committed_shards(store) == [] and partial_shards(store) == []
+
+
+def test_verify_finds_a_key_committed_in_two_shards(store: Store) -> None:
+    cfg = ShardConfig(format="webdataset", max_count=10)
+    writer = ShardWriter(store, cfg, class_names=CLASSES)
+    items = items_for(2)
+    writer.write_shard("shard-000000", (record_for(i) for i in items[:4]))
+    writer.write_shard("shard-000001", (record_for(i) for i in items[3:]))  # items[3] a second time
+    write_card(store, {"dataset": "toy", "version": "v1", "shards": cfg.model_dump()}, {})
+    problems = verify_version(store)
+    twice = item_key(items[3])
+    assert any(f"key {twice!r} appears in shard shard-000000 and in shard shard-000001" in p for p in problems)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Lease
 # ---------------------------------------------------------------------------------------------------------
