@@ -177,24 +177,59 @@ def finetune(cfg: BuildConfig, scope: str = "all", progress: bool = False, compo
     """Train one adapter unless the version already holds one trained with this exact recipe: the same finetune
     settings, base weights, training images, prompts and guidance vectors (an adapter logged without its recipe,
     by an earlier realfake, is trained again)."""
-    from realfake.finetune import adapter_dir, adapter_recipe
+    from realfake.finetune import adapter_dir
     from realfake.finetune import finetune as train_adapter
-    from realfake.recipe import recipe_diff
 
     storage_options = resolve_storage_options(cfg.storage, storage_options)
     store = store_of(cfg, storage_options)
     folder = adapter_dir(scope)
-    if store.exists(*folder, "train_log.json") and store.exists(*folder, "pytorch_lora_weights.safetensors"):
-        logged = store.read_json(*folder, "train_log.json")
-        recipe = adapter_recipe(cfg, store, scope)
-        if logged.get("config") == cfg.finetune.model_dump() and logged.get("recipe") == recipe:
-            return {"scope": scope, "adapter": store.uri(*folder), "skipped": True, "seconds": 0.0}
-        differ = recipe_diff(logged.get("recipe") or {}, recipe) or ["finetune settings"]
+    differ = _adapter_differences(cfg, store, scope)
+    if not differ:
+        return {"scope": scope, "adapter": store.uri(*folder), "skipped": True, "seconds": 0.0}
+    if store.exists(*folder, "train_log.json"):
         log.info("adapter %s was trained under another recipe (%s): training it again", store.uri(*folder),
                  "; ".join(differ))
     res = train_adapter(cfg, store, scope, components=components, progress=progress, storage_options=storage_options)
     return {"scope": scope, "adapter": res.uri, "steps": res.steps, "seconds": round(res.seconds, 2),
             "final_loss": res.final_loss, "resumed_from": res.resumed_from, "skipped": False}
+
+
+def _adapter_differences(cfg: BuildConfig, store: Store, scope: str) -> list[str]:
+    """Why the version's adapter of ``scope`` is not the one ``cfg`` would train, field by field (empty: it is)."""
+    from realfake.finetune import WEIGHTS_NAME, adapter_dir, adapter_recipe
+    from realfake.recipe import recipe_diff
+
+    folder = adapter_dir(scope)
+    if not (store.exists(*folder, "train_log.json") and store.exists(*folder, WEIGHTS_NAME)):
+        return ["not trained yet"]
+    logged = store.read_json(*folder, "train_log.json")
+    recipe = adapter_recipe(cfg, store, scope)
+    if logged.get("config") == cfg.finetune.model_dump() and logged.get("recipe") == recipe:
+        return []
+    return recipe_diff(logged.get("recipe") or {}, recipe) or ["finetune settings (logged -> now)"]
+
+
+def _check_before_synthesis(cfg: BuildConfig, store: Store) -> None:
+    """Refuse to synthesize with an adapter the config would train differently (e.g. on prompts with the old class
+    names): the images would carry a stale adapter. One adapter for all classes only: checking one per class would
+    read the training data once per class; the finetune stage, which a build runs first, checks those.
+
+    Without mode=overwrite, committed shards made under another recipe are named first (the user's first question);
+    the adapter is checked before overwrite deletes anything."""
+    from realfake.finetune import adapter_dir
+    from realfake.recipe import RecipeMismatchError
+    from realfake.synthesize import MAY_GROW, check_synthesis_recipe
+
+    if cfg.mode != "overwrite":
+        check_synthesis_recipe(cfg, store, "synthesize", MAY_GROW)
+    if not (cfg.finetune.enabled and cfg.finetune.scope == "all"):
+        return
+    differ = _adapter_differences(cfg, store, "all")
+    if differ:
+        raise RecipeMismatchError(
+            f"synthesize: the adapter {store.uri(*adapter_dir('all'))} is not the one this config trains "
+            f"({'; '.join(differ)}): run the finetune stage first (realfake finetune with the same config and "
+            "--set), or the whole build (realfake build), which does")
 
 
 def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> list[str]:
@@ -208,6 +243,7 @@ def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> lis
     from realfake.synthesize import MAY_GROW, plan_work, synthesis_recipe
 
     store = store_of(cfg, storage_options)
+    _check_before_synthesis(cfg, store)
     items = plan_work(cfg, store)
     pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=cfg.mode,
                            recipe=synthesis_recipe(cfg, store), may_grow=MAY_GROW)
@@ -227,6 +263,7 @@ def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress:
 
     storage_options = resolve_storage_options(cfg.storage, storage_options)
     store = store_of(cfg, storage_options)
+    _check_before_synthesis(cfg, store)
     lease = VersionLease(store, owner=lease_owner, heartbeat=False).join() if lease_owner else None
     return run(cfg, store, shard_names, engine=engine, on_shard=on_shard, progress=progress,
                storage_options=storage_options, lease=lease)

@@ -169,19 +169,20 @@ def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
     return recipe
 
 
-def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str) -> None:
+def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str, may_grow: Sequence[str] = ()) -> None:
     """Refuse (:class:`~realfake.recipe.RecipeMismatchError`) when the version's committed shards were made under
-    another recipe than ``cfg``'s: what ``stage`` (finalize) would describe is not what the shards hold."""
+    another recipe than ``cfg``'s, but for the ``may_grow`` fields: what ``stage`` would describe (finalize) or add
+    to (synthesize) is not what the shards hold. Reads only; :func:`synthesize` itself refuses (or overwrites)."""
     recorded = read_recipe(store)
     commits = committed_shards(store)
     if recorded is None or not commits:
         return  # nothing made yet, or made by an earlier realfake (synthesize itself refuses to resume those)
-    differ = recipe_diff(recorded, synthesis_recipe(cfg, store))
+    differ = recipe_diff(recorded, synthesis_recipe(cfg, store), may_grow)
     if differ:
         raise RecipeMismatchError(
             f"{stage}: the {len(commits)} committed shard(s) in {store.uri('synthetic')} were made under another "
-            f"recipe than this config's: {'; '.join(differ)}. Rebuild them first (synthesize with --set "
-            f"mode=overwrite) or write a new version (e.g. --set version={suggest_version(cfg.version)})")
+            f"recipe than this config's: {'; '.join(differ)}. Rebuild them (synthesize with --set mode=overwrite) "
+            f"or write a new version (e.g. --set version={suggest_version(cfg.version)})")
 
 
 class SynthesisEngine:

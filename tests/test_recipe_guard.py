@@ -191,8 +191,8 @@ def test_new_class_names_are_refused_until_the_images_are_rebuilt(version) -> No
     prepare(overwrite)
     assert manifest_class_map(store)["0"] == "zero"
     problems = verify_version(store)
-    assert any(p.startswith("class names differ between real/manifest.parquet and synthetic/_recipe.json: 1 of 3 "
-                            "differ (0: 'zero' -> 'digit 0')") for p in problems), problems
+    assert any(p.startswith("class names differ between synthetic/_recipe.json and real/manifest.parquet: 1 of 3 "
+                            "differ (0: 'digit 0' -> 'zero')") for p in problems), problems
     assert any("synthetic/index.parquet" in p and "class names" in p for p in problems), problems
 
     # synthesize and finalize refuse under the old recipe, naming the field
@@ -201,7 +201,13 @@ def test_new_class_names_are_refused_until_the_images_are_rebuilt(version) -> No
     with pytest.raises(RecipeMismatchError, match="finalize: .*class names"):
         finalize(cfg)
 
-    # overwrite: the adapter is retrained on the new prompts and every image is made again with them
+    # overwrite needs the adapter trained on the new prompts first; refused before anything is deleted
+    with pytest.raises(RecipeMismatchError, match=r"adapter .* is not the one this config trains \(.*prompts.*\): "
+                                                  "run the finetune stage first"):
+        synthesize(overwrite)
+    assert len(committed_shards(store)) == 1
+
+    # the build retrains the adapter on the new prompts, then every image is made again with them
     before = read_recipe(store)
     out = build_version(overwrite)
     assert len(out["synthesis"]["shards_written"]) == 1 and not out["adapters"][0]["skipped"]
@@ -238,8 +244,8 @@ def test_verify_fails_a_card_with_two_class_maps(version) -> None:
     card["real"]["class_names"]["2"] = "n01484850"
     store.write_json(card, "dataset.json")
     problems = verify_version(store)
-    assert "class names differ between real/manifest.parquet and the card's real classes: 1 of 3 differ " \
-           "(2: 'digit 2' -> 'n01484850')" in problems, problems
+    assert "class names differ between the card's real classes and real/manifest.parquet: 1 of 3 differ " \
+           "(2: 'n01484850' -> 'digit 2')" in problems, problems
 
     card["real"]["class_names"]["2"] = "digit 2"
     card["synthetic"]["recipe"]["synthesis.steps"] = 99

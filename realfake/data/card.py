@@ -466,9 +466,9 @@ def _class_map_problems(store: Store, card: dict | None, recorded: dict | None,
     if not complete:
         return problems
     (ref_name, ref), rest = complete[0], complete[1:]
-    for name, names in rest:
-        for d in recipe_diff({"class names": ref}, {"class names": names}):
-            problems.append(f"class names differ between {ref_name} and {name}: {d.removeprefix('class names: ')}")
+    for name, names in rest:  # each reads "that map -> the reference", as for the partial ones below
+        for d in recipe_diff({"class names": names}, {"class names": ref}):
+            problems.append(f"class names differ between {name} and {ref_name}: {d.removeprefix('class names: ')}")
     for name, names in partial:
         for d in recipe_diff({"class names": names}, {"class names": ref}, may_grow=("class names",)):
             problems.append(f"class names differ between {name} and {ref_name}: {d.removeprefix('class names: ')}")
