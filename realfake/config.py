@@ -220,8 +220,8 @@ class FinetuneConfig(_Strict):
             raise ValueError(
                 f"finetune.batch_size={self.batch_size} / finetune.gradient_accumulation={accum} leaves {per_step} "
                 f"images per micro-batch for the MMD term, which needs at least {MMD_MIN_BATCH} (the authors' "
-                f"per-GPU batch): raise finetune.batch_size to {MMD_MIN_BATCH * accum} or more, lower "
-                "finetune.gradient_accumulation, or set finetune.mmd_weight=0")
+                f"per-GPU batch): raise finetune.batch_size to {MMD_MIN_BATCH * accum} or more, "
+                + ("lower finetune.gradient_accumulation, " if accum > 1 else "") + "or set finetune.mmd_weight=0")
         return self
 
 

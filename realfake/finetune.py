@@ -209,8 +209,8 @@ def training_schedule(ft: FinetuneConfig, images: int, processes: int = 1) -> Sc
         raise ValueError(
             f"finetune.batch_size={b} over {processes} process(es) x finetune.gradient_accumulation={accum} leaves "
             f"{micro} images per process for the MMD term, which needs at least {MMD_MIN_BATCH} (the authors' "
-            f"per-GPU batch): set finetune.batch_size={MMD_MIN_BATCH * split} or more, lower "
-            "finetune.gradient_accumulation, or set finetune.mmd_weight=0")
+            f"per-GPU batch): set finetune.batch_size={MMD_MIN_BATCH * split} or more, "
+            + ("lower finetune.gradient_accumulation, " if accum > 1 else "") + "or set finetune.mmd_weight=0")
     per_epoch = math.ceil(images / b)
     steps = ft.epochs * per_epoch if ft.epochs is not None else None
     if ft.max_steps is not None:
