@@ -183,6 +183,8 @@ def run_tests(repo: Path, tests: tuple[str, ...], timeout_s: int) -> tuple[str, 
         return "timeout", time.monotonic() - t, ""
     tail = (done.stdout + done.stderr).strip().splitlines()
     last = tail[-1] if tail else ""
+    failed = next((line.split()[1].split("::")[-1] for line in tail if line.startswith(("FAILED ", "ERROR "))), "")
+    last = f"{failed} ({last})" if failed else last
     if done.returncode == 0:
         return "survived", time.monotonic() - t, last
     if done.returncode == 5:  # nothing collected: the selection is wrong, not the mutant caught
@@ -191,12 +193,13 @@ def run_tests(repo: Path, tests: tuple[str, ...], timeout_s: int) -> tuple[str, 
     return "killed", time.monotonic() - t, last
 
 
-def report(rows: list[tuple[Mutant, str, float, str]], baseline_s: float, command: str, when: str = "") -> str:
+def report(rows: list[tuple[Mutant, str, float, str]], baseline_s: float, command: str) -> str:
+    """The results file. ``command``: how it was produced (the commands and when they ran)."""
     killed = sum(r[1] in ("killed", "timeout") for r in rows)
     lines = [
         "# Mutation check", "",
-        f"Command: `{command}` (run {when or time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{os.cpu_count()} cores shared with other work). Script: `benchmarks/mutants.py`.", "",
+        f"Command: {command}",
+        f"on {os.cpu_count()} cores shared with other work. Script: `benchmarks/mutants.py`.", "",
         f"Kill rate: **{killed}/{len(rows)}** mutants killed by their targeted tests "
         f"(unmutated copy: all targeted tests pass, {baseline_s:.0f} s).", "",
         "| mutant | file | the bug | result | s | first failure / summary |",
@@ -214,8 +217,12 @@ def report(rows: list[tuple[Mutant, str, float, str]], baseline_s: float, comman
     return "\n".join(lines) + "\n"
 
 
-def rerender(path: Path) -> str:
-    """The results file again, its recorded rows with the current ``HARMLESS`` reasons (no test is run)."""
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def recorded(path: Path) -> tuple[list[tuple[Mutant, str, float, str]], float, str]:
+    """The rows, baseline seconds and command line of a results file."""
     import re
 
     text = path.read_text()
@@ -226,9 +233,25 @@ def rerender(path: Path) -> str:
             name, result, secs, last = cells.groups()
             rows.append((by_name[name], result, float(secs), last))
     baseline = re.search(r"all targeted tests pass, (\d+) s", text)
-    command = re.search(r"Command: `([^`]+)`", text)
-    return report(rows, float(baseline.group(1)) if baseline else 0.0, command.group(1) if command else "make mutants",
-                  when=re.search(r"\(run ([^,]+),", text).group(1))
+    command = re.search(r"^Command: (.*)$", text, re.MULTILINE)
+    line = command.group(1) if command else "`make mutants`"
+    line = re.sub(r" \(run ([^,]+), \d+ cores.*$", r" (run \1),", line)  # the first results' one-line header
+    return rows, float(baseline.group(1)) if baseline else 0.0, line
+
+
+def rerender(path: Path) -> str:
+    """The results file again, its recorded rows with the current ``HARMLESS`` reasons (no test is run)."""
+    return report(*recorded(path))
+
+
+def merged(path: Path, new_rows: list[tuple[Mutant, str, float, str]], command: str) -> str:
+    """A full run's results with the rows of a partial re-run (``--only``) replaced, both commands named."""
+    rows, baseline, first = recorded(path)
+    again = {row[0].name: row for row in new_rows}
+    rows = [again.pop(row[0].name, row) for row in rows] + list(again.values())
+    order = {mu.name: i for i, mu in enumerate(MUTANTS)}
+    rows.sort(key=lambda r: order[r[0].name])
+    return report(rows, baseline, f"{first.rstrip(',')}, then `{command}` (run {_now()}) for the rows it re-ran,")
 
 
 def main() -> None:
@@ -271,7 +294,11 @@ def main() -> None:
             rows.append((mu, result, secs, last))
             print(f"{mu.name:32s} {result:9s} {secs:6.0f}s  {last}", flush=True)
     command = "make mutants" if not args.only else f"python benchmarks/mutants.py --only {args.only}"
-    Path(args.out).write_text(report(rows, baseline_s, command))
+    out = Path(args.out)
+    if args.only and out.exists():  # a partial re-run updates its rows of the last full run
+        out.write_text(merged(out, rows, command))
+    else:
+        out.write_text(report(rows, baseline_s, f"`{command}` (run {_now()}),"))
     print(f"wrote {args.out}")
 
 
