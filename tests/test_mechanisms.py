@@ -190,6 +190,7 @@ print(json.dumps({"seeds": [image_seed(cfg.version, w.sample_id, w.replica, cfg.
 """
 
 
+@pytest.mark.slow  # two more processes load the pipeline
 def test_seed_depends_on_identity_not_on_batch_or_workers(prepared, tmp_path):
     import json
     import subprocess
