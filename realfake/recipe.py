@@ -8,7 +8,6 @@ difference is reported by :func:`recipe_diff` as one phrase per field, so a refu
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -31,10 +30,6 @@ def canonical(recipe: Mapping[str, Any]) -> dict[str, Any]:
 def recipe_bytes(recipe: Mapping[str, Any]) -> bytes:
     """The recorded form of a recipe: sorted keys, so the same recipe always gives the same bytes."""
     return json.dumps(canonical(recipe), indent=1, sort_keys=True, ensure_ascii=False).encode()
-
-
-def recipe_sha256(recipe: Mapping[str, Any]) -> str:
-    return hashlib.sha256(recipe_bytes(recipe)).hexdigest()
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -113,13 +113,15 @@ def _source(digits_folder: str, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_base, digits_folder):
-    """A finished version (adapter, guidance, shards, card) and its source, built once; tests work on copies."""
-    from realfake.build import build_version
+    """A finished version (adapter, guidance, shards, card), its baseline and its source, built once; tests work on
+    copies."""
+    from realfake.build import baseline_config, build_version
 
     base = tmp_path_factory.mktemp("recipe")
     src = _source(digits_folder, base / "src")
     cfg = mini_config(str(base / "out"), tiny_base, str(src), source__test_fraction=0.0)
     build_version(cfg)
+    build_version(baseline_config(cfg))
     return cfg, base
 
 
@@ -291,3 +293,19 @@ def test_an_overwrite_split_over_shard_groups_writes_the_bytes_of_one_run(versio
     assert [(c.name, c.sha256) for c in committed_shards(store)] == \
         [(c.name, c.sha256) for c in committed_shards(store_of(one_call))]
     assert read_recipe(store) == read_recipe(store_of(one_call)) and verify_version(store) == []
+
+
+def test_the_baseline_version_is_guarded_the_same_way(version) -> None:
+    from realfake.build import baseline_config, build_version, prepare, store_of
+
+    cfg, src = version
+    base = baseline_config(cfg)
+    assert read_recipe(store_of(base))["adapters (weights sha256)"] is None  # text-to-image: no adapter
+    _rename_class_zero(src)
+    with pytest.raises(RecipeMismatchError, match=r"class names: 1 of 3 differ \(0: 'digit 0' -> 'zero'\)"):
+        prepare(base)
+    rebuilt = baseline_config(_with(cfg, mode="overwrite"))  # the switch carries over to the baseline
+    assert rebuilt.mode == "overwrite"
+    assert build_version(rebuilt)["synthesis"]["shards_written"] == ["shard-000000"]
+    prompts = {r["label"]: r["prompt"] for r in read_index(store_of(base)).to_pylist()}
+    assert prompts[0].startswith("photo of zero") and verify_version(store_of(base)) == []

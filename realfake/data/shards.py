@@ -15,7 +15,9 @@ fix; committed shards are untouched, and the re-run skips them. Checksums are co
 they are written or read, on a helper thread, so the protocol costs little over writing the same bytes with
 ``tarfile`` or pyarrow directly.
 Every byte written derives from the records alone (fixed tar headers, sorted JSON), so the same plan gives
-the same files whatever the number or order of workers.
+the same files whatever the number or order of workers. The recipe the shards are made under is recorded beside
+them (``_recipe.json``, by :func:`plan_pending`) before the first one, and committed shards made under another
+are never resumed or extended.
 """
 
 from __future__ import annotations
