@@ -191,12 +191,34 @@ def test_a_random_crop_takes_a_window_of_the_whole_image_a_centre_crop_the_middl
     assert len(read_manifest(store, "train")) == 16
 
 
-def test_cached_random_crops_are_windows_of_the_encoded_image(banded):
-    center, _, _ = _run(banded, "cached-center", crop="center", cache_latents=True)
-    weights, _, seen = _run(banded, "cached-random", crop="random", cache_latents=True)
+def test_cached_random_crops_are_windows_of_the_encoded_image(banded, monkeypatch):
+    """With the cache, the whole image is encoded once; each step's clean latent (recorded where the scheduler noises
+    it) is a drawn window of that encoded canvas, and the windows move across it."""
+    from diffusers import DDPMScheduler
+
+    clean: list[torch.Tensor] = []
+    add_noise = DDPMScheduler.add_noise
+
+    def recording(self, original_samples, noise, timesteps):
+        clean.extend(original_samples.detach().clone())
+        return add_noise(self, original_samples, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording)
+    _, _, seen = _run(banded, "cached-random", crop="random", latents="mean", cache_latents=True)
     assert {tuple(b.shape[2:]) for b in seen} == {(32, 96)}  # the whole image is encoded once, then cropped
-    differs = [k for k in weights if not torch.allclose(weights[k], center[k])]
-    assert differs, "a random crop must train on other latents than the centre crop"
+    vae = load_sd_components(banded.models.base)["vae"]
+    images = [Image.open(s.uri).convert("RGB") for s in read_manifest(store_of(banded), "train")]
+    with torch.no_grad():  # every training image's encoded canvas, as the cache holds it
+        canvases = vae.encode(torch.stack([_pixels(i) for i in images])).latent_dist.mean * vae.config.scaling_factor
+    side = clean[0].shape[-1]
+    assert len(clean) == 2 * 8 and canvases.shape[-1] == 3 * side
+    offsets = []
+    for z in clean:
+        found = [x for canvas in canvases for x in range(canvas.shape[-1] - side + 1)
+                 if torch.allclose(z, canvas[:, :, x : x + side], atol=1e-5)]
+        assert found, "every cached crop is a window of an encoded training image"
+        offsets.append(found[0])
+    assert len(set(offsets)) >= 3, offsets
 
 
 def test_sampled_latents_are_drawn_each_step_and_the_cache_keeps_the_draws(banded):
