@@ -263,8 +263,8 @@ def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress:
 
     storage_options = resolve_storage_options(cfg.storage, storage_options)
     store = store_of(cfg, storage_options)
-    _check_before_synthesis(cfg, store)
     lease = VersionLease(store, owner=lease_owner, heartbeat=False).join() if lease_owner else None
+    _check_before_synthesis(cfg, store)
     return run(cfg, store, shard_names, engine=engine, on_shard=on_shard, progress=progress,
                storage_options=storage_options, lease=lease)
 
