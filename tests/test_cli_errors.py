@@ -245,6 +245,7 @@ def test_a_failed_flow_run_keeps_no_secret_in_its_state_messages_or_result(harne
     env_secret = f"envSECRET{secrets.token_hex(12)}"
     override_secret = f"setSECRET{secrets.token_hex(12)}"
     url_secret = f"urlSECRET{secrets.token_hex(12)}"
+    form_secret = f"formSECRET{secrets.token_hex(12)}"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", env_secret)
     bad_images = tmp_path / f"src-{env_secret}"
     for c in ("a", "b"):
@@ -257,8 +258,10 @@ def test_a_failed_flow_run_keeps_no_secret_in_its_state_messages_or_result(harne
                                   overrides=[f"storage.key={override_secret}"]),
         "uri": PrepareParams(**base, source={"uri": f"http://builder:{url_secret}@127.0.0.1:9/data"}),
         "task": PrepareParams(**base, source={"uri": str(bad_images)}),  # fails inside the prepare task
+        # a form as the UI or an API client sends it: Prefect validates it before the flow runs
+        "form": {**base, "source": {"uri": str(bad_images)}, "storage": {"secret": form_secret}},
     }
-    planted = (env_secret, override_secret, url_secret)
+    planted = (env_secret, override_secret, url_secret, form_secret)
     for name, params in cases.items():
         state = prepare_flow(params, return_state=True)
         assert state.is_failed(), name
@@ -273,6 +276,8 @@ def test_a_failed_flow_run_keeps_no_secret_in_its_state_messages_or_result(harne
         assert not [s for s in planted if s in text], f"{name}: a secret is kept by Prefect:\n{text}"
         if name == "override":
             assert "storage.key: credentials are not accepted" in text
+        elif name == "form":
+            assert "storage.secret: credentials are not accepted" in text
         elif name == "uri":
             assert "source.uri = 'http://builder:***@127.0.0.1:9/data'" in text
         else:
@@ -290,3 +295,17 @@ def test_storage_options_come_from_the_section_under_the_callers_own():
     assert opts == {"endpoint_url": "http://minio:9000", "key": "k", "client_kwargs": {"region_name": "eu-west-1"},
                     "config_kwargs": {"s3": {"addressing_style": "path"}, "max_pool_connections": 50}}
     assert resolve_storage_options(section, opts) == opts  # resolving twice changes nothing
+
+
+def test_a_refused_credential_is_masked_in_pydantics_own_message_too():
+    from pydantic import ValidationError
+
+    from realfake.config import BuildConfig
+    from realfake.redact import redact
+
+    planted = f"pydSECRET{secrets.token_hex(12)}"
+    with pytest.raises(ValidationError) as err:  # str() of a ValidationError quotes its input
+        BuildConfig.model_validate({"dataset": "d", "source": {"kind": "demo_digits"},
+                                    "storage": {"options": {"client_kwargs": {"aws_secret_access_key": planted}}}})
+    assert planted not in str(err.value) and "': '***'}" in str(err.value)
+    assert redact(f"x {planted} y") == "x *** y"  # and registered: masked wherever it shows up later

@@ -203,7 +203,8 @@ def test_a_failed_child_run_fails_the_parent_naming_its_shadows(shadow_worker: W
     bad = _deployment_params(
         params, "badshadow", lira=LiraConfig(n_shadows=4, families=["real"]),
         fanout=ShadowFanoutParams(mode="deployment", deployment=SHADOW_DEPLOYMENT, shadows_per_run=2),
-        overrides=[*params.overrides, "classifier.model=no_such_model"],
+        # valid for the parent's pre-flight, fatal where a shadow builds its classifier
+        overrides=[*params.overrides, "classifier.model_kwargs={no_such_kwarg: 1}"],
     )
     state = privacy_flow(bad, return_state=True)
     assert state.is_failed()
@@ -214,7 +215,7 @@ def test_a_failed_child_run_fails_the_parent_naming_its_shadows(shadow_worker: W
     for batch in ("real shadows 0, 1", "real shadows 2, 3"):
         assert f"mini/badshadow, {batch}: child flow run" in message and "ended FAILED" in message, message
     # The child names the shadow of its batch that failed, with the library's own error.
-    assert "real shadow 0 of mini/badshadow: " in message and "no_such_model" in message, message
+    assert "real shadow 0 of mini/badshadow: " in message and "no_such_kwarg" in message, message
     children = _children(state.state_details.flow_run_id)
     assert len(children) == 2 and all(c.state.is_failed() for c in children)  # a failed child is not retried
     assert not (Path(params.root) / "mini" / "badshadow" / "runs" / "privacy-lira" / "logits").exists()
