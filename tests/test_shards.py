@@ -619,6 +619,22 @@ def test_a_build_that_lost_its_lease_cannot_commit(store: Store) -> None:
     assert committed_shards(store) == []
 
 
+def test_a_build_that_loses_its_lease_mid_shard_does_not_commit_it(store: Store) -> None:
+    lease = VersionLease(store, owner="A", heartbeat=False).acquire()
+    writer = ShardWriter(store, ShardConfig(max_count=10), lease=lease)
+    items = items_for(1)
+
+    def records():
+        yield record_for(items[0])
+        # while this shard is written, A's lease expires and build B takes the version
+        store.write_json({"owner": "B", "host": "elsewhere", "pid": 1, "expires_at": time.time() + 999}, LEASE_FILE)
+        yield from (record_for(i) for i in items[1:])
+
+    with pytest.raises(LeaseLostError, match="held by 'B'"):
+        writer.write_shard("shard-000000", records())
+    assert committed_shards(store) == []
+
+
 def test_heartbeat_keeps_a_short_lease_alive(store: Store) -> None:
     lease = VersionLease(store, owner="A", ttl_s=3.0).acquire()
     first_expiry = lease.read()["expires_at"]
