@@ -132,8 +132,7 @@ def _ingest_under_shards(cfg: BuildConfig, store: Store, storage_options: dict |
     from realfake.data.ingest import ingest
     from realfake.data.manifest import MANIFEST, REJECTS
     from realfake.data.shards import committed_shards, read_recipe
-    from realfake.recipe import RecipeMismatchError, recipe_diff, suggest_version
-    from realfake.synthesize import manifest_class_map
+    from realfake.recipe import RecipeMismatchError, manifest_class_map, recipe_diff, suggest_version
 
     commits = committed_shards(store) if cfg.mode != "overwrite" else []
     recorded = read_recipe(store) if commits else None

@@ -12,7 +12,10 @@ import json
 from collections.abc import Collection, Mapping
 from typing import Any
 
-__all__ = ["RecipeMismatchError", "canonical", "class_map", "recipe_bytes", "recipe_diff", "suggest_version"]
+from realfake.data.manifest import MANIFEST
+from realfake.data.storage import Store
+
+__all__ = ["RecipeMismatchError", "canonical", "manifest_class_map", "recipe_bytes", "recipe_diff", "suggest_version"]
 
 _SHOWN = 3  # entries of a dict field listed in a difference; the rest are counted
 
@@ -83,9 +86,11 @@ def recipe_diff(recorded: Mapping[str, Any], current: Mapping[str, Any], may_gro
     return out
 
 
-def class_map(labels: list[int], names: list[str]) -> dict[str, str]:
-    """Label -> class name (labels as strings, in label order) from parallel columns, e.g. a manifest's."""
-    pairs = dict(zip(labels, names, strict=True))
+def manifest_class_map(store: Store) -> dict[str, str]:
+    """Label -> class name of a version's manifest (every split), labels as strings in label order: the class map
+    a version's synthetic images are made with."""
+    t = store.read_table(*MANIFEST).select(["label", "class_name"])
+    pairs = dict(zip(t.column("label").to_pylist(), t.column("class_name").to_pylist(), strict=True))
     return {str(k): pairs[k] for k in sorted(pairs)}
 
 

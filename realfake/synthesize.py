@@ -30,7 +30,7 @@ from PIL import Image
 
 from realfake.conditioning import encode_prompts, generation_prompt, inject_guidance
 from realfake.config import BuildConfig
-from realfake.data.manifest import CAPTIONS, GUIDANCE, MANIFEST, read_guidance, read_manifest
+from realfake.data.manifest import CAPTIONS, GUIDANCE, read_guidance, read_manifest
 from realfake.data.shards import (
     ShardWriter,
     SyntheticRecord,
@@ -42,7 +42,7 @@ from realfake.data.shards import (
 )
 from realfake.data.storage import Store
 from realfake.finetune import adapter_hash, load_real_image, local_adapter, read_captions
-from realfake.recipe import RecipeMismatchError, class_map, recipe_diff, suggest_version
+from realfake.recipe import RecipeMismatchError, manifest_class_map, recipe_diff, suggest_version
 
 __all__ = [
     "MAY_GROW",
@@ -133,12 +133,6 @@ def _section(cfg: BuildConfig, name: str) -> dict[str, Any]:
 def _file_sha256(store: Store, *parts: str) -> str:
     with store.open(*parts) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def manifest_class_map(store: Store) -> dict[str, str]:
-    """Label -> class name of the version's manifest (every split), labels as strings in label order."""
-    t = store.read_table(*MANIFEST).select(["label", "class_name"])
-    return class_map(t.column("label").to_pylist(), t.column("class_name").to_pylist())
 
 
 def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:

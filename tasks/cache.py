@@ -53,17 +53,28 @@ def source_fingerprint(cfg: BuildConfig) -> str:
     """Hash of what the prepare stage reads: the source recipe, and for an image folder its file listing.
 
     The listing (relative path + size) is what ingest scans anyway; the bundled demo sets are fully
-    described by their recipe.
+    described by their recipe. Class-name files are hashed by content: a renamed class can keep the file's size,
+    and a prepare skipped then would leave the old names in the manifest (and in every prompt).
     """
     h = hashlib.sha256(json.dumps(cfg.source.model_dump(mode="json"), sort_keys=True).encode())
     if cfg.source.kind == "image_folder" and cfg.source.uri:
+        import posixpath
+
         import fsspec
 
+        from realfake.data.class_names import CLASS_NAME_FILES
         from realfake.data.storage import resolve_storage_options
 
-        fs, root = fsspec.core.url_to_fs(cfg.source.uri, **resolve_storage_options(cfg.storage))
+        options = resolve_storage_options(cfg.storage)
+        fs, root = fsspec.core.url_to_fs(cfg.source.uri, **options)
         for path, info in sorted(fs.find(root, detail=True).items()):
             h.update(f"{path[len(root):]}\t{info.get('size')}\n".encode())
+            if posixpath.basename(path) in CLASS_NAME_FILES:
+                h.update(hashlib.sha256(fs.cat_file(path)).digest())
+        if cfg.source.class_names:
+            names_fs, names_path = fsspec.core.url_to_fs(cfg.source.class_names, **options)
+            if names_fs.exists(names_path):  # a missing one is the stage's error to report
+                h.update(hashlib.sha256(names_fs.cat_file(names_path)).digest())
     return h.hexdigest()
 
 
@@ -97,6 +108,7 @@ def finetune_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
     """
     from realfake.build import store_of
     from realfake.data.manifest import manifest_hash
+    from realfake.recipe import manifest_class_map
 
     cfg = _cfg(parameters)
     store = store_of(cfg)
@@ -109,6 +121,7 @@ def finetune_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
         {
             "version": store.uri(),
             "manifest": mhash,
+            "class names": manifest_class_map(store),  # in every prompt; manifest_hash leaves them out
             "scope": parameters.get("scope", "all"),
             "base": _model_id(cfg.models.base, cfg.models.base_revision),
             "clip": _model_id(cfg.models.clip, cfg.models.clip_revision) if cfg.guidance.enabled else None,

@@ -174,7 +174,7 @@ def test_same_recipe_resumes_and_writes_nothing(version) -> None:
 
 def test_new_class_names_are_refused_until_the_images_are_rebuilt(version) -> None:
     from realfake.build import build_version, finalize, prepare, store_of, synthesize
-    from realfake.synthesize import manifest_class_map
+    from realfake.recipe import manifest_class_map
 
     cfg, src = version
     store = store_of(cfg)
@@ -309,3 +309,21 @@ def test_the_baseline_version_is_guarded_the_same_way(version) -> None:
     assert build_version(rebuilt)["synthesis"]["shards_written"] == ["shard-000000"]
     prompts = {r["label"]: r["prompt"] for r in read_index(store_of(base)).to_pylist()}
     assert prompts[0].startswith("photo of zero") and verify_version(store_of(base)) == []
+
+
+def test_the_flows_stage_caches_see_a_renamed_class(version) -> None:
+    """The Prefect prepare and finetune tasks are cached by content: a class renamed to a name of the same length
+    (the class-name file keeps its size) must miss both caches, or the flow would skip prepare and keep the old
+    names everywhere."""
+    from realfake.build import prepare
+    from tasks.cache import finetune_cache_key, source_fingerprint
+
+    cfg, src = version
+    source, adapter = source_fingerprint(cfg), finetune_cache_key(None, {"cfg": cfg, "scope": "all"})
+    size = (src / "class_names.json").stat().st_size
+    names = json.loads((src / "class_names.json").read_text())
+    (src / "class_names.json").write_text(json.dumps({**names, "0": "digit 9"}))
+    assert (src / "class_names.json").stat().st_size == size
+    assert source_fingerprint(cfg) != source
+    prepare(_with(cfg, mode="overwrite"))
+    assert finetune_cache_key(None, {"cfg": cfg, "scope": "all"}) != adapter
