@@ -567,6 +567,37 @@ def test_verify_finds_a_key_committed_in_two_shards(store: Store) -> None:
     assert any(f"key {twice!r} appears in shard shard-000000 and in shard shard-000001" in p for p in problems)
 
 
+def _edit_commit(store: Store, name: str, **fields: Any) -> CommitRecord:
+    """Rewrite a shard's commit record with some fields changed (a record that disagrees with what it names)."""
+    rel = ("synthetic", COMMITS_DIR, f"{name}.json")
+    record = json.loads(store.read_bytes(*rel))
+    record.update(fields)
+    store.write_bytes(json.dumps(record).encode(), *rel)
+    return CommitRecord.from_json(record)
+
+
+def test_a_shard_holding_other_than_its_recorded_count_fails(store: Store) -> None:
+    mini_build(store, items_for(2), ShardConfig(format="webdataset", max_count=3))
+    c = committed_shards(store)[0]
+    f = c.files[0]
+    bad = _edit_commit(store, c.name, files=[{**f.__dict__, "count": f.count + 1}])  # bytes and sha256 still right
+    assert any("its commit record says 4" in p for p in verify_shard(store.child("synthetic"), bad))
+
+
+def test_index_parts_are_checked_against_their_commit_records(store: Store) -> None:
+    mini_build(store, items_for(2), ShardConfig(format="parquet", max_count=3))
+    first, second = committed_shards(store)
+    parts = store.child("synthetic")
+    # the first shard's index part replaced by the second's: a valid table, but not the one committed
+    parts.write_bytes(parts.read_bytes(second.index_part), first.index_part)
+    with pytest.raises(ShardIntegrityError, match=f"index part .*{first.name}.* does not match its commit record"):
+        write_index(store)
+    assert any("index part" in p and "checksum mismatch" in p for p in verify_shard(parts, first))
+    # the record forged to match it: the keys still give it away
+    forged = _edit_commit(store, first.name, index_sha256=second.index_sha256)
+    assert any("keys in the shard differ from its index part" in p for p in verify_shard(parts, forged))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Lease
 # ---------------------------------------------------------------------------------------------------------
