@@ -217,10 +217,10 @@ def _check_before_synthesis(cfg: BuildConfig, store: Store) -> None:
     the adapter is checked before overwrite deletes anything."""
     from realfake.finetune import adapter_dir
     from realfake.recipe import RecipeMismatchError
-    from realfake.synthesize import MAY_GROW, check_synthesis_recipe
+    from realfake.synthesize import check_synthesis_recipe
 
     if cfg.mode != "overwrite":
-        check_synthesis_recipe(cfg, store, "synthesize", MAY_GROW)
+        check_synthesis_recipe(cfg, store, "synthesize", cfg.mode)
     if not (cfg.finetune.enabled and cfg.finetune.scope == "all"):
         return
     differ = _adapter_differences(cfg, store, "all")

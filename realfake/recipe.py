@@ -15,7 +15,15 @@ from typing import Any
 from realfake.data.manifest import MANIFEST
 from realfake.data.storage import Store
 
-__all__ = ["RecipeMismatchError", "canonical", "manifest_class_map", "recipe_bytes", "recipe_diff", "suggest_version"]
+__all__ = [
+    "RecipeMismatchError",
+    "canonical",
+    "manifest_class_map",
+    "mismatch_message",
+    "recipe_bytes",
+    "recipe_diff",
+    "suggest_version",
+]
 
 _SHOWN = 3  # entries of a dict field listed in a difference; the rest are counted
 
@@ -92,6 +100,15 @@ def manifest_class_map(store: Store) -> dict[str, str]:
     t = store.read_table(*MANIFEST).select(["label", "class_name"])
     pairs = dict(zip(t.column("label").to_pylist(), t.column("class_name").to_pylist(), strict=True))
     return {str(k): pairs[k] for k in sorted(pairs)}
+
+
+def mismatch_message(what: str, differ: list[str], grows: bool, version: str) -> str:
+    """The one-line refusal of output made under another recipe: what it is, each field that differs, and the ways
+    out (extend it when the differences only add images, rebuild it, or write a new version)."""
+    fix = "Add the new images to this version (mode=extend, e.g. --set mode=extend), rebuild them all " if grows \
+        else "Rebuild them with this one "
+    return (f"{what} were made under another recipe: {'; '.join(differ)}. {fix}(mode=overwrite, e.g. --set "
+            f"mode=overwrite, deletes them) or write a new version (e.g. --set version={suggest_version(version)})")
 
 
 def suggest_version(version: str) -> str:

@@ -18,6 +18,7 @@ them off it is the paper's baseline: plain text-to-image from the base generator
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +43,7 @@ from realfake.data.shards import (
 )
 from realfake.data.storage import Store
 from realfake.finetune import adapter_hash, load_real_image, local_adapter, read_captions
-from realfake.recipe import RecipeMismatchError, manifest_class_map, recipe_diff, suggest_version
+from realfake.recipe import RecipeMismatchError, manifest_class_map, mismatch_message, recipe_diff
 
 __all__ = [
     "MAY_GROW",
@@ -120,9 +121,10 @@ _NOT_RECIPE = {
     "shards.max_bytes": "how a shard is cut into files; lowering it is the fix for an object-size limit",
     "guidance.batch_size": "the vectors themselves are in the recipe (their file's sha256)",
 }
-# Recipe fields that mode=extend may change: the class map may gain classes, and the item plan is checked by
-# plan_pending itself (images per real image, images per shard).
-MAY_GROW = ("class names", "synthesis.images_per_real", "shards.max_count")
+# Recipe fields that mode=extend may change: the class map and the real images may gain classes (not change the
+# ones there); the images per real image and per shard may change, as plan_pending then checks that the committed
+# images are all still planned.
+MAY_GROW = ("class names", "real images (sha256 per class)", "synthesis.images_per_real", "shards.max_count")
 
 
 def _section(cfg: BuildConfig, name: str) -> dict[str, Any]:
@@ -138,15 +140,24 @@ def _file_sha256(store: Store, *parts: str) -> str:
 def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
     """What every synthetic image of the version depends on, by the config field or data that sets it.
 
-    The class names (which fill the prompts), the whole ``synthesis`` and ``shards`` sections but for the fields in
-    ``_NOT_RECIPE``, the base weights (by content, not where they lie), the captions and guidance vectors (sha256
-    of their files) with the guidance settings, each adapter's weights (sha256) and the version name (every image
-    seed derives from it). Computed from the config and the version alone, so every worker of a build gets the
-    same recipe; recorded with the shards by :func:`~realfake.data.shards.plan_pending`.
+    The class names (which fill the prompts), the real training images, the whole ``synthesis`` and ``shards``
+    sections but for the fields in ``_NOT_RECIPE``, the base weights (by content, not where they lie), the captions
+    and guidance vectors (sha256 of their files) with the guidance settings, each adapter's weights (sha256) and the
+    version name (every image seed derives from it). Computed from the config and the version alone, so every
+    worker of a build gets the same recipe; recorded with the shards by :func:`~realfake.data.shards.plan_pending`.
     """
     from realfake.models.loading import model_fingerprint
 
-    recipe: dict[str, Any] = {"class names": manifest_class_map(store), "version (image seeds)": cfg.version}
+    train = read_manifest(store, "train")
+    per_class: dict[int, list[list[str]]] = {}
+    for s in train:  # each source image by identity and content (the latent prior starts from it), per class
+        per_class.setdefault(s.label, []).append([s.sample_id, s.sha256])
+    recipe: dict[str, Any] = {
+        "class names": manifest_class_map(store),
+        "real images (sha256 per class)": {
+            str(k): hashlib.sha256(json.dumps(per_class[k]).encode()).hexdigest()[:16] for k in sorted(per_class)},
+        "version (image seeds)": cfg.version,
+    }
     recipe.update(_section(cfg, "synthesis"))
     recipe["models.base (weights fingerprint)"] = model_fingerprint(cfg.models.base, cfg.models.base_revision)
     recipe["caption.enabled"] = cfg.caption.enabled
@@ -157,26 +168,26 @@ def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
         if cfg.guidance.enabled else None
     recipe["finetune.enabled"] = cfg.finetune.enabled
     scopes = [] if not cfg.finetune.enabled else ["all"] if cfg.finetune.scope == "all" else \
-        sorted({str(s.label) for s in read_manifest(store, "train")}, key=int)  # as the fine-tune stage's
+        sorted({str(s.label) for s in train}, key=int)  # as the fine-tune stage's
     recipe["adapters (weights sha256)"] = {s: adapter_hash(store, s) for s in scopes} or None
     recipe.update(_section(cfg, "shards"))
     return recipe
 
 
-def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str, may_grow: Sequence[str] = ()) -> None:
+def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str, mode: str = "resume") -> None:
     """Refuse (:class:`~realfake.recipe.RecipeMismatchError`) when the version's committed shards were made under
-    another recipe than ``cfg``'s, but for the ``may_grow`` fields: what ``stage`` would describe (finalize) or add
-    to (synthesize) is not what the shards hold. Reads only; :func:`synthesize` itself refuses (or overwrites)."""
+    another recipe than ``cfg``'s (but for the :data:`MAY_GROW` fields in ``extend`` mode): what ``stage`` would
+    describe (finalize) or add to (synthesize) is not what the shards hold. Reads only, as plan_pending's check."""
     recorded = read_recipe(store)
     commits = committed_shards(store)
     if recorded is None or not commits:
         return  # nothing made yet, or made by an earlier realfake (synthesize itself refuses to resume those)
-    differ = recipe_diff(recorded, synthesis_recipe(cfg, store), may_grow)
+    current = synthesis_recipe(cfg, store)
+    differ = recipe_diff(recorded, current, MAY_GROW if mode == "extend" else ())
     if differ:
-        raise RecipeMismatchError(
-            f"{stage}: the {len(commits)} committed shard(s) in {store.uri('synthetic')} were made under another "
-            f"recipe than this config's: {'; '.join(differ)}. Rebuild them (synthesize with --set mode=overwrite) "
-            f"or write a new version (e.g. --set version={suggest_version(cfg.version)})")
+        grows = not recipe_diff(recorded, current, MAY_GROW)
+        raise RecipeMismatchError(mismatch_message(f"{stage}: the {len(commits)} committed shard(s) in "
+                                                   f"{store.uri('synthetic')}", differ, grows, cfg.version))
 
 
 class SynthesisEngine:

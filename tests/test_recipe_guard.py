@@ -227,7 +227,8 @@ def test_images_per_real_grows_only_with_extend(version) -> None:
     cfg, _ = version
     store = store_of(cfg)
     more = _with(cfg, synthesis={**cfg.synthesis.model_dump(mode="json"), "images_per_real": 2})
-    with pytest.raises(ValueError, match="mode='extend'"):
+    with pytest.raises(RecipeMismatchError, match=r"synthesis.images_per_real: 1 -> 2\. Add the new images to this "
+                                                  r"version \(mode=extend, e.g. --set mode=extend\)"):
         synthesize(more)
     first = [(c.name, c.sha256) for c in committed_shards(store)]
     extended = _with(more, mode="extend")
@@ -327,3 +328,20 @@ def test_the_flows_stage_caches_see_a_renamed_class(version) -> None:
     assert source_fingerprint(cfg) != source
     prepare(_with(cfg, mode="overwrite"))
     assert finetune_cache_key(None, {"cfg": cfg, "scope": "all"}) != adapter
+
+
+def test_a_source_image_changed_in_place_is_named(version) -> None:
+    """Same file name, other pixels: the manifest keeps the sample id, the recipe's per-class image hash moves."""
+    from PIL import Image
+
+    from realfake.build import prepare, synthesize
+
+    cfg, src = version
+    path = sorted((src / "1").iterdir())[0]
+    img = Image.open(path).convert("RGB")
+    img.putpixel((0, 0), tuple(255 - v for v in img.getpixel((0, 0))))
+    img.save(path)
+    prepare(cfg)  # the class names did not change: prepare goes on
+    with pytest.raises(RecipeMismatchError, match=r"real images \(sha256 per class\): 1 of 3 differ \(1: .*\)\. "
+                                                  "Rebuild them with this one"):
+        synthesize(_with(cfg, mode="extend"))  # not an extension either

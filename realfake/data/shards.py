@@ -58,7 +58,7 @@ from realfake.data.storage import (
     local_location,
     out_of_space,
 )
-from realfake.recipe import RecipeMismatchError, canonical, recipe_bytes, recipe_diff, suggest_version
+from realfake.recipe import RecipeMismatchError, canonical, mismatch_message, recipe_bytes, recipe_diff
 
 __all__ = [
     "COMMITS_DIR",
@@ -1753,8 +1753,8 @@ def plan_pending(
     ``recipe`` (see :mod:`realfake.recipe`) is what the shards' content depends on. It is recorded in
     ``{folder}/_recipe.json`` before any shard of it is written (the same bytes from every worker of a build), and
     committed shards recorded under another recipe, or under none, are refused in ``resume`` and ``extend``.
-    ``may_grow`` names the recipe fields an extension may change (:func:`~realfake.recipe.recipe_diff`); the
-    items then decide between resume and extend, as without a recipe.
+    ``may_grow`` names the recipe fields only ``extend`` may change (:func:`~realfake.recipe.recipe_diff`), and
+    then the items must hold the committed ones, as without a recipe.
 
     Raises:
         RecipeMismatchError: The committed shards were made under another recipe; the message names the fields
@@ -1776,14 +1776,14 @@ def plan_pending(
     consistent = all(n in by_name and [key(i) for i in by_name[n].items] == ks for n, ks in done.items())
     recorded = read_recipe(store, folder) if recipe is not None else None
     if recipe is not None and done:
-        differ = recipe_diff(recorded, recipe, may_grow) if recorded is not None else \
-            ["no recipe recorded with them (written by an earlier realfake)"]
+        if recorded is None:
+            differ = ["no recipe recorded with them (written by an earlier realfake)"]
+        else:  # only an extension may change the may_grow fields
+            differ = recipe_diff(recorded, recipe, may_grow if mode == "extend" else ())
         if differ and mode != "overwrite":
-            version = posixpath.basename(store.root)
-            raise RecipeMismatchError(
-                f"the {len(done)} committed shard(s) in {store.uri(folder)} were made under another recipe: "
-                f"{'; '.join(differ)}. Rebuild them with this one (mode=overwrite, e.g. --set mode=overwrite, "
-                f"deletes them) or write a new version (e.g. --set version={suggest_version(version)})")
+            grows = recorded is not None and not recipe_diff(recorded, recipe, may_grow)
+            raise RecipeMismatchError(mismatch_message(f"the {len(done)} committed shard(s) in {store.uri(folder)}",
+                                                       differ, grows, posixpath.basename(store.root)))
         if differ or (mode == "overwrite" and not consistent):
             log.info("overwrite: deleting the %d committed shard(s) of %s (%s)", len(done), store.uri(folder),
                      "; ".join(differ) or "another plan")
