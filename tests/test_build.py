@@ -83,16 +83,42 @@ def test_rejects_are_recorded_and_the_run_completed(report):
 
 
 def test_report_has_the_three_measures_grid_and_locations(report):
+    import math
+
+    import numpy as np
     from PIL import Image
 
-    from realfake.build import store_of
+    from realfake.build import baseline_config, store_of
+    from realfake.data.manifest import read_manifest
+    from realfake.data.shards import read_index
 
     cfg, rep = report
     m = rep["measures"]
     assert set(m) == {"real", "baseline", "realfake"}
+
+    def recorded_run(c, data: str) -> dict:
+        """The metrics the version's own training run recorded (runs/{run}/metrics.json)."""
+        s = store_of(c)
+        (run,) = [r for r in s.listdir("runs") if s.exists("runs", r, "metrics.json")
+                  and s.read_json("runs", r, "metrics.json")["metrics"]["data"] == data]
+        return s.read_json("runs", run, "metrics.json")["metrics"]
+
+    train = read_manifest(store_of(cfg), "train")
+    for k, c, data, images in (("real", cfg, "real", len(train)),
+                               ("baseline", baseline_config(cfg), "synthetic",
+                                read_index(store_of(baseline_config(cfg))).num_rows),
+                               ("realfake", cfg, "synthetic", read_index(store_of(cfg)).num_rows)):
+        run = recorded_run(c, data)
+        confusion = np.asarray(run["confusion"])
+        # the measure is the recorded run's, and that run's top-1 is its confusion matrix's diagonal share
+        assert m[k]["top1"] == run["top1"] == pytest.approx(np.trace(confusion) / confusion.sum())
+        assert m[k]["train_images"] == run["train_images"] == images
+        assert confusion.sum() == len(read_manifest(store_of(c), "test"))
     for k in ("baseline", "realfake"):
-        assert 0.0 <= m[k]["top1"] <= 1.0 and 0.0 <= m[k]["label_fidelity"] <= 1.0
-        assert m[k]["mmd"] >= -1e-6 and m[k]["frechet"] >= -1e-6
+        assert 0.0 <= m[k]["label_fidelity"] <= 1.0
+        assert math.isfinite(m[k]["mmd"]) and math.isfinite(m[k]["frechet"])
+        assert m[k]["mmd"] >= -1e-6 and m[k]["frechet"] > 0  # synthetic images are not the real test images
+    assert (m["baseline"]["mmd"], m["baseline"]["frechet"]) != (m["realfake"]["mmd"], m["realfake"]["frechet"])
     assert "(c) Real-Fake synthetic" in rep["table"] and "| synthesize |" in rep["table"]
     store = store_of(cfg)
     grid = Image.open(store.path("report", "grid.png"))

@@ -10,16 +10,15 @@ image of every epoch, and drop-path.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import mini_config
 
+from realfake import procs
 from realfake.build import store_of
 from realfake.privacy import audit
 from realfake.privacy.audit import LIRA_RUN, LiraConfig, plan_lira, run_real_shadow
@@ -98,21 +97,6 @@ def test_shadows_trained_at_the_same_time_store_the_logits_of_shadows_trained_al
 # -- several GPUs: a process per shadow ---------------------------------------------------------------------
 
 
-def _shadow_processes() -> set[int]:
-    """Children of this process that train a shadow (``python -m realfake.privacy.audit``)."""
-    me, found = os.getpid(), set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmdline = Path("/proc", entry, "cmdline").read_bytes()
-            except OSError:
-                continue
-            if ppid == me and b"realfake.privacy.audit" in cmdline:
-                found.add(int(entry))
-    return found
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fakes a two-GPU node with CUDA_VISIBLE_DEVICES, which on a "
                     "CUDA machine would name real devices")
 def test_the_local_fanout_on_two_gpus_trains_shadows_in_processes_of_their_own_as_they_train_alone(
@@ -132,27 +116,40 @@ def test_the_local_fanout_on_two_gpus_trains_shadows_in_processes_of_their_own_a
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # what the flow sees on a node with two GPUs
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the shadow processes sum in the order this one does
     ensure_gpu_limit("shadow-rng-gpu", 4)  # more slots than GPUs: one process per GPU at a time all the same
-    seen: list[set[int]] = []
-    done = threading.Event()
+    # every shadow process, observed as it starts and once it has been reaped (not sampled): its pid and GPU
+    lock = threading.Lock()
+    running: dict[int, str] = {}
+    started: list[tuple[int, str]] = []
+    most = 0
+    real_attached = procs.attached_process
 
-    def watch() -> None:
-        while not done.is_set():
-            seen.append(_shadow_processes())
-            time.sleep(0.02)
+    @contextlib.contextmanager
+    def observed(cmd, *args, **kwargs):
+        nonlocal most
+        with real_attached(cmd, *args, **kwargs) as proc:
+            gpu = kwargs["env"]["CUDA_VISIBLE_DEVICES"]
+            with lock:
+                assert gpu not in running.values(), f"two shadow processes on GPU {gpu} at once"
+                running[proc.pid] = gpu
+                started.append((proc.pid, gpu))
+                most = max(most, len(running))
+            try:
+                yield proc
+            finally:
+                with lock:
+                    del running[proc.pid]
+        assert proc.returncode is not None
+
+    monkeypatch.setattr(procs, "attached_process", observed)
 
     @flow
     def fanout() -> dict:
         return run_lira_fanout(auto, LIRA, "shadow-rng-gpu")
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        out = fanout()
-    finally:
-        done.set()
-        watcher.join()
-    assert len(set().union(*seen)) == LIRA.n_shadows, "each shadow trains in a process of its own"
-    assert max(len(s) for s in seen) == 2, "the two GPUs train a shadow each at the same time, no more"
+    out = fanout()
+    assert len({pid for pid, _ in started}) == len(started) == LIRA.n_shadows, "each shadow in a process of its own"
+    assert {gpu for _, gpu in started} == {"0", "1"}
+    assert most == 2, "the two GPUs train a shadow each at the same time, no more"
     assert len(out["shadows"]["real"]) == LIRA.n_shadows
     for i in range(LIRA.n_shadows):
         assert np.array_equal(audit._load_logits(run, "real", i, None)["logits"], alone[i]), f"shadow {i}"
