@@ -699,7 +699,8 @@ class KillPoint:
     Locally the writer process kills itself in ``os.replace``, the one call that makes any of its files visible
     (every file is written under a temporary name, then renamed). On an object store the gateway between writer and
     server kills it when the PUT arrives: ``before`` forwarding it, or ``after`` the server stored the object and
-    before the writer hears back. ``shards`` is how many shards the run has committed when it dies."""
+    before the writer hears back. ``shards`` is how many shards the run has committed when it dies (-1: all of
+    them, the kill is in the finalize step)."""
 
     name: str
     target: str
