@@ -24,7 +24,7 @@ test-fast: install
 	$(PY) -m pytest tests -m "not slow"
 
 # Named deliberate bugs in the mechanism and contract modules, each run against its targeted tests in a temporary
-# copy of the tree (slow: about an hour on 2 cores; not part of `make test`). Result: benchmarks/results/mutants.md
+# copy of the tree (slow: about 30 minutes on 2 cores; not part of `make test`). Result: benchmarks/results/mutants.md
 mutants: install
 	$(PY) benchmarks/mutants.py
 

@@ -151,6 +151,18 @@ MUTANTS = [
 # Survivors judged harmless after reading them, by name: the reason (printed in the results).
 HARMLESS: dict[str, str] = {}
 
+# What earlier runs found and what was done about it (printed in the results).
+NOTES = """The first full run (2026-12-02) left six survivors, all in the shard and verify checks: nothing tested a
+file that lands short, a lease lost while a shard is written, a commit record whose count disagrees with its
+file, an index part that is not the committed one (for `write_index`, and for `verify_shard` with a record
+forged to match), or a key committed in two shards. Each got a test in `tests/test_shards.py` (named in its row
+above, from the re-run), and each test fails with its check removed. The four bugs of issue 21 were caught by
+tests written for them (named in their rows): the MMD test compares the adapter with an MMD-off run of the same
+seed, the source test starts one image from two sources, the seed test has two other processes with other hash
+salts make an image, and the chosen-point kill tests (`test_kills_at_chosen_points_keep_exactly_once_local`,
+`test_kills_at_chosen_points_keep_exactly_once_on_s3`) each fail on `commit-before-shard-file` at the kill
+before the shard file is in place (checked by running them alone on that mutant)."""
+
 
 def copy_tree(dest: Path) -> Path:
     """The working tree (uncommitted edits included), without git data, the virtualenv or build outputs."""
@@ -214,6 +226,7 @@ def report(rows: list[tuple[Mutant, str, float, str]], baseline_s: float, comman
         lines.append("None.")
     for mu, r in survivors:
         lines.append(f"- `{mu.name}` ({r}): {HARMLESS.get(mu.name, 'NOT YET EXPLAINED')}")
+    lines += ["", "## Notes", "", NOTES]
     return "\n".join(lines) + "\n"
 
 
