@@ -111,7 +111,7 @@ _manifest_rows = st.lists(
     st.fixed_dictionaries({
         "sample_id": _text, "split": st.sampled_from(["train", "test"]), "label": st.integers(0, 2**31 - 1),
         "class_name": _text, "uri": _text, "sha256": st.text("0123456789abcdef", min_size=64, max_size=64),
-        "width": st.integers(1, 2**31 - 1), "height": st.integers(1, 2**31 - 1),
+        "width": st.integers(1, 2**31 - 1), "height": st.integers(1, 2**31 - 1), "folder": _text,
     }),
     max_size=30, unique_by=lambda r: r["sample_id"],
 )
