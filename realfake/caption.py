@@ -5,8 +5,9 @@ The paper adds a BLIP-2 caption to the prompt of the ImageNet-family datasets (`
 as its own part file under ``features/captions.parts/`` as soon as it is decoded, a re-run captions only the
 images no part covers yet, and the parts are merged into the final table (manifest order) and removed at the
 end. Every part and the final table carry the caption settings (model, revision, prompt, decoding) in their
-Parquet metadata; rows made under other settings are never reused, so a changed prompt re-captions instead
-of mixing two kinds of captions in one dataset.
+Parquet metadata and each row the sha256 of the image it describes; a row is reused only under the same
+settings and while the manifest still gives its image that sha256, so a changed prompt re-captions everything
+and an image edited in place is re-captioned alone (files without the column count as stale).
 """
 
 from __future__ import annotations
@@ -46,15 +47,23 @@ def caption_settings(cfg: BuildConfig) -> dict:
             "max_new_tokens": c.max_new_tokens, "num_beams": c.num_beams}
 
 
-def _table(rows: list[tuple[str, str]], model: str, settings: dict) -> pa.Table:
-    t = pa.table({"sample_id": [r[0] for r in rows], "caption": [r[1] for r in rows], "model": [model] * len(rows)},
-                 schema=CAPTIONS_SCHEMA)
+def _table(rows: list[tuple[str, str, str]], model: str, settings: dict) -> pa.Table:
+    """(sample_id, caption, source image sha256) rows as a captions table stamped with ``settings``."""
+    t = pa.table({"sample_id": [r[0] for r in rows], "caption": [r[1] for r in rows], "model": [model] * len(rows),
+                  "sha256": [r[2] for r in rows]}, schema=CAPTIONS_SCHEMA)
     return t.replace_schema_metadata({_META_KEY: json.dumps(settings, sort_keys=True).encode()})
 
 
 def _settings_of(table: pa.Table) -> dict | None:
     meta = table.schema.metadata or {}
     return json.loads(meta[_META_KEY]) if _META_KEY in meta else None
+
+
+def _rows(t: pa.Table) -> dict[str, tuple[str | None, str]]:
+    """sample_id -> (source sha256, caption); the sha256 is None in files written before the column existed."""
+    ids = t.column("sample_id").to_pylist()
+    shas = t.column("sha256").to_pylist() if "sha256" in t.column_names else [None] * len(ids)
+    return {i: (h, c) for i, h, c in zip(ids, shas, t.column("caption").to_pylist(), strict=True)}
 
 
 def read_caption_table(store: Store, settings: dict | None = None) -> dict[str, str]:
@@ -67,9 +76,10 @@ def read_caption_table(store: Store, settings: dict | None = None) -> dict[str, 
     return dict(zip(t.column("sample_id").to_pylist(), t.column("caption").to_pylist(), strict=True))
 
 
-def _done_parts(store: Store, settings: dict) -> dict[str, str]:
-    """Captions of the part files written under ``settings``; parts made under other settings are deleted."""
-    done: dict[str, str] = {}
+def _done_parts(store: Store, settings: dict) -> dict[str, tuple[str | None, str]]:
+    """Rows (see :func:`_rows`) of the part files written under ``settings``; parts made under other settings are
+    deleted."""
+    done: dict[str, tuple[str | None, str]] = {}
     for name in store.listdir(*CAPTION_PARTS):
         if not name.endswith(".parquet"):
             continue  # e.g. a local temp file a killed writer left behind
@@ -78,7 +88,7 @@ def _done_parts(store: Store, settings: dict) -> dict[str, str]:
             log.info("discarding caption part %s: made under other caption settings", name)
             store.remove(*CAPTION_PARTS, name)
             continue
-        done.update(zip(t.column("sample_id").to_pylist(), t.column("caption").to_pylist(), strict=True))
+        done.update(_rows(t))
     return done
 
 
@@ -107,7 +117,8 @@ def compute_captions(cfg: BuildConfig, store: Store, model=None, processor=None,
 
     Returns:
         ``images`` (train split size), ``captioned`` (decoded in this call), ``reused`` (kept from earlier
-        runs), ``skipped`` (nothing to do), ``seconds`` and ``images_per_s``.
+        runs: same sample_id, same image sha256, same settings), ``skipped`` (nothing to do), ``seconds`` and
+        ``images_per_s``.
     """
     from realfake.models.captioner import caption_images, load_captioner
     from realfake.models.loading import resolve_device
@@ -117,15 +128,27 @@ def compute_captions(cfg: BuildConfig, store: Store, model=None, processor=None,
     t0 = time.time()
     samples = read_manifest(store, "train")
     ids = [s.sample_id for s in samples]
+    sha = {s.sample_id: s.sha256 for s in samples}
     settings = caption_settings(cfg)
     name = captioner_name(cfg)
-    final = read_caption_table(store, settings)
-    if final and set(final) == set(ids) and not store.listdir(*CAPTION_PARTS):
+
+    def current(rows: dict[str, tuple[str | None, str]]) -> dict[str, str]:
+        # only captions of the image the manifest holds now: an image edited in place keeps its id, not its sha256
+        return {k: c for k, (h, c) in rows.items() if h is not None and sha.get(k) == h}
+
+    final_rows: dict[str, tuple[str | None, str]] | None = None  # None: no final table under these settings
+    if store.exists(*CAPTIONS):
+        t = store.read_table(*CAPTIONS)
+        final_rows = _rows(t) if _settings_of(t) == settings else None
+    done = current(final_rows or {})
+    if final_rows is not None and len(done) == len(final_rows) == len(ids) and not store.listdir(*CAPTION_PARTS):
         return {"images": len(ids), "captioned": 0, "reused": len(ids), "skipped": True, "seconds": 0.0,
                 "images_per_s": 0.0}
-    wanted = set(ids)
-    done = {k: v for k, v in final.items() if k in wanted}
-    done.update({k: v for k, v in _done_parts(store, settings).items() if k in wanted})
+    stale = sum(1 for k in final_rows or {} if k in sha and k not in done)
+    if stale:
+        log.info("re-captioning %d images whose contents changed (or were not recorded) since they were captioned",
+                 stale)
+    done.update(current(_done_parts(store, settings)))
     reused = len(done)
     todo = [s for s in samples if s.sample_id not in done]
     if todo and model is None:
@@ -150,16 +173,16 @@ def compute_captions(cfg: BuildConfig, store: Store, model=None, processor=None,
                 pending.append(pool.map(lambda s: _read_image(s, storage_options), batches[k + 1]))
             texts = caption_images(model, processor, images, prompt=c.prompt, max_new_tokens=c.max_new_tokens,
                                    num_beams=c.num_beams)
-            rows = [(s.sample_id, t) for s, t in zip(batch, texts, strict=True)]
+            rows = [(s.sample_id, t, s.sha256) for s, t in zip(batch, texts, strict=True)]
             # a part is named by its content so a retried batch overwrites rather than duplicates
             digest = hashlib.sha256("\n".join(r[0] for r in rows).encode()).hexdigest()[:16]
             store.write_table(_table(rows, name, settings), *CAPTION_PARTS, f"part-{digest}.parquet")
-            done.update(rows)
+            done.update((r[0], r[1]) for r in rows)
             if bar is not None:
                 bar.update(len(batch))
     if bar is not None:
         bar.close()
-    store.write_table(_table([(i, done[i]) for i in ids], name, settings), *CAPTIONS)
+    store.write_table(_table([(i, done[i], sha[i]) for i in ids], name, settings), *CAPTIONS)
     store.remove(*CAPTION_PARTS, recursive=True)  # after the merged table exists: a crash here loses nothing
     seconds = time.time() - t0
     return {"images": len(ids), "captioned": len(todo), "reused": reused, "skipped": False,

@@ -53,9 +53,15 @@ MANIFEST_SCHEMA = pa.schema(
 REJECTS_SCHEMA = pa.schema(
     [("uri", pa.string()), ("class_name", pa.string()), ("split", pa.string()), ("reason", pa.string())]
 )
-CAPTIONS_SCHEMA = pa.schema([("sample_id", pa.string()), ("caption", pa.string()), ("model", pa.string())])
+# sha256: the manifest's sha256 of the image the row was computed from. A row is reused only while the
+# manifest still holds that sample_id with that sha256, so an image edited in place is recomputed; files written
+# before the column existed (or rows where it is null) count as stale.
+CAPTIONS_SCHEMA = pa.schema(
+    [("sample_id", pa.string()), ("caption", pa.string()), ("model", pa.string()), ("sha256", pa.string())]
+)
 GUIDANCE_SCHEMA = pa.schema(
-    [("sample_id", pa.string()), ("embedding", pa.list_(pa.float16())), ("model", pa.string())]
+    [("sample_id", pa.string()), ("embedding", pa.list_(pa.float16())), ("model", pa.string()),
+     ("sha256", pa.string())]
 )
 
 
@@ -91,10 +97,14 @@ def manifest_hash(store: Store) -> str:
     return h.hexdigest()
 
 
-def guidance_table(sample_ids: list[str], embeddings: np.ndarray, model: str) -> pa.Table:
+def guidance_table(sample_ids: list[str], embeddings: np.ndarray, model: str,
+                   sha256s: list[str | None] | None = None) -> pa.Table:
+    """The guidance table; ``sha256s`` are the source images' (null when unknown: such rows are never reused)."""
     emb = pa.array([row.astype(np.float16) for row in embeddings], type=pa.list_(pa.float16()))
+    shas = list(sha256s) if sha256s is not None else [None] * len(sample_ids)
     return pa.table(
-        {"sample_id": sample_ids, "embedding": emb, "model": [model] * len(sample_ids)}, schema=GUIDANCE_SCHEMA
+        {"sample_id": sample_ids, "embedding": emb, "model": [model] * len(sample_ids), "sha256": shas},
+        schema=GUIDANCE_SCHEMA,
     )
 
 
