@@ -90,9 +90,16 @@ def run_group_process(cfg: BuildConfig, verb: str, items: list[str], device: str
 
     Raises:
         RuntimeError: the worker failed; the message carries the tail of its output.
+        ValueError: a data-parallel fine-tune whose global batch does not split over ``nproc`` ranks (checked
+            before torchrun starts).
     """
     from tasks.group_worker import LEASE_OWNER_ENV
 
+    if verb == "finetune" and nproc > 1:
+        from realfake.finetune import training_schedule
+
+        # a batch that does not split over the ranks fails here, once, not in every rank under torchrun's traceback
+        training_schedule(cfg.finetune, images=1, processes=nproc)
     env = dict(os.environ)
     env.pop(LEASE_OWNER_ENV, None)
     if lease_owner:

@@ -60,7 +60,8 @@ def config(tmp_path_factory, tiny_base, digits_folder) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("cancel")
     cfg = mini_config(str(root / "out"), tiny_base, digits_folder, classifier__epochs=100_000,
-                      finetune__max_steps=100_000, finetune__checkpoint_every=2)
+                      finetune__max_steps=100_000, finetune__checkpoint_every=2,
+                      finetune__batch_size=16)  # 8 per rank in the 2-process cases: the MMD needs 8 per micro-batch
     prepare(cfg)
     path = root / "config.json"
     path.write_text(cfg.model_dump_json())
@@ -282,3 +283,14 @@ def test_a_finished_child_is_left_as_it_ended():
     with attached_process([sys.executable, "-c", "import sys; sys.exit(3)"]) as proc:
         proc.wait()
     assert proc.returncode == 3
+
+
+def test_a_finetune_batch_that_does_not_split_over_the_ranks_fails_before_torchrun_starts(config):
+    from realfake.config import BuildConfig
+    from tasks.gpu import run_group_process
+
+    cfg = BuildConfig.model_validate_json(config[0].read_text())
+    cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"batch_size": 8})})
+    # a ValueError from this process: the ranks' own failure would come back as the worker's RuntimeError
+    with pytest.raises(ValueError, match=r"finetune.batch_size=8 over 2 process\(es\).*leaves 4 images"):
+        run_group_process(cfg, "finetune", ["all"], None, nproc=2)
