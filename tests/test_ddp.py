@@ -1,17 +1,17 @@
-"""Data-parallel training under torchrun, with gloo processes on the CPU: two processes train like one, a job
-killed after a checkpoint resumes on its trajectory, and the train-eval flow launches it end to end.
+"""Data-parallel training under torchrun, with gloo processes on the CPU: two processes train like one, a job killed
+after a checkpoint resumes on its trajectory, and the train-eval flow launches it end to end.
 
-Why two processes can match one closely: the global batch of 32 is split 16 + 16 over the two processes from
-one seeded permutation, each image's augmentation is seeded by (seed, epoch, index) and not by the process
-that loads it, GroupNorm normalises each image on its own (batch norm would see half-batches), and DDP
-averages the two half-batch gradients, which is the mean over the global batch. What differs is the order of
-float32 summations (the CPU picks other convolution kernels for a batch of 16 than of 32): about 1e-7 after
-the 24 updates (3 epochs) here. Training amplifies such rounding differences: on this project's 2026-12 build
-machine a 4th epoch grew them to 1.0e-4 (1.2e-7 after 1, 2 and 3 epochs; the same at the commit before the
-gradient-accumulation change), so the runs stop at 3 epochs. The tolerance is 1e-5, while a different seed, a wrongly split batch or a rank-dependent
+Why two processes can match one closely: the global batch of 32 is split 16 + 16 over the two processes from one
+seeded permutation, each image's augmentation is seeded by (seed, epoch, index) and not by the process that loads
+it, GroupNorm normalises each image on its own (batch norm would see half-batches), and DDP averages the two
+half-batch gradients, which is the mean over the global batch. What differs is the order of float32 summations (the CPU
+picks other convolution kernels for a batch of 16 than of 32): about 1e-7 after the 24 updates (3 epochs) here.
+Training amplifies such rounding differences: on this project's 2026-12 build machine a 4th epoch grew them to
+1.0e-4 (1.2e-7 after 1, 2 and 3 epochs; the same at the commit before the gradient-accumulation change), so the
+runs stop at 3 epochs. The tolerance is 1e-5, while a different seed, a wrongly split batch or a rank-dependent
 augmentation moves weights by more than 1e-3. The stem's max-pool is replaced by a strided convolution: the
-digits' constant background makes exact ties in max-pool windows, and a 1e-7 difference that flips a tie
-routes a whole gradient elsewhere (with max-pool the two runs part by 5e-2 within one epoch).
+digits' constant background makes exact ties in max-pool windows, and a 1e-7 difference that flips a tie routes a
+whole gradient elsewhere (with max-pool the two runs part by 5e-2 within one epoch).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.train_digits import digits
+from support.train_digits import GROUPNORM_RECIPE, digits
 
 from realfake.classify import CHECKPOINT_STATE, train_classifier
 from realfake.config import ClassifierConfig
@@ -34,20 +34,7 @@ from realfake.config import ClassifierConfig
 TRAIN_DIGITS = Path(__file__).parent / "support" / "train_digits.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 TOLERANCE = 1e-5
-DDP = dict(
-    model="resnet18",
-    model_kwargs={"channels": [8, 16, 32, 64], "norm_layer": "groupnorm1", "replace_stem_pool": True},
-    image_size=16,
-    epochs=3,
-    batch_size=32,
-    lr=0.05,
-    sched="cosine",
-    hflip=0.5,
-    scale=(0.7, 1.0),
-    color_jitter=0.3,
-    input_norm="per_image",
-    workers=0,
-)
+DDP = dict(GROUPNORM_RECIPE, epochs=3)
 
 
 @pytest.fixture(autouse=True)

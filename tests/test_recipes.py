@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.train_digits import digits
+from support.train_digits import GROUPNORM_RECIPE, digits
 
 from realfake.classify import batch_schedule, train_classifier
 from realfake.config import ClassifierConfig, available_presets, load_config
@@ -26,20 +26,7 @@ from realfake.config import ClassifierConfig, available_presets, load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 TOLERANCE = 1e-5
-GROUPNORM = dict(
-    model="resnet18",
-    model_kwargs={"channels": [8, 16, 32, 64], "norm_layer": "groupnorm1", "replace_stem_pool": True},
-    image_size=16,
-    epochs=2,
-    batch_size=32,
-    lr=0.05,
-    sched="cosine",
-    hflip=0.5,
-    scale=(0.7, 1.0),
-    color_jitter=0.3,
-    input_norm="per_image",
-    workers=0,
-)
+GROUPNORM = dict(GROUPNORM_RECIPE, epochs=2)
 
 
 @pytest.fixture(autouse=True)
