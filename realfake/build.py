@@ -208,27 +208,28 @@ def _adapter_differences(cfg: BuildConfig, store: Store, scope: str) -> list[str
     return recipe_diff(logged.get("recipe") or {}, recipe) or ["finetune settings (logged -> now)"]
 
 
-def _check_before_synthesis(cfg: BuildConfig, store: Store) -> None:
+def _check_before_synthesis(cfg: BuildConfig, store: Store) -> dict[str, Any] | None:
     """Refuse to synthesize with an adapter the config would train differently (e.g. on prompts with the old class
     names): the images would carry a stale adapter. One adapter for all classes only: checking one per class would
     read the training data once per class; the finetune stage, which a build runs first, checks those.
 
     Without mode=overwrite, committed shards made under another recipe are named first (the user's first question);
-    the adapter is checked before overwrite deletes anything."""
+    the adapter is checked before overwrite deletes anything. Returns the synthesis recipe where the shard check
+    computed it (see :func:`realfake.synthesize.check_synthesis_recipe`), for the caller to plan with."""
     from realfake.finetune import adapter_dir
     from realfake.recipe import RecipeMismatchError
     from realfake.synthesize import check_synthesis_recipe
 
-    if cfg.mode != "overwrite":
-        check_synthesis_recipe(cfg, store, "synthesize", cfg.mode)
+    recipe = check_synthesis_recipe(cfg, store, "synthesize", cfg.mode) if cfg.mode != "overwrite" else None
     if not (cfg.finetune.enabled and cfg.finetune.scope == "all"):
-        return
+        return recipe
     differ = _adapter_differences(cfg, store, "all")
     if differ:
         raise RecipeMismatchError(
             f"synthesize: the adapter {store.uri(*adapter_dir('all'))} is not the one this config trains "
             f"({'; '.join(differ)}): run the finetune stage first (realfake finetune with the same config and "
             "--set), or the whole build (realfake build), which does")
+    return recipe
 
 
 def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> list[str]:
@@ -242,10 +243,10 @@ def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> lis
     from realfake.synthesize import MAY_GROW, plan_work, synthesis_recipe
 
     store = store_of(cfg, storage_options)
-    _check_before_synthesis(cfg, store)
+    recipe = _check_before_synthesis(cfg, store)
     items = plan_work(cfg, store)
     pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=cfg.mode,
-                           recipe=synthesis_recipe(cfg, store), may_grow=MAY_GROW)
+                           recipe=recipe if recipe is not None else synthesis_recipe(cfg, store), may_grow=MAY_GROW)
     return sorted({c.name for c in committed_shards(store)} | {p.name for p in pending})
 
 
@@ -263,9 +264,9 @@ def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress:
     storage_options = resolve_storage_options(cfg.storage, storage_options)
     store = store_of(cfg, storage_options)
     lease = VersionLease(store, owner=lease_owner, heartbeat=False).join() if lease_owner else None
-    _check_before_synthesis(cfg, store)
+    recipe = _check_before_synthesis(cfg, store)
     return run(cfg, store, shard_names, engine=engine, on_shard=on_shard, progress=progress,
-               storage_options=storage_options, lease=lease)
+               storage_options=storage_options, lease=lease, recipe=recipe)
 
 
 def finalize(cfg: BuildConfig, stats: dict | None = None, storage_options: dict | None = None,

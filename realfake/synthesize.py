@@ -174,20 +174,24 @@ def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
     return recipe
 
 
-def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str, mode: str = "resume") -> None:
+def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str, mode: str = "resume") -> dict[str, Any] | None:
     """Refuse (:class:`~realfake.recipe.RecipeMismatchError`) when the version's committed shards were made under
     another recipe than ``cfg``'s (but for the :data:`MAY_GROW` fields in ``extend`` mode): what ``stage`` would
-    describe (finalize) or add to (synthesize) is not what the shards hold. Reads only, as plan_pending's check."""
+    describe (finalize) or add to (synthesize) is not what the shards hold. Reads only, as plan_pending's check.
+
+    Returns ``cfg``'s :func:`synthesis_recipe` when it was computed for the check (None when nothing was compared),
+    so that a caller going on to plan the shards does not hash the version's feature files a second time."""
     recorded = read_recipe(store)
     commits = committed_shards(store)
     if recorded is None or not commits:
-        return  # nothing made yet, or made by an earlier realfake (synthesize itself refuses to resume those)
+        return None  # nothing made yet, or made by an earlier realfake (synthesize itself refuses to resume those)
     current = synthesis_recipe(cfg, store)
     differ = recipe_diff(recorded, current, MAY_GROW if mode == "extend" else ())
     if differ:
         grows = not recipe_diff(recorded, current, MAY_GROW)
         raise RecipeMismatchError(mismatch_message(f"{stage}: the {len(commits)} committed shard(s) in "
                                                    f"{store.uri('synthetic')}", differ, grows, cfg.version))
+    return current
 
 
 class SynthesisEngine:
@@ -371,15 +375,17 @@ def _as_sample(w: WorkItem):
 def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None = None,
                engine: SynthesisEngine | None = None, mode: str | None = None, lease=None,
                on_shard: Callable[[str, int, float], None] | None = None, progress: bool = False,
-               storage_options: dict | None = None) -> dict:
+               storage_options: dict | None = None, recipe: dict[str, Any] | None = None) -> dict:
     """Write and commit the shards of a version that are still missing (all, or those named).
 
     ``mode`` (default ``cfg.mode``) says what happens to committed shards made under another recipe (see
     :func:`synthesis_recipe` and :func:`~realfake.data.shards.plan_pending`): refused (resume, extend) or deleted
-    and rebuilt (overwrite). Returns counts and timings: shards written and skipped, images, seconds, images/s.
+    and rebuilt (overwrite). ``recipe`` is ``synthesis_recipe(cfg, store)`` where the caller already computed it
+    (computed here otherwise). Returns counts and timings: shards written and skipped, images, seconds, images/s.
     """
     t0 = time.time()
-    items, recipe = plan_work(cfg, store), synthesis_recipe(cfg, store)
+    items = plan_work(cfg, store)
+    recipe = recipe if recipe is not None else synthesis_recipe(cfg, store)
     pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=mode or cfg.mode,
                            lease=lease, recipe=recipe, may_grow=MAY_GROW)
     if shard_names is not None:
