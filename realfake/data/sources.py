@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import posixpath
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from realfake.data.class_names import (
     CLASS_NAME_FILES,
     FOLDER_MAP,
     ClassNameFile,
+    _nfc,
     imagenet_names,
     is_wnid,
     parse_class_names,
@@ -159,11 +159,6 @@ def demo_source_folder(kind: str, image_size: int) -> Path:
     """Where a demo set is written: the user cache directory, shared across runs."""
     cache = Path(os.environ.get("REALFAKE_CACHE", Path.home() / ".cache" / "realfake"))
     return write_demo_folder(kind, cache / "sources" / f"{kind}-{image_size}px", image_size)
-
-
-def _nfc(name: str) -> str:
-    # macOS writes decomposed (NFD) file names; a mapping typed by a person is composed (NFC)
-    return unicodedata.normalize("NFC", name)
 
 
 def _inside(path: str, root: str) -> bool:
