@@ -27,7 +27,7 @@ from realfake.config import BuildConfig
 from realfake.data.manifest import CAPTIONS, CAPTIONS_SCHEMA, RealSample, read_manifest
 from realfake.data.storage import Store
 
-__all__ = ["CAPTION_PARTS", "caption_settings", "captioner_name", "compute_captions", "read_caption_table"]
+__all__ = ["CAPTION_PARTS", "caption_settings", "captioner_name", "compute_captions"]
 
 log = logging.getLogger(__name__)
 CAPTION_PARTS = ("features", "captions.parts")
@@ -64,16 +64,6 @@ def _rows(t: pa.Table) -> dict[str, tuple[str | None, str]]:
     ids = t.column("sample_id").to_pylist()
     shas = t.column("sha256").to_pylist() if "sha256" in t.column_names else [None] * len(ids)
     return {i: (h, c) for i, h, c in zip(ids, shas, t.column("caption").to_pylist(), strict=True)}
-
-
-def read_caption_table(store: Store, settings: dict | None = None) -> dict[str, str]:
-    """sample_id -> caption of the final table, or {} when it is missing or was made under other settings."""
-    if not store.exists(*CAPTIONS):
-        return {}
-    t = store.read_table(*CAPTIONS)
-    if settings is not None and _settings_of(t) != settings:
-        return {}
-    return dict(zip(t.column("sample_id").to_pylist(), t.column("caption").to_pylist(), strict=True))
 
 
 def _done_parts(store: Store, settings: dict) -> dict[str, tuple[str | None, str]]:
