@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from realfake.config import CREDENTIALS_HELP, DEMO_BASE, BuildConfig, ClassifierConfig, ConfigError, SourceConfig
-from realfake.redact import redact
+from realfake.redact import exception_chain, redact
 
 __all__ = ["STAGES", "PreflightError", "check_model", "check_readable", "preflight"]
 
@@ -239,13 +239,7 @@ def _endpoint(storage_options: dict | None) -> str:
 
 def _storage_problem(e: BaseException, uri: str, storage_options: dict | None) -> str:
     """What keeps ``uri`` out of reach, from the error of one request, and what to do about it."""
-    chain: list[BaseException] = []
-    todo: list[BaseException | None] = [e]
-    while todo:
-        x = todo.pop()
-        if x is not None and all(x is not y for y in chain):
-            chain.append(x)
-            todo += [x.__cause__, x.__context__]
+    chain = list(exception_chain(e))
     names = {type(x).__name__ for x in chain}
     codes = {str(((getattr(x, "response", None) or {}).get("Error") or {}).get("Code")) for x in chain} - {"None"}
     endpoint = _endpoint(storage_options)

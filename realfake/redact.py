@@ -8,7 +8,8 @@ the clients that need them. Whatever text leaves the process goes through this m
 traceback; :func:`install_log_redaction` applies it to every record of the process, whichever library logs
 it; :func:`redact` masks a string, :func:`redact_exception` an exception's message in place (before the CLI prints
 it or Prefect keeps it as a failed run's state message and result; :func:`redacting_errors` wraps a flow or task
-function so), and :func:`scrub` a JSON-like object before it is written to a card, a report or a Prefect artifact.
+function so, and :func:`exception_chain` walks the exceptions behind one), and :func:`scrub` a JSON-like object
+before it is written to a card, a report or a Prefect artifact.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import re
 import threading
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ __all__ = [
     "SECRET_ENV_VARS",
     "RedactedError",
     "RedactingFilter",
+    "exception_chain",
     "install_log_redaction",
     "is_secret_key",
     "redact",
@@ -264,6 +266,20 @@ class RedactedError(RuntimeError):
     original type."""
 
 
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it (``__cause__`` and ``__context__``, followed to the end), each once: the
+    original error of a wrapped one (a botocore error s3fs re-raises as OSError) is among them."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+
+
 def redact_exception(exc: BaseException, storage_options: Mapping[str, Any] | None = None) -> BaseException:
     """``exc`` with every secret masked in its message, in place, with its type kept: its arguments, an OSError's
     file names, its notes, and the same for the exceptions it was raised from. What records it afterwards (the
@@ -271,13 +287,7 @@ def redact_exception(exc: BaseException, storage_options: Mapping[str, Any] | No
     :class:`~realfake.preflight.PreflightError`'s problems) too. An exception whose text cannot
     be changed in place is replaced by a :class:`RedactedError` carrying the masked text.
     """
-    seen: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or any(e is x for x in seen):
-            continue
-        seen.append(e)
+    for e in exception_chain(exc):
         try:
             e.args = tuple(redact(a, storage_options) if isinstance(a, str) else a for a in e.args)
             if isinstance(e, OSError):
@@ -291,7 +301,6 @@ def redact_exception(exc: BaseException, storage_options: Mapping[str, Any] | No
                     setattr(e, name, [redact(v, storage_options) for v in value])
         except (AttributeError, TypeError):  # an exception type with read-only fields: checked below
             pass
-        todo += [e.__cause__, e.__context__]
     text = str(exc)
     clean = redact(text, storage_options)
     if clean == text:

@@ -25,7 +25,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from realfake.redact import redact
+from realfake.redact import exception_chain, redact
 
 if TYPE_CHECKING:
     from realfake.config import StorageConfig
@@ -93,13 +93,7 @@ def out_of_space(exc: BaseException) -> str | None:
     ``ENOSPC`` / ``EDQUOT`` / ``EFBIG`` from a local file, or a botocore ``ClientError`` (code ``QuotaExceeded``,
     ``XMinioStorageFull``, ``EntityTooLarge``, HTTP 507, ...) that s3fs re-raises as a plain ``OSError``.
     """
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in exception_chain(exc):
         if isinstance(e, StorageFullError):
             return e.kind
         if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
@@ -112,7 +106,6 @@ def out_of_space(exc: BaseException) -> str | None:
                 return _FULL_CODES[code]
             if status in _FULL_STATUS:
                 return _FULL_STATUS[status]
-        todo += [e.__cause__, e.__context__]
     return None
 
 
