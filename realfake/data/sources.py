@@ -402,7 +402,7 @@ def scan_image_folder(uri: str, storage_options: dict | None = None, *, test_spl
                  len({f for _, f in excluded}))
 
     def folder_uri(split: str | None, folder: str) -> str:
-        d = next((k for k, v in split_name.items() if k and v == split), train_dir) if train_dir else None
+        d = test_dir if split == "test" else train_dir  # None in a flat folder
         return full(f"{d}/{folder}" if d else folder)
 
     ordered = sorted(class_files.items(), key=lambda kv: (kv[0][0] or "", kv[0][1]))
