@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from realfake.config import BuildConfig
-from realfake.data.manifest import GUIDANCE, guidance_table, read_manifest
+from realfake.data.manifest import GUIDANCE, guidance_matrix, guidance_table, read_manifest
 from realfake.data.storage import Store
 
 __all__ = ["compute_guidance", "image_embeddings"]
@@ -42,10 +42,7 @@ def _reusable(store: Store, model: str) -> tuple[dict[str, tuple[str, np.ndarray
     if "sha256" not in t.column_names:
         log.info("guidance table has no sha256 column (written by an older realfake): recomputing every row")
         return {}, t.num_rows
-    # one numpy view of the flat values: a list of Python floats per row would not fit for ImageNet-1k
-    flat = t.column("embedding").combine_chunks()
-    values = np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float16)
-    emb = values.reshape(t.num_rows, len(values) // max(t.num_rows, 1))
+    emb = guidance_matrix(t, np.float16)
     return {i: (h, e) for i, e, m, h in zip(
         t.column("sample_id").to_pylist(), emb, t.column("model").to_pylist(), t.column("sha256").to_pylist(),
         strict=True) if m == model and h}, t.num_rows

@@ -24,6 +24,7 @@ __all__ = [
     "REJECTS",
     "REJECTS_SCHEMA",
     "RealSample",
+    "guidance_matrix",
     "guidance_table",
     "manifest_hash",
     "read_guidance",
@@ -108,12 +109,15 @@ def guidance_table(sample_ids: list[str], embeddings: np.ndarray, model: str,
     )
 
 
+def guidance_matrix(t: pa.Table, dtype: type = np.float32) -> np.ndarray:
+    """The ``embedding`` column of a guidance table as one ``(rows, dim)`` array, from a numpy view of the flat
+    values: a list of Python floats per row would not fit for ImageNet-1k."""
+    flat = t.column("embedding").combine_chunks()
+    values = np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=dtype)
+    return values.reshape(t.num_rows, len(values) // max(t.num_rows, 1))
+
+
 def read_guidance(store: Store) -> dict[str, np.ndarray]:
     """sample_id -> float32 guidance vector."""
     t = store.read_table(*GUIDANCE)
-    ids = t.column("sample_id").to_pylist()
-    flat = t.column("embedding").combine_chunks()
-    values = np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    dim = len(values) // max(len(ids), 1)
-    mat = values.reshape(len(ids), dim)
-    return dict(zip(ids, mat, strict=True))
+    return dict(zip(t.column("sample_id").to_pylist(), guidance_matrix(t), strict=True))
