@@ -193,7 +193,7 @@ def bytes_estimate(cfg: BuildConfig, sample_uris: list[str], storage_options: di
         images = []
     if not images:
         images, how = _reference_photographs(), "scikit-learn's two bundled photographs (china.jpg, flower.jpg)"
-    stretch = getattr(cfg.synthesis, "source_resize", "stretch") == "stretch"
+    stretch = cfg.synthesis.source_resize == "stretch"
     sized = [img.resize((res, res), Image.BICUBIC) if stretch else ImageOps.fit(img, (res, res), Image.BICUBIC)
              for img in images]
     per_image = sum(len(encode_image(img, sh.image_format, sh.jpeg_quality)) for img in sized) / len(sized)
