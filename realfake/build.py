@@ -144,7 +144,22 @@ def _ingest_under_shards(cfg: BuildConfig, store: Store, storage_options: dict |
         return ingest(cfg.source, store, storage_options, progress=progress)
     with tempfile.TemporaryDirectory(prefix="realfake-prepare-") as tmp:
         scratch = Store(tmp)
-        res = ingest(cfg.source, scratch, storage_options, progress=progress)
+        try:
+            res = ingest(cfg.source, scratch, storage_options, progress=progress)
+        except FileNotFoundError as e:
+            # its message points at the scratch rejects table, which is deleted on the way out: name the reasons
+            if not scratch.exists(*REJECTS):
+                raise
+            from collections import Counter
+
+            from realfake.data.ingest import reject_category
+
+            reasons = Counter(reject_category(r) for r in scratch.read_table(*REJECTS).column("reason").to_pylist())
+            shown = ", ".join(f"{n} {category}" for category, n in reasons.most_common())
+            raise FileNotFoundError(
+                f"source {cfg.source.uri} has no usable image in any class folder ({shown or 'nothing to read'}); "
+                f"nothing was written to {store.uri()}, which holds committed shards: fix the source, or prepare a "
+                f"new version (--set version={suggest_version(cfg.version)}) to get its rejects table") from e
         old, new = {"class names": before}, {"class names": manifest_class_map(scratch)}
         differ = recipe_diff(old, new, ("class names",) if cfg.mode == "extend" else ())
         if differ:

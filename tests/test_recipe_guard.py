@@ -345,3 +345,19 @@ def test_a_source_image_changed_in_place_is_named(version) -> None:
     with pytest.raises(RecipeMismatchError, match=r"real images \(sha256 per class\): 1 of 3 differ \(1: .*\)\. "
                                                   "Rebuild them with this one"):
         synthesize(_with(cfg, mode="extend"))  # not an extension either
+
+
+def test_a_source_left_with_no_usable_image_is_refused_naming_the_reasons(version) -> None:
+    from realfake.build import prepare, store_of
+
+    cfg, src = version
+    store = store_of(cfg)
+    manifest = Path(store.path("real", "manifest.parquet")).read_bytes()
+    for image in src.rglob("*.png"):
+        image.write_bytes(b"not an image")
+    with pytest.raises(FileNotFoundError) as e:
+        prepare(cfg)
+    message = str(e.value)
+    assert "no usable image" in message and "not an image" in message and "nothing was written" in message
+    assert "realfake-prepare-" not in message  # no pointer into the scratch folder, which is gone
+    assert Path(store.path("real", "manifest.parquet")).read_bytes() == manifest
