@@ -108,7 +108,6 @@ def finetune_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
     """
     from realfake.build import store_of
     from realfake.data.manifest import manifest_hash
-    from realfake.recipe import manifest_class_map
 
     cfg = _cfg(parameters)
     store = store_of(cfg)
@@ -121,7 +120,6 @@ def finetune_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
         {
             "version": store.uri(),
             "manifest": mhash,
-            "class names": manifest_class_map(store),  # in every prompt; manifest_hash leaves them out
             "scope": parameters.get("scope", "all"),
             "base": _model_id(cfg.models.base, cfg.models.base_revision),
             "clip": _model_id(cfg.models.clip, cfg.models.clip_revision) if cfg.guidance.enabled else None,

@@ -91,10 +91,11 @@ def read_manifest(store: Store, split: str | None = None) -> list[RealSample]:
 
 
 def manifest_hash(store: Store) -> str:
-    """Content hash of the manifest rows: the cache key of every stage derived from the real data."""
+    """Content hash of the manifest rows (class names included: they are in every prompt): the cache key of every
+    stage derived from the real data."""
     h = hashlib.sha256()
     for s in read_manifest(store):
-        h.update(f"{s.sample_id}\t{s.split}\t{s.label}\t{s.sha256}\n".encode())
+        h.update(f"{s.sample_id}\t{s.split}\t{s.label}\t{s.class_name}\t{s.sha256}\n".encode())
     return h.hexdigest()
 
 
