@@ -53,8 +53,10 @@ from realfake.config import ShardConfig
 from realfake.data.storage import (
     StorageError,
     Store,
+    _retry,
     describe_location,
     full_error,
+    io_retry,
     local_location,
     out_of_space,
 )
@@ -756,49 +758,6 @@ class _ParquetPart:
             self.writer.close()  # now, quietly, rather than from the garbage collector
         except Exception as e:  # noqa: BLE001 - the shard is discarded; the original error is what matters
             log.debug("closing an abandoned Parquet writer: %s", e)
-
-# --------------------------------------------------------------------------------------------------------
-# Retries
-# --------------------------------------------------------------------------------------------------------
-def _transient(e: BaseException) -> bool:
-    if isinstance(e, FileNotFoundError | FileExistsError | PermissionError | IsADirectoryError):
-        return False
-    if out_of_space(e):
-        return False  # a full disk or an exhausted quota stays so until someone acts
-    if isinstance(e, OSError) and e.errno == errno.EINVAL and "recondition" in str(e):
-        return False  # a failed conditional write is an answer, not a fault
-    return isinstance(e, OSError | TimeoutError | ConnectionError)
-
-
-def _retry(fn: Callable[[], Any], what: str, attempts: int, backoff_s: float) -> Any:
-    """Run ``fn``, retrying transient storage errors with exponential backoff.
-
-    Non-transient errors (missing file, exists, permission) propagate unchanged; when the attempts run out the
-    last error is raised as :class:`StorageError` naming ``what``.
-    """
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as e:
-            if not _transient(e):
-                raise
-            if i == attempts - 1:
-                raise StorageError(f"{what} failed after {attempts} attempts: {e}") from e
-            log.warning("%s failed (%s), retry %d/%d", what, e, i + 1, attempts - 1)
-            time.sleep(backoff_s * (2**i))
-    raise AssertionError("unreachable")
-
-
-# Every storage call of this module goes through `io_retry`: object stores fail single requests now and then (a 503
-# on a HEAD carries no body, so s3fs cannot tell it is retryable), and a build must ride that out.
-IO_ATTEMPTS = 6
-IO_BACKOFF_S = 0.1
-
-
-def io_retry(fn: Callable[[], Any], what: str) -> Any:
-    """Run a storage call, retrying transient errors (IO_ATTEMPTS attempts, exponential backoff from IO_BACKOFF_S)."""
-    return _retry(fn, what, IO_ATTEMPTS, IO_BACKOFF_S)
-
 
 # --------------------------------------------------------------------------------------------------------
 # Version lease

@@ -13,11 +13,13 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
 
@@ -31,17 +33,23 @@ if TYPE_CHECKING:
     from realfake.config import StorageConfig
 
 __all__ = [
+    "IO_ATTEMPTS",
+    "IO_BACKOFF_S",
     "Store",
     "StorageError",
     "StorageFullError",
     "dataset_store",
     "describe_location",
     "full_error",
+    "io_retry",
+    "is_transient_io",
     "local_location",
     "out_of_space",
     "resolve_storage_options",
     "version_store",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
@@ -291,6 +299,49 @@ class Store:
         if not self.local:
             raise StorageError(f"{self.uri(*parts)} is not on a local filesystem")
         return self.path(*parts)
+
+
+# Retries: the one test of what a retry may cure, and the one policy.
+def is_transient_io(e: BaseException) -> bool:
+    """True for a storage fault a retry may cure (network, timeouts, throttling); False for answers (missing,
+    exists, denied, a failed conditional write) and for a full disk or quota, which stay so until someone acts."""
+    if isinstance(e, FileNotFoundError | FileExistsError | PermissionError | IsADirectoryError):
+        return False
+    if out_of_space(e):
+        return False  # a full disk or an exhausted quota stays so until someone acts
+    if isinstance(e, OSError) and e.errno == errno.EINVAL and "recondition" in str(e):
+        return False  # a failed conditional write is an answer, not a fault
+    return isinstance(e, OSError | TimeoutError | ConnectionError)
+
+
+def _retry(fn: Callable[[], Any], what: str, attempts: int, backoff_s: float) -> Any:
+    """Run ``fn``, retrying transient storage errors with exponential backoff.
+
+    Non-transient errors (missing file, exists, permission) propagate unchanged; when the attempts run out the
+    last error is raised as :class:`StorageError` naming ``what``.
+    """
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient_io(e):
+                raise
+            if i == attempts - 1:
+                raise StorageError(f"{what} failed after {attempts} attempts: {e}") from e
+            log.warning("%s failed (%s), retry %d/%d", what, e, i + 1, attempts - 1)
+            time.sleep(backoff_s * (2**i))
+    raise AssertionError("unreachable")
+
+
+# Every storage call of the library goes through `io_retry`: object stores fail single requests now and then (a 503
+# on a HEAD carries no body, so s3fs cannot tell it is retryable), and a build must ride that out.
+IO_ATTEMPTS = 6
+IO_BACKOFF_S = 0.1
+
+
+def io_retry(fn: Callable[[], Any], what: str) -> Any:
+    """Run a storage call, retrying transient errors (IO_ATTEMPTS attempts, exponential backoff from IO_BACKOFF_S)."""
+    return _retry(fn, what, IO_ATTEMPTS, IO_BACKOFF_S)
 
 
 def _unlink_quietly(path: str) -> None:

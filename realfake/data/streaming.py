@@ -51,18 +51,15 @@ import torch.utils.data
 from PIL import Image
 
 from realfake.data.shards import (
-    IO_ATTEMPTS,
-    IO_BACKOFF_S,
     CommitRecord,
     ShardIntegrityError,
     ShardSample,
-    _transient,
     check_file_size,
     committed_shards,
     io_retry,
     iter_shard,
 )
-from realfake.data.storage import Store
+from realfake.data.storage import IO_ATTEMPTS, IO_BACKOFF_S, Store, is_transient_io
 
 __all__ = [
     "ShardEntries",
@@ -518,7 +515,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
                         yield kept - 1, sample
                 break
             except Exception as e:
-                if not _transient(e) or isinstance(e, ShardIntegrityError) or attempt == IO_ATTEMPTS - 1:
+                if not is_transient_io(e) or isinstance(e, ShardIntegrityError) or attempt == IO_ATTEMPTS - 1:
                     raise
                 log.warning("reading shard %s failed (%s), retry %d", store.uri(unit.commit.name), e, attempt + 1)
                 time.sleep(IO_BACKOFF_S * 2**attempt)
