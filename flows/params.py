@@ -24,6 +24,7 @@ from realfake.config import (
     GuidanceConfig,
     ModelsConfig,
     OODConfig,
+    QualityConfig,
     ShardConfig,
     SourceConfig,
     StorageConfig,
@@ -48,7 +49,7 @@ __all__ = [
 EvalData = Literal["real", "synthetic", "real+synthetic"]
 # every section of BuildConfig (tests/test_config.py checks): a child run gets the parent's whole config
 _SECTIONS = ("source", "models", "caption", "guidance", "finetune", "synthesis", "shards", "classifier", "train_data",
-             "ood", "storage")
+             "ood", "quality", "storage")
 
 
 class _Params(BaseModel):
@@ -124,6 +125,7 @@ class ConfigParams(_Params):
         "ratio, streaming; replaces the preset's fields sent.",
     )
     ood: OODConfig | None = Field(None, description="Out-of-distribution test folders (ImageNet-V2/-Sketch/-R/-A).")
+    quality: QualityConfig | None = Field(None, description="Per-image scores, the per-class card, regeneration gates.")
     storage: StorageConfig | None = Field(
         None, description="Object storage endpoint, region and client options (MinIO, Ceph, R2); credentials come "
         "from the worker's environment, AWS profile or instance role, never from here.")

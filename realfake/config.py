@@ -33,6 +33,7 @@ __all__ = [
     "OODConfig",
     "PROMPT_SUFFIX",
     "PrivacyConfig",
+    "QualityConfig",
     "ShadowFamily",
     "ShardConfig",
     "SourceConfig",
@@ -526,6 +527,69 @@ class CopyDetectionConfig(_Strict):
         return self
 
 
+class QualityConfig(_Strict):
+    """What every synthetic image and class is worth, and the gates that regenerate the images that fail.
+
+    Off by default: a version built without it is written exactly as before (same shards, index, recipe)."""
+
+    enabled: bool = Field(
+        False, description="Measure the version: per-image scores (quality/scores.parquet, keyed like the index) "
+        "and the per-class table of the card (count, label agreement, KID and FID against the real class, "
+        "within-class diversity, near-duplicates), classes far from their real counterpart first.")
+    judge: Literal["auto", "clip", "classifier"] = Field(
+        "auto", description="Who says what class an image shows. clip: zero-shot CLIP (judge_model, default "
+        "models.clip, a full checkpoint with its text tower: openai/clip-vit-large-patch14) against the class "
+        "prompts in production; classifier: the classifier recipe (classifier.*) trained once on the real train "
+        "split, cached under {root}/{dataset}/judges/; auto: clip when the CLIP checkpoint has a text tower, else "
+        "classifier (the demo's CLIP is a vision tower only). The judge is named in the card.")
+    judge_model: str | None = Field(
+        None, description="CLIP checkpoint of the clip judge (hub id or local folder); None: models.clip.")
+    judge_epochs: int | None = Field(
+        None, ge=1, description="Epochs of the classifier judge (None: classifier.epochs, the same recipe as the "
+        "real classifier the report trains).")
+    reference_split: Literal["test", "train"] = Field(
+        "test", description="Real split each class's synthetic images are compared with (KID, FID, diversity). "
+        "test: held-out images, which a classifier judge has not fitted; train: the sources themselves.")
+    descriptor: Literal["auto", "sscd", "timm", "clip"] = Field(
+        "auto", description="Copy-detection descriptor for the similarity of an image to its own source and to "
+        "its nearest synthetic neighbour, as privacy.copy_detection.descriptor (auto: SSCD when descriptor_path "
+        "is its TorchScript file, else the CLIP vision model of models.clip as a named fallback).")
+    descriptor_path: str | None = Field(
+        None, description="SSCD TorchScript file, timm weights or CLIP folder of the descriptor; None: models.clip.")
+    min_label_agreement: float | None = Field(
+        None, ge=0, le=1, description="Gate: an image whose judge probability for its intended class is below "
+        "this is generated again with the next attempt's seed. None: no label gate.")
+    max_source_similarity: float | None = Field(
+        None, ge=-1, le=1, description="Gate: an image whose descriptor cosine similarity to its own real source "
+        "is above this (a near-copy of it) is generated again. None: no near-duplicate gate. Only the image's own "
+        "source is gated on: a gate on other synthetic images would make an image depend on which others a "
+        "worker made first; the nearest synthetic neighbour is measured in the card instead.")
+    attempts: int = Field(
+        3, ge=1, le=100, description="Generations an image may take when a gate is set (attempt 0 is the image a "
+        "build without gates makes; attempt a > 0 uses a seed derived from the same identity and a).")
+    on_fail: Literal["keep", "drop"] = Field(
+        "keep", description="An image that fails its gates on the last attempt is kept (marked failed in its "
+        "provenance) or dropped; both are counted per class in the card, never silent.")
+    near_duplicate: float = Field(
+        0.95, ge=-1, le=1, description="Descriptor cosine similarity to the nearest other synthetic image of the "
+        "same class at or above which an image counts as a near-duplicate in the card.")
+    flag_agreement: float = Field(
+        0.5, ge=0, le=1, description="A class whose label agreement (share of its images the judge assigns to "
+        "it) is below this is flagged in the card and the report.")
+    kid_subsets: int = Field(
+        10, ge=2, le=1000, description="Disjoint blocks per class for KID: the estimate is the mean of the blocks' "
+        "unbiased MMD^2 (cubic kernel), its standard error their std / sqrt(blocks) (fewer blocks when a class "
+        "has fewer than 2 images per block).")
+    worst_examples: int = Field(
+        8, ge=0, le=64, description="Lowest-agreement images per class drawn in the worst-examples grid.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per judge / descriptor forward pass.")
+
+    @property
+    def gated(self) -> bool:
+        """Whether any gate is set (then images are scored while they are generated)."""
+        return self.enabled and (self.min_label_agreement is not None or self.max_source_similarity is not None)
+
+
 class PrivacyConfig(_Strict):
     """The privacy audits of a dataset version."""
 
@@ -637,6 +701,7 @@ class BuildConfig(_Strict):
     classifier: ClassifierConfig = ClassifierConfig()
     train_data: TrainDataConfig = TrainDataConfig()
     ood: OODConfig = OODConfig()
+    quality: QualityConfig = QualityConfig()
     storage: StorageConfig = StorageConfig()
 
     @field_validator("dataset", "version")
