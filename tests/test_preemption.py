@@ -1,0 +1,212 @@
+"""A lost GPU node, end to end: a real Prefect server, the shipped deployments, a build whose shard groups are
+child runs on two process workers, and one worker SIGKILLed with its flow-run process while its child writes shards.
+
+What a preempted spot node looks like to Prefect: no final state, no goodbye, the run just stops heartbeating.
+realfake's lost-run automation (:mod:`tasks.lost_runs`, installed by the fan-out parent itself) marks the child
+Crashed, the parent re-submits the group on the surviving worker, the new run resumes at shard granularity, and the
+version verifies with exactly the planned samples. The kill is injected at an observed moment (the killed group's
+first commit seen on storage), never after a sleep. Also here, without a server: the automation's scope, checked
+with Prefect's own server-side matcher on the events the shipped deployments' runs emit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from realfake.data.card import verify_version
+from realfake.data.manifest import read_manifest
+from realfake.data.shards import committed_shards, iter_shard
+from realfake.data.storage import version_store
+from tasks.lost_runs import CRASHED_MESSAGE, HEARTBEAT_SECONDS, LOST_AFTER_SECONDS, WATCH_TAG, lost_run_automation
+
+REPO = Path(__file__).resolve().parents[1]
+# Kill -> Crashed: the last heartbeat is at most one period before the kill, the automation fires LOST_AFTER_SECONDS
+# after it; the server evaluates proactive triggers every 5 s and its actions service then sets the state (ours: 30 s
+# covers both on 2 loaded cores).
+CRASHED_BOUND_S = HEARTBEAT_SECONDS + LOST_AFTER_SECONDS + 30
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The automation's scope, with Prefect's server-side trigger matcher (no server needed)
+# --------------------------------------------------------------------------------------------------------------
+def _heartbeat_and_crash_events(tags: list[str]):
+    from uuid import uuid4
+
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    run = f"prefect.flow-run.{uuid4()}"
+    related = [{"prefect.resource.id": f"prefect.tag.{t}", "prefect.resource.role": "tag"} for t in tags]
+    now = dt.datetime.now(dt.UTC)
+    return [ReceivedEvent(occurred=now, event=name, resource={"prefect.resource.id": run}, related=related,
+                          id=uuid4()) for name in ("prefect.flow-run.heartbeat", "prefect.flow-run.Completed")]
+
+
+def test_lost_run_automation_watches_the_gpu_deployments_and_never_the_build():
+    from prefect.server.events.schemas.automations import Automation as ServerAutomation
+
+    automation = lost_run_automation()
+    server_side = ServerAutomation.model_validate({**automation.model_dump(mode="json"),
+                                                   "id": "00000000-0000-0000-0000-000000000001"})
+    trigger = server_side.trigger
+    deployments = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]
+    watched = {d["name"] for d in deployments if WATCH_TAG in d["tags"]}
+    assert {"finetune", "synthesize-shards", "synthesize-shards-process", "train-eval", "privacy-shadows",
+            "privacy-shadows-process"} <= watched
+    assert not {"build", "synthesize", "regenerate", "prepare"} & watched
+    for d in deployments:
+        heartbeat, completed = _heartbeat_and_crash_events(d["tags"])
+        # a run of a watched deployment is tracked from its heartbeats to its final state; any other is ignored
+        assert trigger.covers(heartbeat) is (d["name"] in watched), d["name"]
+        assert trigger.covers(completed) is (d["name"] in watched), d["name"]
+    assert trigger.within.total_seconds() == LOST_AFTER_SECONDS >= 3 * HEARTBEAT_SECONDS
+    assert automation.actions[0].state.value == "CRASHED" and not automation.actions[0].force
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A worker killed while its child run writes shards
+# --------------------------------------------------------------------------------------------------------------
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_node(worker_pid: int) -> list[int]:
+    """SIGKILL a worker and every process it started, each whole process group (the flow-run process leads its
+    own session): what a preempted node leaves behind is nothing. Returns the killed pids."""
+    pids = [worker_pid, *_descendants(worker_pid)]
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def _until(what: str, check, timeout: float, every: float = 0.2):
+    # waits on observed state; the timeout only keeps a broken build from hanging the suite
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not seen within {timeout:.0f} s"
+        time.sleep(every)
+
+
+def _state_history(stack, run_id: str) -> list[str]:
+    return [s["type"] for s in stack.api("GET", f"/flow_run_states/?flow_run_id={run_id}")]
+
+
+@pytest.mark.slow
+@pytest.mark.prefect_server
+def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_once(tmp_path_factory, request):
+    from tests.support.prefect_server import (
+        close_shared_stack,
+        miniature_params,
+        run_deployment_cli,
+        shared_stack,
+        write_tiny_models,
+    )
+
+    stack = shared_stack(tmp_path_factory.mktemp("prefect"))
+    request.session.addfinalizer(close_shared_stack)
+    models = write_tiny_models(tmp_path_factory.mktemp("models") / "tiny-sd")
+    root = tmp_path_factory.mktemp("datasets")
+    main = stack.start_worker("realfake-process", "preempt-main", queue="default", limit=2)
+    gpus = [stack.start_worker("realfake-process", f"preempt-gpu-{i}", queue="gpu", limit=1) for i in range(2)]
+    try:
+        params = miniature_params(
+            root, models, "lost", measure=False,
+            overrides=[*miniature_params(root, models, "x")["overrides"], "shards.max_count=1"],
+            fanout={"mode": "deployment", "groups": 2, "poll_seconds": 1.0,
+                    "shard_deployment": "synthesize-shards/synthesize-shards-process"},
+        )
+        build_id = run_deployment_cli(stack, "build/build", params)
+        store = version_store(str(root), "mini", "lost")
+
+        def running_child_with_a_commit():
+            for child in stack.child_runs(build_id):
+                if child["state"]["type"] != "RUNNING":
+                    continue
+                names = set(child["parameters"]["params"]["shard_names"])
+                done = {c.name for c in committed_shards(store)} & names
+                if done:
+                    return child, names, done
+            assert stack.flow_run(build_id)["state"]["type"] not in ("FAILED", "CRASHED", "COMPLETED"), \
+                stack.run_logs(build_id)[-4000:]
+            return None
+
+        child, group, done_at_kill = _until("a child run with a committed shard", running_child_with_a_commit, 240,
+                                            every=0.1)
+        (victim,) = [w for w in gpus if w.ran(child["id"])]
+        killed_at = dt.datetime.now(dt.UTC)
+        _kill_node(victim.proc.pid)
+        victim.proc.wait(timeout=30)
+        assert len(done_at_kill) < len(group), "the group finished before the kill: nothing was lost"
+
+        def crashed():
+            run = stack.flow_run(child["id"])
+            return run if run["state"]["type"] != "RUNNING" else None
+
+        lost = _until("the killed child leaving Running", crashed, CRASHED_BOUND_S + 60, every=0.5)
+        assert lost["state"]["type"] == "CRASHED" and lost["state"]["message"] == CRASHED_MESSAGE, lost["state"]
+        crashed_after = dt.datetime.fromisoformat(lost["state"]["timestamp"]) - killed_at
+
+        build = stack.wait_flow_run(build_id, timeout=360)
+        completed_after = dt.datetime.fromisoformat(build["end_time"]) - killed_at
+        print(f"\nkill -> Crashed {crashed_after.total_seconds():.0f} s; kill -> build Completed "
+              f"{completed_after.total_seconds():.0f} s; {len(done_at_kill)}/{len(group)} shards of the lost group "
+              "were committed at the kill")
+        assert crashed_after.total_seconds() <= CRASHED_BOUND_S
+
+        # the lost group ran again, on the surviving worker, and completed; every other child ran once
+        children = stack.child_runs(build_id)
+        reruns = [c for c in children if set(c["parameters"]["params"]["shard_names"]) == group]
+        assert sorted(c["state"]["type"] for c in reruns) == ["COMPLETED", "CRASHED"], reruns
+        assert len(children) == 3 and sum(c["state"]["type"] == "COMPLETED" for c in children) == 2
+        survivor = next(w for w in gpus if w is not victim)
+        assert all(survivor.ran(c["id"]) for c in children if c["state"]["type"] == "COMPLETED")
+        # a healthy long run outside the automation's scope (the build, heartbeating at Prefect's default 180 s,
+        # longer than the 90 s window) was never crashed
+        assert "CRASHED" not in _state_history(stack, build_id)
+
+        # exactly once: the version verifies, holds every planned shard and sample (one per real training image,
+        # images_per_real 1), and no key twice
+        assert verify_version(store) == []
+        planned = {n for c in children for n in c["parameters"]["params"]["shard_names"]}
+        commits = committed_shards(store)
+        assert sorted(c.name for c in commits) == sorted(planned)
+        keys = [s.key for c in commits for s in iter_shard(store.child("synthetic"), c)]
+        assert len(keys) == len(set(keys)) == len(read_manifest(store, "train"))
+        artifacts = stack.api("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [build_id]}}})
+        assert any(a["key"] == "mini-lost-synthesis-progress" for a in artifacts)
+    finally:
+        for w in [main, *gpus]:
+            stack.stop_worker(w)
