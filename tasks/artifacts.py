@@ -185,13 +185,18 @@ class ProgressReporter:
     """Keeps a progress artifact (shards done / total, images/s) current while groups run elsewhere.
 
     A background thread polls ``count_done`` every ``poll_seconds``; it reads storage, not the workers, so it
-    works the same for local processes and for child flow runs on other nodes.
+    works the same for local processes and for child flow runs on other nodes. While the flow run that created
+    it waits on child runs (:func:`tasks.child_runs.run_child_deployment`), the description also says which
+    group each waits on, in which state and for how long, so a stalled build shows where it stalls.
     """
 
     def __init__(self, total: int, count_done: Callable[[], tuple[int, int]], key: str, poll_seconds: float = 5.0):
+        from prefect.runtime import flow_run
+
         self.total = max(total, 1)
         self.count_done = count_done
         self.poll_seconds = poll_seconds
+        self.parent_flow_run_id = str(flow_run.id or "")  # the reporter's thread has no run context of its own
         self.t0 = time.monotonic()
         self.start_images = self._safe_count()[1]
         self.artifact_id = create_progress_artifact(0.0, key=key, description=self._describe(0, 0))
@@ -205,8 +210,12 @@ class ProgressReporter:
             return (0, 0)
 
     def _describe(self, shards: int, images: int) -> str:
+        from tasks.child_runs import waiting_lines
+
         rate = (images - self.start_images) / max(time.monotonic() - self.t0, 1e-6)
-        return f"shards {shards}/{self.total}, {images} images, {rate:.2f} images/s"
+        text = f"shards {shards}/{self.total}, {images} images, {rate:.2f} images/s"
+        waiting = waiting_lines(self.parent_flow_run_id) if self.parent_flow_run_id and shards < self.total else []
+        return text + "".join(f"\n- waiting on {line}" for line in waiting)
 
     def refresh(self) -> tuple[int, int]:
         """Poll once and update the artifact; returns (shards done, images written)."""
