@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from realfake.config import BuildConfig
@@ -19,11 +21,16 @@ from realfake.data.storage import Store, resolve_storage_options, version_store
 __all__ = [
     "BASELINE_PROMPTS",
     "BaselineKind",
+    "Stages",
     "ablation_config",
     "baseline_config",
+    "build_and_report",
+    "build_version",
     "finalize",
     "finetune",
     "finetune_scopes",
+    "local_stages",
+    "measure_versions",
     "plan_synthesis",
     "prepare",
     "report_markdown",
@@ -383,6 +390,45 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
     return out
 
 
+def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
+                     storage_options: dict | None = None) -> dict[str, Any]:
+    """The three measures of each version (see :mod:`realfake.report`): train on real data once, then on each
+    version's synthetic data, all evaluated on the real test split; label fidelity and feature distances to the
+    real test split taken with the real-trained classifier."""
+    from realfake.classify import extract_features
+    from realfake.data.loaders import RealImages
+    from realfake.measure import feature_mmd, frechet_distance, label_fidelity
+    from realfake.models.loading import resolve_device
+
+    first = next(iter(configs.values()))
+    device = resolve_device(first.device)
+    t0 = time.time()
+    real = train_eval(first, "real", progress=progress, storage_options=storage_options, return_model=True)
+    real_model = real.pop("model")
+    test = RealImages(store_of(first, storage_options), "test")
+    test_feats = extract_features(real_model, test, device)
+    out: dict[str, Any] = {"real": {**_row(real), "seconds": round(time.time() - t0, 2)}}
+    for name, cfg in configs.items():
+        t = time.time()
+        m = train_eval(cfg, "synthetic", progress=progress, storage_options=storage_options)
+        syn = synthetic_dataset(store_of(cfg, storage_options))
+        n_classes = len(m["per_class"])
+        feats = extract_features(real_model, syn, device)
+        out[name] = {
+            **_row(m),
+            "label_fidelity": float(label_fidelity(real_model, syn, n_classes, device)),
+            "mmd": float(feature_mmd(test_feats, feats)),
+            "frechet": float(frechet_distance(test_feats, feats)),
+            "seconds": round(time.time() - t, 2),
+        }
+    return out
+
+
+def _row(m: dict) -> dict:
+    return {"top1": float(m["top1"]), "top5": float(m["top5"]), "train_images": int(m["train_images"]),
+            "train_s": m["train_s"], "per_class": m["per_class"]}
+
+
 def _git_revision() -> str | None:
     import subprocess
     from pathlib import Path
@@ -394,51 +440,95 @@ def _git_revision() -> str | None:
         return None
 
 
-def build_version(cfg: BuildConfig, progress: bool = False, storage_options: dict | None = None,
-                  components: dict | None = None) -> dict:
-    """prepare -> finetune (every scope) -> synthesize -> finalize for one version, under its lease."""
-    from realfake.data.shards import VersionLease
+@dataclass(frozen=True)
+class Stages:
+    """How :func:`build_version` runs each stage of one version: the stage functions of this module in this
+    process (:func:`local_stages`), or the build flow's Prefect tasks (``flows/build.py``). ``prepare`` None
+    skips ingest (a privacy shadow's manifest is derived from its parent's)."""
 
-    store = store_of(cfg, storage_options)
+    lease: Callable[[BuildConfig], AbstractContextManager]  # the version's lease, held while the stages write
+    prepare: Callable[[BuildConfig], dict] | None
+    finetune: Callable[[BuildConfig], list[dict]]  # every adapter scope
+    synthesize: Callable[[BuildConfig, Any], dict]  # (cfg, the lease held): every shard of the plan
+    finalize: Callable[[BuildConfig, dict], dict]  # index and card with these stats, unverified; returns the card
+    verify: Callable[[BuildConfig], None]
+    measure: Callable[[dict[str, BuildConfig]], dict]  # name -> config: the measures of each version
+    report: Callable[[BuildConfig, dict, dict[str, BuildConfig]], dict]  # (cfg, report, configs): files written
+
+
+def local_stages(progress: bool = False, storage_options: dict | None = None,
+                 components: dict | None = None) -> Stages:
+    """The stages as calls of this module's functions in this process."""
+    from realfake.data.shards import VersionLease
+    from realfake.report import write_report
+
+    so = storage_options
+    return Stages(
+        lease=lambda cfg: VersionLease(store_of(cfg, so)).acquire(wait_s=0),
+        prepare=lambda cfg: prepare(cfg, progress, so),
+        finetune=lambda cfg: [finetune(cfg, s, progress, components, so) for s in finetune_scopes(cfg, so)],
+        synthesize=lambda cfg, lease: synthesize(cfg, progress=progress, storage_options=so),
+        finalize=lambda cfg, stats: finalize(cfg, stats, so, verify=False),
+        verify=lambda cfg: verify_or_raise(cfg, so),
+        measure=lambda configs: measure_versions(configs, progress, so),
+        report=lambda cfg, report, configs: write_report(cfg, report, configs, so),
+    )
+
+
+def build_version(cfg: BuildConfig, progress: bool = False, storage_options: dict | None = None,
+                  components: dict | None = None, stages: Stages | None = None) -> dict:
+    """prepare -> finetune (every scope) -> synthesize -> finalize for one version under its lease, then verify
+    once the lease is released (verification reports a lease still present as a problem).
+
+    ``stages`` runs each stage (default :func:`local_stages` with ``progress``, ``storage_options`` and
+    ``components``). Returns ``uri``, each stage's result (``prepare``, ``adapters``, ``synthesis``, ``card``) and
+    ``timings_s``; the card's stats are the stage results and timings before finalize.
+    """
+    stages = stages or local_stages(progress, storage_options, components)
+    out: dict[str, Any] = {"uri": store_of(cfg, storage_options).uri()}
     timings: dict[str, float] = {}
-    with VersionLease(store).acquire(wait_s=0):
-        t = time.time()
-        prep = prepare(cfg, progress, storage_options)
-        timings["prepare"] = time.time() - t
-        t = time.time()
-        adapters = [finetune(cfg, s, progress, components, storage_options) for s in finetune_scopes(cfg)]
-        timings["finetune"] = time.time() - t
-        t = time.time()
-        syn = synthesize(cfg, progress=progress, storage_options=storage_options)
-        timings["synthesize"] = time.time() - t
-        t = time.time()
-        card = finalize(cfg, {"prepare": prep, "adapters": adapters, "synthesis": syn,
-                              "timings_s": {k: round(v, 2) for k, v in timings.items()}}, storage_options,
-                        verify=False)
-    verify_or_raise(cfg, storage_options)
-    timings["finalize"] = time.time() - t
-    return {"uri": store.uri(), "prepare": prep, "adapters": adapters, "synthesis": syn, "card": card,
-            "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+
+    def timed(stage: str, fn: Callable, *args: Any) -> Any:
+        t0 = time.time()
+        result = fn(cfg, *args)
+        timings[stage] = round(time.time() - t0, 2)
+        return result
+
+    with stages.lease(cfg) as lease:
+        if stages.prepare is not None:
+            out["prepare"] = timed("prepare", stages.prepare)
+        out["adapters"] = timed("finetune", stages.finetune)
+        out["synthesis"] = timed("synthesize", stages.synthesize, lease)
+        stats = {k: v for k, v in out.items() if k != "uri"} | {"timings_s": dict(timings)}
+        t0 = time.time()
+        out["card"] = stages.finalize(cfg, stats)
+    stages.verify(cfg)
+    timings["finalize"] = round(time.time() - t0, 2)
+    return out | {"timings_s": timings}
 
 
 def run_build(cfg: BuildConfig, compare_baseline: bool = False, measure: bool = True, progress: bool = False,
               storage_options: dict | None = None, baseline: BaselineKind = "caption") -> dict:
     """Build the Real-Fake version (and the ``baseline`` kind's version), then measure them; returns the report."""
     from realfake.preflight import preflight
-    from realfake.report import measure_versions, write_report
 
     storage_options = resolve_storage_options(cfg.storage, storage_options)
     preflight(cfg, storage_options, measure=measure)  # every field and model checked before any model loads
+    return build_and_report(cfg, local_stages(progress, storage_options), compare_baseline, baseline, measure,
+                            storage_options)
+
+
+def build_and_report(cfg: BuildConfig, stages: Stages, compare_baseline: bool = False,
+                     baseline: BaselineKind = "caption", measure: bool = True,
+                     storage_options: dict | None = None) -> dict:
+    """Build the version (and the ``baseline`` kind's) with ``stages``, measure them and write the report files;
+    returns the report (what :func:`run_build` returns; the build flow passes its tasks as ``stages``)."""
     t0 = time.time()
-    versions = {"realfake": build_version(cfg, progress, storage_options)}
-    configs = {"realfake": cfg}
-    if compare_baseline:
-        base = baseline_config(cfg, baseline)
-        versions["baseline"] = build_version(base, progress, storage_options)
-        configs["baseline"] = base
+    configs = {"realfake": cfg} | ({"baseline": baseline_config(cfg, baseline)} if compare_baseline else {})
+    versions = {name: build_version(c, storage_options=storage_options, stages=stages) for name, c in configs.items()}
     report: dict[str, Any] = {"dataset": cfg.dataset, "version": cfg.version, "versions": versions}
     if measure:
-        report["measures"] = measure_versions(configs, progress=progress, storage_options=storage_options)
+        report["measures"] = stages.measure(configs)
     report["total_s"] = round(time.time() - t0, 2)
-    report.update(write_report(cfg, report, configs, storage_options))
+    report.update(stages.report(cfg, report, configs))
     return report

@@ -1,17 +1,18 @@
-"""Measuring versions and reporting: the comparison table and the sample grid.
+"""Reporting measured versions: the comparison table, the sample grid and the confusion plots.
 
 Three measures per synthetic dataset, because one number hides why: the accuracy on the real test split
 of a classifier trained on it (the paper's measure); label fidelity, the accuracy of the real-trained
 classifier on the synthetic images (are they recognisably their class?); and the distance the method
 minimises, an MMD and a Frechet distance between real-test and synthetic features, both taken from one
-fixed feature extractor (the real-trained classifier's penultimate layer). A run's confusion matrix is drawn
-next to its metrics (``runs/{run}/confusion.png``) to show which classes the accuracy is lost on.
+fixed feature extractor (the real-trained classifier's penultimate layer). :func:`realfake.build.measure_versions`
+takes them; this module presents them and never imports the build (it reads versions through their stores). A
+run's confusion matrix is drawn next to its metrics (``runs/{run}/confusion.png``) to show which classes the
+accuracy is lost on.
 """
 
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,50 +25,11 @@ from realfake.data.storage import Store
 __all__ = [
     "confusion_png",
     "format_table",
-    "measure_versions",
     "report_markdown",
     "sample_grid",
     "write_confusion_plot",
     "write_report",
 ]
-
-
-def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
-                     storage_options: dict | None = None) -> dict[str, Any]:
-    """Train on real data once, then on each version's synthetic data; all evaluated on the real test split."""
-    from realfake.build import store_of, synthetic_dataset, train_eval
-    from realfake.classify import extract_features
-    from realfake.data.loaders import RealImages
-    from realfake.measure import feature_mmd, frechet_distance, label_fidelity
-    from realfake.models.loading import resolve_device
-
-    first = next(iter(configs.values()))
-    device = resolve_device(first.device)
-    t0 = time.time()
-    real = train_eval(first, "real", progress=progress, storage_options=storage_options, return_model=True)
-    real_model = real.pop("model")
-    test = RealImages(store_of(first, storage_options), "test")
-    test_feats = extract_features(real_model, test, device)
-    out: dict[str, Any] = {"real": {**_row(real), "seconds": round(time.time() - t0, 2)}}
-    for name, cfg in configs.items():
-        t = time.time()
-        m = train_eval(cfg, "synthetic", progress=progress, storage_options=storage_options)
-        syn = synthetic_dataset(store_of(cfg, storage_options))
-        n_classes = len(m["per_class"])
-        feats = extract_features(real_model, syn, device)
-        out[name] = {
-            **_row(m),
-            "label_fidelity": float(label_fidelity(real_model, syn, n_classes, device)),
-            "mmd": float(feature_mmd(test_feats, feats)),
-            "frechet": float(frechet_distance(test_feats, feats)),
-            "seconds": round(time.time() - t, 2),
-        }
-    return out
-
-
-def _row(m: dict) -> dict:
-    return {"top1": float(m["top1"]), "top5": float(m["top5"]), "train_images": int(m["train_images"]),
-            "train_s": m["train_s"], "per_class": m["per_class"]}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -141,10 +103,13 @@ def write_report(cfg: BuildConfig, report: dict[str, Any], configs: dict[str, Bu
     """Write ``report/report.md``, ``report/report.json`` and ``report/grid.png`` into the Real-Fake version."""
     import json
 
-    from realfake.build import store_of
+    from realfake.data.storage import resolve_storage_options, version_store
 
-    store = store_of(cfg, storage_options)
-    stores = {name: store_of(c, storage_options) for name, c in configs.items()}
+    def store_of(c: BuildConfig) -> Store:
+        return version_store(c.root, c.dataset, c.version, resolve_storage_options(c.storage, storage_options))
+
+    store = store_of(cfg)
+    stores = {name: store_of(c) for name, c in configs.items()}
     order = [n for n in ("baseline", "realfake") if n in stores]
     grid = sample_grid({n: stores[n] for n in order})
     buf = io.BytesIO()

@@ -223,7 +223,7 @@ def train_eval_task(
 @redacting_errors
 def measure_task(configs: dict[str, BuildConfig], gpu_limit: str = "realfake-gpu") -> dict:
     """The three measures of each built version (accuracy on real test, label fidelity, feature distances)."""
-    from realfake.report import measure_versions
+    from realfake.build import measure_versions
 
     with concurrency(gpu_limit, occupy=1):
         measures = measure_versions(configs)

@@ -358,23 +358,23 @@ def run_real_shadow(cfg: BuildConfig, lira: LiraConfig, index: int, progress: bo
 
 
 def _build_shadow_version(shadow_cfg: BuildConfig, progress: bool, storage_options: dict | None) -> dict[str, Any]:
-    """Fine-tune, synthesize and finalize a derived shadow version under its lease; skip a verified one."""
+    """Fine-tune, synthesize and finalize a derived shadow version with the build's stages (its manifest is
+    derived, so no prepare); skip a verified one."""
+    from dataclasses import replace
+
     from realfake import build
     from realfake.data.card import verify_version
-    from realfake.data.shards import VersionLease
 
     store = build.store_of(shadow_cfg, storage_options)
     if store.exists("dataset.json") and not verify_version(store):
         return {"uri": store.uri(), "skipped": True}
     t0 = time.time()
-    with VersionLease(store).acquire(wait_s=0):
-        adapters = [build.finetune(shadow_cfg, s, progress, None, storage_options)
-                    for s in build.finetune_scopes(shadow_cfg, storage_options)]
-        syn = build.synthesize(shadow_cfg, progress=progress, storage_options=storage_options)
-        build.finalize(shadow_cfg, {"adapters": adapters, "synthesis": syn, "privacy_shadow": True},
-                       storage_options, verify=False)
-    build.verify_or_raise(shadow_cfg, storage_options)
-    return {"uri": store.uri(), "skipped": False, "images": syn.get("images"), "seconds": round(time.time() - t0, 2)}
+    stages = build.local_stages(progress, storage_options)
+    stages = replace(stages, prepare=None, finalize=lambda c, stats: build.finalize(
+        c, stats | {"privacy_shadow": True}, storage_options, verify=False))
+    built = build.build_version(shadow_cfg, storage_options=storage_options, stages=stages)
+    return {"uri": store.uri(), "skipped": False, "images": built["synthesis"].get("images"),
+            "seconds": round(time.time() - t0, 2)}
 
 
 def run_synthetic_shadow(cfg: BuildConfig, lira: LiraConfig, index: int, progress: bool = False,
