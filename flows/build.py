@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from prefect import flow, get_run_logger
 
+from flows.cli import flow_main
 from flows.finetune import run_finetune
 from flows.params import BuildParams
 from flows.prepare import run_prepare
 from flows.synthesize import run_synthesis
-from realfake.build import BASELINE_PROMPTS
-from realfake.config import BuildConfig, ConfigError
+from realfake.build import BASELINE_PROMPTS, Stages, build_and_report, build_version
+from realfake.config import BuildConfig
 from realfake.data.storage import version_store
 from realfake.redact import redacting_errors
 from tasks.artifacts import (
@@ -34,57 +34,49 @@ from tasks.artifacts import (
 from tasks.lease import build_lease
 from tasks.stages import finalize_task, measure_task, report_task, verify_task
 
-__all__ = ["build_flow", "build_version_stages", "main", "publish_build_plan", "run_build_stages"]
+__all__ = ["build_flow", "build_version_stages", "flow_stages", "main", "publish_build_plan", "run_build_stages"]
+
+
+def flow_stages(params: BuildParams) -> Stages:
+    """The stages of :func:`realfake.build.build_version` as this flow's tasks: cached prepare, fine-tune and
+    shard groups spread as ``params.fanout`` says, finalize, verify, measure and report; the lease is this flow
+    run's (one build writes a version at a time: a second one fails naming this one)."""
+
+    def lease(cfg: BuildConfig):
+        get_run_logger().info("building %s (device %s)", version_store(cfg.root, cfg.dataset, cfg.version).uri(),
+                              cfg.device)
+        return build_lease(cfg)
+
+    def finalize(cfg: BuildConfig, stats: dict) -> dict:
+        # The card keeps the synthesis scalars only; per-group results stay in the flow run's result.
+        synthesis = {k: v for k, v in stats["synthesis"].items() if not isinstance(v, list | dict)}
+        return finalize_task(cfg, stats | {"synthesis": synthesis}, False)
+
+    return Stages(
+        lease=lease,
+        prepare=run_prepare,
+        finetune=lambda cfg: list(run_finetune(cfg, params.fanout).values()),
+        synthesize=lambda cfg, lease: run_synthesis(cfg, params.fanout, params.pinned(cfg), lease.owner),
+        finalize=finalize,
+        verify=verify_task,
+        measure=lambda configs: measure_task(configs, params.fanout.gpu_limit),
+        report=report_task,
+    )
 
 
 def build_version_stages(cfg: BuildConfig, params: BuildParams) -> dict:
-    """prepare -> fine-tune -> synthesize -> finalize for one version inside the current flow run.
-
-    Returns the same per-version summary as :func:`realfake.build.build_version`, so the library's report
-    code reads it unchanged.
-    """
-    timings: dict[str, float] = {}
-
-    def timed(stage: str, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        timings[stage] = round(time.perf_counter() - t0, 2)
-        return out
-
-    store = version_store(cfg.root, cfg.dataset, cfg.version)
-    get_run_logger().info("building %s (device %s)", store.uri(), cfg.device)
-    # One build writes a version at a time: a second build of it fails here, naming this one
-    with build_lease(cfg) as lease:
-        prepared = timed("prepare", run_prepare, cfg)
-        adapters = list(timed("finetune", run_finetune, cfg, params.fanout).values())
-        synthesis = timed("synthesize", run_synthesis, cfg, params.fanout, params.pinned(cfg), lease.owner)
-        stats = {"prepare": prepared, "adapters": adapters, "synthesis": _summary(synthesis),
-                 "timings_s": dict(timings)}
-        card = timed("finalize", finalize_task, cfg, stats, False)
-    verify_task(cfg)  # after the release: verification reports a lease still present as a problem
-    return {"uri": store.uri(), "prepare": prepared, "adapters": adapters, "synthesis": synthesis, "card": card,
-            "timings_s": timings}
+    """prepare -> fine-tune -> synthesize -> finalize -> verify for one version inside the current flow run:
+    :func:`realfake.build.build_version` with every stage a task (:func:`flow_stages`)."""
+    return build_version(cfg, stages=flow_stages(params))
 
 
 def run_build_stages(cfg: BuildConfig, params: BuildParams) -> dict:
     """Build the version (and the baseline when asked), measure, report and publish artifacts; returns the report."""
-    from realfake import build as library
     from realfake.report import report_markdown
 
-    t0 = time.perf_counter()
-    versions = {"realfake": build_version_stages(cfg, params)}
-    configs = {"realfake": cfg}
-    if params.compare_baseline:
-        base = library.baseline_config(cfg, params.baseline_prompt)
-        versions["baseline"] = build_version_stages(base, params)
-        configs["baseline"] = base
-    report: dict = {"dataset": cfg.dataset, "version": cfg.version, "versions": versions}
-    if params.measure:
-        report["measures"] = measure_task(configs, params.fanout.gpu_limit)
-    report["total_s"] = round(time.perf_counter() - t0, 2)
-    report.update(report_task(cfg, report, configs))
-
-    card = versions["realfake"]["card"]
+    report = build_and_report(cfg, flow_stages(params), params.compare_baseline, params.baseline_prompt,
+                              params.measure)
+    card = report["versions"]["realfake"]["card"]
     store = version_store(cfg.root, cfg.dataset, cfg.version)
     publish_counts(card, cfg.dataset, cfg.version)
     if report.get("measures"):
@@ -94,11 +86,6 @@ def run_build_stages(cfg: BuildConfig, params: BuildParams) -> dict:
         publish_grid(str(report["grid"]), cfg.dataset, cfg.version)
     publish_report(report_markdown(report), cfg.dataset, cfg.version)
     return report
-
-
-def _summary(synthesis: dict) -> dict:
-    # The card keeps scalars only; per-group results stay in the flow run's result.
-    return {k: v for k, v in synthesis.items() if not isinstance(v, list | dict)}
 
 
 @flow(name="build", log_prints=True, persist_result=True)
@@ -126,42 +113,30 @@ def publish_build_plan(cfg: BuildConfig, params: BuildParams) -> None:
         get_run_logger().warning("no plan artifact: %s: %s", type(e).__name__, e)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.build --preset demo [--config FILE] [--set a.b=c ...]``; prints the report."""
-    p = argparse.ArgumentParser(prog="python -m flows.build", description=build_flow.description)
-    p.add_argument("--preset", default="demo", help="shipped preset (configs/*.yaml)")
-    p.add_argument("--config", default=None, help="YAML file merged over the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C",
-                   help="dotted override, repeatable (e.g. --set finetune.max_steps=200)")
+def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fanout", choices=["local", "deployment"], default="local", help="how shard groups run")
     p.add_argument("--groups", type=int, default=None, help="shard groups (default: one per visible GPU)")
     p.add_argument("--no-baseline", action="store_true", help="skip the text-to-image baseline version")
     p.add_argument("--baseline-prompt", choices=list(BASELINE_PROMPTS), default="caption",
                    help="the baseline's prompt (caption: the authors', the build's prompt with its caption)")
-    a = p.parse_args(argv)
-    from realfake.cli import report_error
-    from realfake.redact import install_log_redaction
 
-    install_log_redaction()
-    try:
-        params = BuildParams(preset=a.preset, config_file=a.config, overrides=a.overrides,
-                             fanout={"mode": a.fanout, "groups": a.groups}, compare_baseline=not a.no_baseline,
-                             baseline_prompt=a.baseline_prompt)
-        params.to_config()
-    except ConfigError as e:
-        return report_error(e)
+
+def _show(report: dict) -> None:
     from realfake.report import report_markdown
 
-    try:
-        report = build_flow(params)
-    except Exception as e:  # noqa: BLE001 - shown as the realfake command shows errors: one line, or a bug's traceback
-        return report_error(e)
     print(report_markdown(report))
     locations = report.get("locations", {})
     print(f"\nreport: {report.get('report')}\ngrid:   {report.get('grid')}")
     for name, uri in locations.get("shards", {}).items():
         print(f"shards ({name}): {uri}\ncard   ({name}): {locations.get('card', {}).get(name)}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.build --preset demo [--config FILE] [--set a.b=c ...]``; prints the report."""
+    return flow_main(argv, "python -m flows.build", build_flow, BuildParams, options=_options, show=_show,
+                     report_errors=True, fields=lambda a: {
+                         "fanout": {"mode": a.fanout, "groups": a.groups}, "compare_baseline": not a.no_baseline,
+                         "baseline_prompt": a.baseline_prompt})
 
 
 if __name__ == "__main__":

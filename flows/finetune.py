@@ -9,11 +9,11 @@ GPUs at once instead (``torchrun``, DDP, holding one slot per GPU).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from prefect import flow, get_run_logger
 
+from flows.cli import flow_main
 from flows.params import FanoutParams, FinetuneParams
 from realfake.config import BuildConfig
 from realfake.data.storage import resolve_storage_options
@@ -75,13 +75,7 @@ def finetune_flow(params: FinetuneParams = FinetuneParams()) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m flows.finetune --preset demo [--set a.b=c ...]``"""
-    p = argparse.ArgumentParser(description=finetune_flow.description)
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    a = p.parse_args(argv)
-    print(finetune_flow(FinetuneParams(preset=a.preset, config_file=a.config, overrides=a.overrides)))
-    return 0
+    return flow_main(argv, "python -m flows.finetune", finetune_flow, FinetuneParams)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ detected and recomputed rather than trusted.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from prefect import flow, get_run_logger
 
+from flows.cli import flow_main
 from flows.params import PrepareParams
 from realfake.config import BuildConfig
 from realfake.redact import redacting_errors
@@ -43,13 +43,7 @@ def prepare_flow(params: PrepareParams = PrepareParams()) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m flows.prepare --preset demo [--set a.b=c ...]``"""
-    p = argparse.ArgumentParser(description=prepare_flow.description)
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    a = p.parse_args(argv)
-    print(prepare_flow(PrepareParams(preset=a.preset, config_file=a.config, overrides=a.overrides)))
-    return 0
+    return flow_main(argv, "python -m flows.prepare", prepare_flow, PrepareParams)
 
 
 if __name__ == "__main__":

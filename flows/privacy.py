@@ -21,6 +21,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows.cli import flow_main
 from flows.params import ConfigParams
 from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig, ShadowFamily
 from realfake.redact import redacting_errors
@@ -236,23 +237,23 @@ def privacy_shadows_flow(params: ShadowRunParams = ShadowRunParams()) -> dict:
     return {"family": params.family, "shadows": results, "devices": visible_gpus()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.privacy --preset demo --shadows 4 [--set a.b=c ...]``"""
-    p = argparse.ArgumentParser(description=privacy_flow.description)
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shadows", type=int, default=16, help="Shadow pipelines per family (paper: 16).")
     p.add_argument("--no-lira", action="store_true", help="Skip membership inference.")
     p.add_argument("--no-copy", action="store_true", help="Skip copy detection.")
-    a = p.parse_args(argv)
-    params = PrivacyParams(preset=a.preset, config_file=a.config, overrides=a.overrides,
-                           lira=LiraConfig(n_shadows=a.shadows), lira_enabled=not a.no_lira,
-                           copy_enabled=not a.no_copy)
-    out = privacy_flow(params)
-    if "lira" in out:
-        print(out["lira"]["table"])
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.privacy --preset demo --shadows 4 [--set a.b=c ...]``"""
+    def fields(a: argparse.Namespace) -> dict:
+        return {"lira": LiraConfig(n_shadows=a.shadows), "lira_enabled": not a.no_lira, "copy_enabled": not a.no_copy}
+
+    def show(out: dict) -> None:
+        if "lira" in out:
+            print(out["lira"]["table"])
+
+    return flow_main(argv, "python -m flows.privacy", privacy_flow, PrivacyParams, options=_options, fields=fields,
+                     show=show)
 
 
 if __name__ == "__main__":

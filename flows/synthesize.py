@@ -10,11 +10,11 @@ shard granularity. Every group holds one slot of the GPU global concurrency limi
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from prefect import flow, get_run_logger
 
+from flows.cli import flow_main
 from flows.params import FanoutParams, ShardGroupParams, SynthesizeParams
 from realfake.build import store_of
 from realfake.config import BuildConfig
@@ -146,13 +146,7 @@ def synthesize_flow(params: SynthesizeParams = SynthesizeParams()) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m flows.synthesize --preset demo [--set a.b=c ...]``"""
-    p = argparse.ArgumentParser(description=synthesize_flow.description)
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    a = p.parse_args(argv)
-    synthesize_flow(SynthesizeParams(preset=a.preset, config_file=a.config, overrides=a.overrides))
-    return 0
+    return flow_main(argv, "python -m flows.synthesize", synthesize_flow, SynthesizeParams, show=None)
 
 
 if __name__ == "__main__":

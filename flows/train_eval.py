@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from prefect import flow
 
+from flows.cli import flow_main
 from flows.params import TrainEvalParams
 from realfake.config import BuildConfig
 from realfake.data.storage import resolve_storage_options
@@ -68,12 +69,7 @@ def train_eval_flow(params: TrainEvalParams = TrainEvalParams()) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.train_eval --preset demo --data real --data synthetic --scale 2``"""
-    p = argparse.ArgumentParser(description=train_eval_flow.description)
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", choices=["real", "synthetic", "real+synthetic"], default=None)
     p.add_argument("--nproc-per-node", type=int, default=1, help="Training processes per set (torchrun, DDP).")
     p.add_argument("--scale", dest="scales", action="append", type=int, default=[],
@@ -81,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mix-ratio", type=float, default=None, help="real+synthetic: synthetic images per real image.")
     p.add_argument("--synthetic-version", dest="versions", action="append", default=[],
                    help="Pool the synthetic images of this version (repeatable).")
-    a = p.parse_args(argv)
+
+
+def _fields(a: argparse.Namespace) -> dict:
     train_data = {k: v for k, v in (("mix_ratio", a.mix_ratio), ("synthetic_versions", a.versions)) if v}
-    params = TrainEvalParams(preset=a.preset, config_file=a.config, overrides=a.overrides,
-                             synthetic_scales=a.scales, nproc_per_node=a.nproc_per_node,
-                             **({"data": a.data} if a.data else {}),
-                             **({"train_data": train_data} if train_data else {}))
-    print(train_eval_flow(params))
-    return 0
+    return {"synthetic_scales": a.scales, "nproc_per_node": a.nproc_per_node,
+            **({"data": a.data} if a.data else {}), **({"train_data": train_data} if train_data else {})}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.train_eval --preset demo --data real --data synthetic --scale 2``"""
+    return flow_main(argv, "python -m flows.train_eval", train_eval_flow, TrainEvalParams, options=_options,
+                     fields=_fields)
 
 
 if __name__ == "__main__":
