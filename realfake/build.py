@@ -280,7 +280,7 @@ def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress:
     ``lease_owner``: the build this call works for, whose process holds the version's lease (a shard group of
     a Prefect build); every commit first checks that build still holds it.
     """
-    from realfake.data.shards import VersionLease
+    from realfake.data.lease import VersionLease
     from realfake.synthesize import synthesize as run
 
     storage_options = resolve_storage_options(cfg.storage, storage_options)
@@ -459,7 +459,7 @@ class Stages:
 def local_stages(progress: bool = False, storage_options: dict | None = None,
                  components: dict | None = None) -> Stages:
     """The stages as calls of this module's functions in this process."""
-    from realfake.data.shards import VersionLease
+    from realfake.data.lease import VersionLease
     from realfake.report import write_report
 
     so = storage_options

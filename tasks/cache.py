@@ -135,14 +135,13 @@ def finetune_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 def is_transient(exc: BaseException) -> bool:
     """True for faults a retry may cure: I/O, network, timeouts, a lost or preempted device."""
     from realfake.config import ConfigError
-    from realfake.data.shards import LeaseHeldError, LeaseLostError
-    from realfake.data.storage import StorageFullError
+    from realfake.data.lease import LeaseHeldError, LeaseLostError
+    from realfake.data.storage import is_transient_io
 
-    # a full disk or quota stays full, another build holds the version: only a person can fix these
-    if isinstance(exc, ConfigError | ValueError | TypeError | KeyError | FileNotFoundError | StorageFullError
-                  | LeaseHeldError | LeaseLostError):
+    # a bad config, another build holding the version: only a person can fix these
+    if isinstance(exc, ConfigError | ValueError | TypeError | KeyError | LeaseHeldError | LeaseLostError):
         return False
-    if isinstance(exc, OSError | ConnectionError | TimeoutError):
+    if is_transient_io(exc):  # the storage layer's one test (a full disk, a missing file: not transient)
         return True
     # CUDA faults after a preemption / ECC event surface as RuntimeError with these words.
     text = str(exc).lower()

@@ -1,6 +1,6 @@
 """The version lease of a Prefect build: one flow run holds it, its shard groups work under it.
 
-The library's :class:`realfake.data.shards.VersionLease` is taken by the flow run that builds a version (owner
+The library's :class:`realfake.data.lease.VersionLease` is taken by the flow run that builds a version (owner
 ``prefect-{flow run id}``), renewed by a heartbeat thread in that process, and released when the stages are
 done, before verification. Shard groups (worker processes on this node, child flow runs on other nodes) get the
 owner and *join* the lease: before each commit they check that the build still holds it, so a second build of
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from realfake.config import BuildConfig
-from realfake.data.shards import VersionLease
+from realfake.data.lease import VersionLease
 
 __all__ = ["build_lease", "lease_owner"]
 

@@ -84,7 +84,7 @@ def test_remote_shards_upload_from_memory_or_from_a_spill_file(
     monkeypatch,
     memory_spool_bytes: int,
 ) -> None:
-    import realfake.data.shards as shards_mod
+    import realfake.data.shards.writer as shards_mod
 
     spills: list[str] = []
     real_mkstemp = shards_mod.tempfile.mkstemp

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -30,7 +31,7 @@ from realfake.data.shards import (
     iter_synthetic,
 )
 from realfake.data.storage import Store, version_store
-from realfake.data.streaming import StreamingImages, read_shard, read_shard_entries
+from realfake.data.streaming import StreamingImages, read_shard_entries
 
 
 def fingerprint(image: Image.Image) -> str:
@@ -198,8 +199,13 @@ def test_fast_tar_reader_matches_tarfile_including_long_names(tmp_path: Path) ->
     recs.append(SyntheticRecord(long_key, 1, "square", recs[0].image, {"replica": 0}))
     commit = ShardWriter(store, ShardConfig(image_format="png")).write_shard("shard-000000", recs)
     shards = store.child("synthetic")
-    fast = [(s.key, s.label, s.image, s.meta) for s in read_shard(shards, commit)]
-    slow = [(s.key, s.label, s.image, s.meta) for s in iter_shard(shards, commit)]
+    fast = [(s.key, s.label, s.image, s.meta) for s in iter_shard(shards, commit, check=True, checksum=True)]
+    members: dict[str, dict[str, bytes]] = {}  # the reference: the same shard as tarfile reads it
+    with tarfile.open(shards.path(commit.files[0].path)) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    slow = [(k, int(v["cls"]), v["png"], json.loads(v["json"])) for k, v in members.items()]
     assert fast == slow and fast[-1][0] == long_key
     with tarfile.open(shards.path(commit.files[0].path)) as tar:
         assert any(len(m.name) > 100 for m in tar.getmembers())
@@ -298,7 +304,7 @@ def test_training_from_a_stream_with_two_workers_steps_even_when_a_worker_has_un
 
 
 def test_a_corrupt_pax_record_is_an_integrity_error_not_a_hang() -> None:
-    from realfake.data.streaming import _pax_path
+    from realfake.data.shards.tar import _pax_path
 
     assert _pax_path(b"16 path=abc.png\n") == b"abc.png"
     for bad in (b"0 path=x\n", b"-5 path=x\n", b"99 path=x\n", b"x path=y\n", b"path=x\n"):

@@ -5,7 +5,8 @@ per-class counts of real and synthetic images, every shard's checksum, the build
 inputs were rejected). :func:`verify_version` re-reads a version from any fsspec URI and lists every way it
 disagrees with itself: a shard that does not match its commit record, an index row without an image or an
 image without one, duplicate keys, counts that differ from the card, uncommitted leftovers. An empty list
-means the version is whole. :func:`inspect_version` renders the card for a person.
+means the version is whole. :func:`inspect_version` renders the card for a person, with the per-class quality
+table when the version was measured (``quality``).
 """
 
 from __future__ import annotations
@@ -24,23 +25,22 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from realfake.data.lease import LEASE_FILE
 from realfake.data.shards import (
     COMMITS_DIR,
     INDEX_FILE,
-    LEASE_FILE,
     RECIPE_FILE,
     WDS_INFO_FILE,
     WDS_SPLIT,
     CommitRecord,
     ShardIntegrityError,
     committed_shards,
-    io_retry,
     iter_shard,
     partial_shards,
     read_recipe,
     write_index,
 )
-from realfake.data.storage import Store
+from realfake.data.storage import Store, io_retry
 from realfake.recipe import recipe_diff
 
 __all__ = [
@@ -146,7 +146,8 @@ def read_card(uri_or_store: str | Store, storage_options: dict[str, Any] | None 
 
 
 def write_card(
-    store: Store, config: dict[str, Any], stats: dict[str, Any], folder: str = "synthetic"
+    store: Store, config: dict[str, Any], stats: dict[str, Any], folder: str = "synthetic",
+    quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``dataset.json`` for the version in ``store`` and return it.
 
@@ -158,6 +159,8 @@ def write_card(
         config: The build configuration (``BuildConfig.model_dump(mode="json")``).
         stats: Build statistics worth keeping (timings, throughput, rejected generations, ...).
         folder: The shard folder.
+        quality: The per-class quality section (:func:`realfake.quality.measure_quality`); absent from the card
+            when None, so a version built without ``quality`` has the card it always had.
     """
     commits = committed_shards(store, folder)
     index = write_index(store, folder)
@@ -195,6 +198,8 @@ def write_card(
         "rejects": _rejects(store),
         "stats": stats,
     }
+    if quality is not None:
+        card["quality"] = quality
     _call(store, "write_json", card, CARD_FILE)
     return card
 
@@ -497,6 +502,10 @@ def inspect_version(uri_or_store: str | Store, storage_options: dict[str, Any] |
     for k in sorted({*classes, *real_train}, key=int):
         name = classes.get(k, {}).get("class_name") or real.get("class_names", {}).get(k, "")
         lines.append(f"{k:>5}  {name[:24]:<24} {classes.get(k, {}).get('count', 0):>9} {real_train.get(k, 0):>10}")
+    if card.get("quality"):
+        from realfake.quality import format_quality_table
+
+        lines += ["", "quality per class (far from the real class first):", format_quality_table(card["quality"])]
     if card.get("stats"):
         lines += ["", "stats: " + json.dumps(card["stats"], sort_keys=True)[:400]]
     return "\n".join(lines)

@@ -46,9 +46,10 @@ def write_payload(store: Store, data: bytes, *parts: str, durable: bool = True) 
     return Payload("/".join(parts), len(data), hashlib.sha256(data).hexdigest())
 
 
-def write_record(store: Store, record: Mapping[str, Any], *parts: str, durable: bool = True) -> None:
-    """The commit: the record JSON, written whole after every payload it names (retried on transient errors)."""
-    data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+def write_record(store: Store, record: Mapping[str, Any], *parts: str, durable: bool = True, indent: int = 2) -> None:
+    """The commit: the record JSON, written whole after every payload it names (retried on transient errors).
+    ``indent`` only keeps each record kind's bytes as they always were (shard commit records use 1)."""
+    data = json.dumps(record, indent=indent, sort_keys=True, default=str).encode()
     io_retry(lambda: store.write_bytes(data, *parts, durable=durable), f"write {store.uri(*parts)}")
 
 

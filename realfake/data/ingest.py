@@ -263,7 +263,7 @@ def _read_bytes(uri: str, storage_options: dict | None, remote: bool) -> bytes:
 
     if not remote:
         return read()
-    from realfake.data.shards import io_retry  # object stores drop single requests now and then
+    from realfake.data.storage import io_retry  # object stores drop single requests now and then
 
     return io_retry(read, f"read {uri}")
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import json
 import logging
 import math
 import multiprocessing
@@ -42,7 +41,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -50,24 +49,15 @@ import torch.distributed
 import torch.utils.data
 from PIL import Image
 
-from realfake.data.shards import (
-    CommitRecord,
-    ShardIntegrityError,
-    ShardSample,
-    check_file_size,
-    committed_shards,
-    io_retry,
-    iter_shard,
-)
+from realfake.data.shards import CommitRecord, ShardIntegrityError, ShardSample, committed_shards, iter_shard
+from realfake.data.shards.index import index_parts
 from realfake.data.storage import IO_ATTEMPTS, IO_BACKOFF_S, Store, is_transient_io
+from realfake.distributed import process_rank
 
 __all__ = [
     "ShardEntries",
     "ShardUnit",
     "StreamingImages",
-    "distributed_rank",
-    "iter_tar_samples",
-    "read_shard",
     "read_shard_entries",
 ]
 
@@ -132,12 +122,10 @@ def read_shard_entries(store: Store, folder: str = "synthetic") -> list[ShardEnt
     if not commits:
         return []
     paths = [s.path(c.index_part) for c in commits]
-    blobs = s.fs.cat(paths, on_error="return") if len(paths) > 1 else {}
+    blobs = index_parts(s, commits, paths)
     out = []
     for c, p in zip(commits, paths, strict=True):
-        blob = blobs.get(p)
-        if not isinstance(blob, bytes):
-            blob = io_retry(lambda p=p: s.fs.cat_file(p), f"read {p}")
+        blob = blobs[p]
         if hashlib.sha256(blob).hexdigest() != c.index_sha256:
             raise ShardIntegrityError(f"index part {s.uri(c.index_part)} does not match its commit record")
         t = pq.read_table(io.BytesIO(blob), columns=["key", "label", "class_name", "replica"]).to_pydict()
@@ -157,16 +145,6 @@ def read_shard_entries(store: Store, folder: str = "synthetic") -> list[ShardEnt
             )
         )
     return out
-
-
-def distributed_rank() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process: torch.distributed's when initialised, else torchrun's ``RANK`` and
-    ``WORLD_SIZE`` environment (which DataLoader workers inherit), else ``(0, 1)``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return 0, 1
 
 
 @dataclass
@@ -190,155 +168,33 @@ def _store(uri: str, storage_options: dict[str, Any]) -> Store:
     return s
 
 
+class _Synthetic(NamedTuple):
+    """A synthetic image on its way through the shuffle buffer, still encoded."""
+
+    index: int  # position in the one-process unshuffled order: keys the image's augmentation
+    data: bytes
+    label: int
+    key: str
+    folder_uri: str
+    shard: str
+
+
+class _Real(NamedTuple):
+    """A real image on its way through the shuffle buffer: its position in ``real_indices``."""
+
+    index: int
+    real: int
+
+
+_Item = _Synthetic | _Real
+
+
 def _stripe_count(count: int, stripe: tuple[int, int] | None) -> int:
     return count if stripe is None else len(range(stripe[0], count, stripe[1]))
 
 
 def _rng_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
-
-
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-_TAR_READ = 1 << 20
-
-
-def _octal(field: bytes, where: str) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for large numbers
-        return int.from_bytes(field[1:], "big")
-    digits = field.strip(b" \0")
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError:
-        raise ShardIntegrityError(f"{where}: corrupt tar header (size field {field!r})") from None
-
-
-def _pax_path(data: bytes, where: str = "tar") -> bytes | None:
-    """The ``path`` record of a PAX extended header, if it has one; a malformed record (bad or non-positive
-    length, one running past the header) raises :class:`ShardIntegrityError` instead of looping."""
-    pos, path = 0, None
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space]) if space > pos else 0
-        except ValueError:
-            length = 0
-        if space <= pos or length <= space - pos or pos + length > len(data):
-            raise ShardIntegrityError(f"{where}: corrupt PAX header record at byte {pos} (corrupt shard)")
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            path = value
-        pos += length
-    return path
-
-
-def iter_tar_samples(
-    f: IO[bytes], uri: str, image_format: str, sums: Any = None, meta: bool = True
-) -> Iterator[ShardSample]:
-    """Samples of a WebDataset tar read sequentially with a minimal header parser.
-
-    Reads what :class:`~realfake.data.shards.ShardWriter` writes (ustar members, PAX or GNU long names) and
-    skips anything that is not a regular file. About ten times less Python per member than ``tarfile``, which
-    matters when a worker must deliver thousands of small images a second. Every byte read, the end-of-archive
-    blocks included, goes to ``sums.update`` when given (a sha256 of the file, which then also stands for the
-    header checksums); without it each header's own checksum is checked. ``meta=False`` leaves each sample's
-    JSON unparsed (``meta`` empty): training needs only the image and the label.
-    """
-    reader = io.BufferedReader(f, _TAR_READ) if not isinstance(f, io.BufferedReader) else f  # type: ignore[arg-type]
-
-    def read(n: int) -> bytes:
-        data = reader.read(n)
-        if len(data) != n:
-            raise ShardIntegrityError(f"{uri}: truncated tar ({len(data)} of {n} bytes at the end)")
-        if sums is not None:
-            sums.update(data)
-        return data
-
-    current: dict[str, bytes] = {}
-    key: str | None = None
-    long_name: bytes | None = None
-
-    def emit() -> ShardSample:
-        missing = [e for e in (image_format, "cls", "json") if e not in current]
-        if missing:
-            raise ShardIntegrityError(f"{uri}: sample {key!r} lacks member(s) {missing}")
-        return ShardSample(
-            key=key,  # type: ignore[arg-type]
-            label=int(current["cls"]),
-            image=current[image_format],
-            image_format=image_format,
-            meta=json.loads(current["json"]) if meta else {},
-        )
-
-    while True:
-        header = reader.read(_BLOCK)
-        if sums is not None:
-            sums.update(header)
-        if not header or header == _ZERO_BLOCK:
-            break
-        if len(header) != _BLOCK:
-            raise ShardIntegrityError(f"{uri}: truncated tar header")
-        if sums is None and sum(header[:148]) + sum(header[156:]) + 8 * 32 != _octal(header[148:156], uri):
-            raise ShardIntegrityError(f"{uri}: tar header checksum mismatch (corrupt shard)")
-        size = _octal(header[124:136], uri)
-        kind = header[156:157]
-        data = read(size)
-        if size % _BLOCK:
-            read(_BLOCK - size % _BLOCK)
-        if kind in (b"x", b"L"):
-            try:
-                long_name = _pax_path(data, uri) if kind == b"x" else data.rstrip(b"\0")
-            except ValueError:
-                raise ShardIntegrityError(f"{uri}: corrupt PAX header") from None
-            continue
-        if kind not in (b"0", b"\0", b"7"):
-            long_name = None
-            continue
-        if long_name is not None:
-            raw, long_name = long_name, None
-        else:
-            raw = header[:100].split(b"\0", 1)[0]
-            if header[257:262] == b"ustar" and header[345] != 0:
-                raw = header[345:500].split(b"\0", 1)[0] + b"/" + raw
-        name = raw.decode("utf-8", "surrogateescape")
-        k, _, ext = name.partition(".")
-        if k != key and key is not None:
-            yield emit()
-            current = {}
-        key = k
-        current[ext] = data
-    if key is not None:
-        yield emit()
-    if sums is not None:
-        while chunk := reader.read(_TAR_READ):
-            sums.update(chunk)
-
-
-def read_shard(store: Store, commit: CommitRecord, check: bool = True, meta: bool = True) -> Iterator[ShardSample]:
-    """Samples of one committed shard (store rooted at the shard folder), images still encoded.
-
-    The same contract as :func:`realfake.data.shards.iter_shard` (with ``check``: size before reading, sha256
-    and count after, :class:`ShardIntegrityError` on a mismatch); WebDataset tars go through
-    :func:`iter_tar_samples`, Parquet shards through ``iter_shard``. ``meta=False`` skips parsing the tar
-    samples' JSON.
-    """
-    if commit.format != "webdataset":
-        yield from iter_shard(store, commit, check=check, checksum=check)  # verify_shards: sha256 included
-        return
-    for sf in commit.files:
-        uri = store.uri(sf.path)
-        with store.open(sf.path) as raw:
-            if check:
-                check_file_size(store, raw, sf)
-            sums = hashlib.sha256() if check else None
-            n = 0
-            for n, sample in enumerate(iter_tar_samples(raw, uri, commit.image_format, sums, meta), 1):  # noqa: B007
-                yield sample
-            if sums is not None:
-                if sums.hexdigest() != sf.sha256:
-                    raise ShardIntegrityError(f"{uri}: sha256 {sums.hexdigest()} does not match its commit record")
-                if n != sf.count:
-                    raise ShardIntegrityError(f"{uri}: {n} samples, its commit record says {sf.count}")
 
 
 class StreamingImages(torch.utils.data.IterableDataset):
@@ -359,8 +215,8 @@ class StreamingImages(torch.utils.data.IterableDataset):
         decode_size: Let JPEG decoding scale down in the DCT (PIL ``draft``) while both sides stay at least this
             many pixels; for transforms that shrink the image anyway. None decodes at full size.
         num_workers: DataLoader workers the dataset will be read with; only makes ``len()`` exact under DDP.
-        rank: This process's rank (default: :func:`distributed_rank` when iterated).
-        world_size: Number of ranks (default: :func:`distributed_rank`).
+        rank: This process's rank (default: :func:`~realfake.distributed.process_rank` when iterated).
+        world_size: Number of ranks (default: :func:`~realfake.distributed.process_rank`).
 
     Attributes:
         total: Images one epoch holds over all ranks and workers (each selected image once, padding excluded);
@@ -422,7 +278,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
     def _world(self) -> tuple[int, int]:
         if self.world_size is not None:
             return int(self.rank), int(self.world_size)  # type: ignore[arg-type]
-        return distributed_rank()
+        return process_rank()
 
     def __len__(self) -> int:
         """Images one epoch yields in this process (per rank under DDP)."""
@@ -503,7 +359,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
         for attempt in range(IO_ATTEMPTS):
             kept = seen = 0
             try:
-                for sample in read_shard(store, unit.commit, check=self.check, meta=False):
+                for sample in iter_shard(store, unit.commit, check=self.check, checksum=self.check, meta=False):
                     if unit.keep is not None and sample.key not in unit.keep:
                         continue
                     kept += 1
@@ -525,10 +381,10 @@ class StreamingImages(torch.utils.data.IterableDataset):
                 "part and its files disagree (run `realfake verify` on the version)"
             )
 
-    def _items(self, share: _Share, rng: random.Random) -> Iterator[tuple]:
+    def _items(self, share: _Share, rng: random.Random) -> Iterator[_Item]:
         """The share's raw items (encoded synthetic samples, real indices), interleaved and shuffled."""
 
-        def synthetic() -> Iterator[tuple]:
+        def synthetic() -> Iterator[_Synthetic]:
             pending = list(reversed(share.units))
             width = self.open_shards if self.shuffle else 1
             active: list[list[Any]] = []  # [sample iterator, images left, unit, unit number]
@@ -552,7 +408,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
                 it, _, unit, u = entry = active[i]
                 pos, s = next(it)
                 entry[1] -= 1
-                yield ("s", self._offsets[u] + pos, s.image, s.label, s.key, unit.folder_uri, unit.commit.name)
+                yield _Synthetic(self._offsets[u] + pos, s.image, s.label, s.key, unit.folder_uri, unit.commit.name)
                 if entry[1] == 0:
                     del active[i]
                     for _, extra in it:  # runs the shard's checks after its last image
@@ -562,12 +418,12 @@ class StreamingImages(torch.utils.data.IterableDataset):
         n_syn = sum(_stripe_count(self.shards[u].count, stripe) for u, stripe in share.units)
         n_real = len(share.real)
         syn, real = synthetic(), iter(share.real)
-        merged: Iterator[tuple]
+        merged: Iterator[_Item]
         if not self.shuffle:
             merged = itertools.chain(syn, (self._real_item(i) for i in real))
         else:
 
-            def interleave() -> Iterator[tuple]:
+            def interleave() -> Iterator[_Item]:
                 ns, nr = n_syn, n_real
                 while ns or nr:
                     if nr and (not ns or rng.random() * (ns + nr) < nr):
@@ -583,7 +439,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from merged
             return
-        buf: list[tuple] = []
+        buf: list[_Item] = []
         for item in merged:
             if len(buf) < self.shuffle_buffer:
                 buf.append(item)
@@ -594,25 +450,25 @@ class StreamingImages(torch.utils.data.IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _real_item(self, i: int) -> tuple:
-        return ("r", self._offsets[-1] + i, self.real_indices[i])
+    def _real_item(self, i: int) -> _Real:
+        return _Real(self._offsets[-1] + i, self.real_indices[i])
 
-    def _decode(self, item: tuple) -> tuple[Any, int]:
-        if item[0] == "r":
+    def _decode(self, item: _Item) -> tuple[Any, int]:
+        if isinstance(item, _Real):
             assert self.real is not None
-            image, label = self.real[item[2]]
+            image, label = self.real[item.real]
         else:
-            _, _, data, label, key, folder_uri, shard = item
+            label = item.label
             try:
-                image = Image.open(io.BytesIO(data))
+                image = Image.open(io.BytesIO(item.data))
                 if self.decode_size and image.format == "JPEG":
                     image.draft("RGB", (self.decode_size, self.decode_size))
                 image = image.convert("RGB") if image.mode != "RGB" else image
                 image.load()
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise ValueError(
-                    f"image {key} in shard {folder_uri}/{shard} cannot be decoded: {e}; check the shard with "
-                    "`realfake verify` on its version"
+                    f"image {item.key} in shard {item.folder_uri}/{item.shard} cannot be decoded: {e}; check the "
+                    "shard with `realfake verify` on its version"
                 ) from e
         if self.transform is not None:
             image = self.transform(image)
@@ -650,7 +506,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
             trimmed = share.load > left  # a DDP trim, or the last padding pass: stop at the quota
             for item in itertools.islice(items, left) if trimmed else items:
                 image, label = self._decode(item)
-                yield image, label, (epoch, item[1], repeat)
+                yield image, label, (epoch, item.index, repeat)
                 delivered += 1
             if trimmed and repeat == 0:
                 for _ in items:  # the trimmed rest: read, not decoded, so each shard's checks run after its end
