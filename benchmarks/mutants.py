@@ -62,16 +62,14 @@ MUTANTS = [
       '    digest = hashlib.sha256(f"{version}\\x1f{sample_id}\\x1f{replica}\\x1f{seed}".encode()).digest()\n',
       '    return hash((version, sample_id, replica, seed)) & ((1 << 63) - 1)\n', SEEDS,
       "the image seed derived with Python's per-process hash() (issue 21)"),
-    m("commit-before-shard-file", "realfake/data/shards.py",
+    m("commit-before-shard-file", "realfake/data/shards/writer.py",
       "                self._publish(out, tmp, part_rel, nbytes)\n            finally:",
       "                if last:\n"
       "                    early = CommitRecord(name=name, format=fmt, image_format=ext, files=(*files, ShardFile(\n"
       "                        path=part_rel, count=done.count, bytes=nbytes, sha256=sha)),\n"
       "                        class_counts=dict(sorted(labels.items())), index_part=index_rel,\n"
-      "                        index_sha256=hashlib.sha256(index_data).hexdigest(), committed_at=_iso(_now()),\n"
-      "                        writer=self.writer_id)\n"
-      "                    self.store.write_bytes(json.dumps(early.to_json(), indent=1, sort_keys=True).encode(),\n"
-      "                                           *self._commit_path(name))\n"
+      "                        index_sha256=hashlib.sha256(index_data).hexdigest(), writer=self.writer_id)\n"
+      "                    write_record(self.store, early.to_json(), *self._commit_path(name), indent=1)\n"
       "                self._publish(out, tmp, part_rel, nbytes)\n            finally:",
       SHARDS, "the commit record written before the shard file (issue 21)"),
     # -- losses ----------------------------------------------------------------------------------------------
@@ -112,33 +110,34 @@ MUTANTS = [
     m("lora-scale-ignored", "realfake/synthesize.py", "self.pipe.fuse_lora(lora_scale=syn.lora_scale,",
       "self.pipe.fuse_lora(lora_scale=1.0,", SOURCES, "the adapter fused at scale 1 whatever lora_scale says"),
     # -- shard commit, index, verify ---------------------------------------------------------------------------
-    m("no-size-check-after-upload", "realfake/data/shards.py",
+    m("no-size-check-after-upload", "realfake/data/shards/writer.py",
       "        if size != nbytes:\n            raise ShardIntegrityError(f\"{self.store.uri(rel)} has {size} bytes",
       "        if False:\n            raise ShardIntegrityError(f\"{self.store.uri(rel)} has {size} bytes",
       SHARDS, "the stored size is not checked after an upload"),
-    m("failed-shard-files-kept", "realfake/data/shards.py",
+    m("failed-shard-files-kept", "realfake/data/shards/writer.py",
       "            self._remove_uncommitted(name, attempt.written)\n", "            pass\n", SHARDS,
       "a failed shard's files are left behind"),
-    m("no-lease-fencing", "realfake/data/shards.py",
+    m("no-lease-fencing", "realfake/data/shards/writer.py",
       "            self.lease.check()  # fencing: a build that lost the version must not publish a commit",
       "            pass", SHARDS, "a build that lost its lease still commits"),
-    m("leftovers-not-cleaned", "realfake/data/shards.py", "    remove_partial_shards(store, folder)\n",
+    m("leftovers-not-cleaned", "realfake/data/shards/plan.py", "    remove_partial_shards(store, folder)\n",
       "    pass\n", SHARDS, "a re-run does not remove a killed run's leftovers"),
-    m("count-not-checked", "realfake/data/shards.py", "if check and n != sf.count:", "if False:", SHARDS,
+    m("count-not-checked", "realfake/data/shards/reader.py", "if check and n != sf.count:", "if False:", SHARDS,
       "a shard's sample count is not compared with its commit record"),
-    m("sha256-not-checked", "realfake/data/shards.py", "if digest != sf.sha256:", "if False:", SHARDS,
+    m("sha256-not-checked", "realfake/data/shards/reader.py",
+      "if sha is not None and (digest := sha.hexdigest()) != sf.sha256:", "if False:", SHARDS,
       "a shard's sha256 is not compared with its commit record"),
-    m("size-not-checked-on-read", "realfake/data/shards.py",
-      "            if check:\n                check_file_size(store, raw, sf)\n",
-      "            if False:\n                check_file_size(store, raw, sf)\n", SHARDS,
+    m("size-not-checked-on-read", "realfake/data/shards/reader.py",
+      "            if check:\n                _check_size(store, len(src)",
+      "            if False:\n                _check_size(store, len(src)", SHARDS,
       "a shard file's size is not compared before reading"),
-    m("index-part-sha-not-checked", "realfake/data/shards.py",
+    m("index-part-sha-not-checked", "realfake/data/shards/index.py",
       "if hashlib.sha256(blobs[p]).hexdigest() != c.index_sha256:", "if False:", SHARDS,
       "the index is built from index parts without checking them"),
-    m("index-part-keys-not-compared", "realfake/data/shards.py", "if idx_keys != keys:", "if False:", SHARDS,
+    m("index-part-keys-not-compared", "realfake/data/shards/reader.py", "if idx_keys != keys:", "if False:", SHARDS,
       "verify_shard does not compare the shard's keys with its index part"),
-    m("leftovers-not-listed", "realfake/data/shards.py",
-      "out = [n for n in ls() if n not in owned and n not in (COMMITS_DIR, INDEX_PARTS_DIR)]", "out = []", SHARDS,
+    m("leftovers-not-listed", "realfake/data/shards/reader.py", "                if n not in keep]",
+      "                if False]", SHARDS,
       "uncommitted shard files are not reported as leftovers"),
     m("verify-misses-duplicate-keys", "realfake/data/card.py", "            if key in seen:\n",
       "            if False:\n", SHARDS, "verify does not report a key in two shards"),
