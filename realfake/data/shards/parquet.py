@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from realfake.data.shards.records import ShardSample
+from realfake.data.shards.records import INDEX_SCHEMA, ShardSample
 
 if TYPE_CHECKING:
     from realfake.data.shards.writer import IndexColumns
@@ -27,6 +27,7 @@ __all__ = ["ParquetPart", "iter_parquet"]
 log = logging.getLogger(__name__)
 
 _ROW_GROUP = 64  # images per row group: small groups keep `datasets` streaming reads light
+_PROVENANCE = ("class_name", "source_sample_id", "replica", "seed", "prompt", "negative_prompt")
 
 
 def _hf_features(class_names: Sequence[str] | None) -> dict[str, Any]:
@@ -55,12 +56,7 @@ def _parquet_schema(class_names: Sequence[str] | None) -> pa.Schema:
             ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
             ("label", pa.int64()),
             ("key", pa.string()),
-            ("class_name", pa.string()),
-            ("source_sample_id", pa.string()),
-            ("replica", pa.int32()),
-            ("seed", pa.int64()),
-            ("prompt", pa.string()),
-            ("negative_prompt", pa.string()),
+            *(INDEX_SCHEMA.field(n) for n in _PROVENANCE),  # typed as in the index
             ("image_sha256", pa.string()),
             ("meta", pa.string()),
         ]
