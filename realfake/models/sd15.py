@@ -7,7 +7,7 @@ the GPU benchmark build from these (no download), so both exercise exactly SD v1
 
 from __future__ import annotations
 
-__all__ = ["CLIP_L14_TEXT", "SD15_PARAMS", "SD15_SCHEDULER", "SD15_UNET", "SD15_VAE"]
+__all__ = ["CLIP_L14_TEXT", "CLIP_L14_VISION", "SD15_PARAMS", "SD15_SCHEDULER", "SD15_UNET", "SD15_VAE"]
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
@@ -24,6 +24,12 @@ SD15_VAE = dict(
 CLIP_L14_TEXT = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+# the vision tower of openai/clip-vit-large-patch14 (its config.json's vision_config; 768-d projection as the text
+# width), the guidance model of the paper presets (models.clip): 303,966,208 parameters with the projection
+CLIP_L14_VISION = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+    patch_size=14, hidden_act="quick_gelu", projection_dim=768,
 )
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
