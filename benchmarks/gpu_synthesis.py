@@ -223,13 +223,13 @@ def reference_pipeline(cfg: BuildConfig, store: Store, device: torch.device, off
     """
     from diffusers import StableDiffusionImg2ImgPipeline, UniPCMultistepScheduler
 
-    from realfake.finetune import local_adapter
+    from realfake.finetune import load_adapter
 
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(cfg.models.base, dtype=reference_dtype(device),
                                                           safety_checker=None, feature_extractor=None,
                                                           requires_safety_checker=False)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(local_adapter(store, "all"))
+    load_adapter(pipe, store, "all")
     if offload and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -245,8 +245,7 @@ def reference_run(pipe, cfg: BuildConfig, store: Store, items: Sequence, device:
     the two differ in how the LoRA is applied (unfused at scale 0.5 against fused), the dtype (fp16 against bf16)
     and model CPU offload. The pipeline's one-off load is not in ``wall_s``, as the engine's is not.
     """
-    from realfake.data.manifest import read_guidance
-    from realfake.finetune import load_real_image
+    from realfake.data.manifest import load_real_image, read_guidance
     from realfake.synthesize import _as_sample, image_seed
 
     syn = cfg.synthesis

@@ -342,9 +342,10 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
     metrics are written. Under torchrun (:mod:`realfake.train_dist`) every process trains and rank 0 alone
     evaluates and writes; the other ranks return ``{"data", "rank"}``.
     """
-    from realfake.classify import evaluate, process_rank, train_classifier
+    from realfake.classify import evaluate, train_classifier
     from realfake.data.loaders import RealImages, training_data
     from realfake.data.manifest import read_manifest
+    from realfake.distributed import process_rank
     from realfake.models.loading import resolve_device
 
     if data not in ("real", "synthetic", "real+synthetic"):

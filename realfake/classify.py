@@ -25,17 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import itertools
 import logging
 import math
-import multiprocessing
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -51,7 +45,18 @@ import torch.nn as nn
 import torch.utils.data
 from PIL import Image
 
+from realfake.classify_checkpoint import (
+    CHECKPOINT_STATE,
+    Trainables,
+    commit_checkpoint,
+    open_store,
+    read_checkpoint,
+    recipe,
+    restore,
+)
+from realfake.classify_data import EpochKeys, Transformed, TransformedStream, seed_worker
 from realfake.config import BuildConfig, ClassifierConfig
+from realfake.distributed import Ranks, join_process_group, process_rank
 
 if TYPE_CHECKING:
     from realfake.data.storage import Store
@@ -72,7 +77,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-CHECKPOINT_STATE = "state.json"  # a checkpoint folder's commit record, written after the weights it names
 
 
 class PerImageStandardize:
@@ -178,143 +182,6 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int) -> Classifier:
     return Classifier(net, cfg, num_classes)
 
 
-class _Transformed(torch.utils.data.Dataset):
-    """Applies a transform to datasets that yield PIL images; tensors pass through unchanged.
-
-    Indexed by ``(epoch, index)`` keys (the training sampler's), the transform runs under random number
-    generators seeded from ``(seed, epoch, index)``: an image's augmentation is then a function of the recipe,
-    not of which process, worker or restart happens to load it. Plain integer indices (evaluation) apply the
-    transform as it is.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset, transform: Callable | None, seed: int | None = None) -> None:
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, index = key if isinstance(key, tuple) else (None, key)
-        image, label = self.dataset[index]
-        if isinstance(image, Image.Image):
-            if self.transform is None:
-                raise TypeError(
-                    "the dataset yields PIL images but no transform is known: pass transform="
-                    "build_transforms(cfg, train=False) or a model returned by train_classifier"
-                )
-            if epoch is None or self.seed is None:
-                image = self.transform(image)
-            else:
-                with _seeded_rngs(self.seed, epoch, index):
-                    image = self.transform(image)
-        return image, int(label)
-
-
-class _TransformedStream(torch.utils.data.IterableDataset):
-    """The iterable counterpart of :class:`_Transformed`, for datasets that stream their own order.
-
-    Such a dataset (:class:`~realfake.data.streaming.StreamingImages`) shuffles per epoch and splits itself over
-    ranks and loader workers; its ``len()`` is what one epoch yields in this process. The transform runs under
-    generators seeded per image, never the loader worker's own (which every rank seeds alike, and a resume
-    re-seeds as in epoch 0): from ``(seed, epoch, index, repeat)`` where the dataset names each image
-    (``iter_keyed``, as ``StreamingImages`` does), so an image's augmentation is the same whichever rank or worker
-    reads it; otherwise from ``(seed, epoch, rank, worker, position)``, its place in this worker's stream.
-    Either way every rank augments differently and a resumed epoch draws what the uninterrupted run drew.
-    """
-
-    def __init__(
-        self, dataset: torch.utils.data.IterableDataset, transform: Callable, seed: int, rank: int = 0
-    ) -> None:
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = int(seed)
-        self.rank = int(rank)
-        # Shared memory, so that set_epoch() in the main process reaches persistent loader workers.
-        self._epoch = multiprocessing.get_context().RawValue("q", 0)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = int(epoch)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def _apply(self, image: Any, key: Iterable[int], restore: bool) -> Any:
-        if not isinstance(image, Image.Image):
-            return image
-        with _seeded_rngs(self.seed, *key, restore=restore):
-            return self.transform(image)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        info = torch.utils.data.get_worker_info()
-        keyed = getattr(self.dataset, "iter_keyed", None)
-        if callable(keyed):
-            # In a loader worker nothing else draws from the global generators: no need to restore them.
-            for image, label, key in keyed():
-                yield self._apply(image, key, restore=info is None), int(label)
-            return
-        where = (int(self._epoch.value), self.rank, info.id if info is not None else 0)
-        for position, (image, label) in enumerate(self.dataset):  # it may draw from them itself: restore
-            yield self._apply(image, (*where, position), restore=True), int(label)
-
-
-@contextmanager
-def _seeded_rngs(*key: int, restore: bool = True) -> Iterator[None]:
-    """Seed the CPU torch, numpy and python generators from ``key`` for the block, then restore their streams.
-
-    timm's and torchvision's transforms draw from all three; restoring keeps the training loop's own streams
-    (dropout, mixup) independent of how many images were loaded in this process. ``restore=False`` leaves them
-    seeded, for a loader worker where nothing else draws from them (saving and restoring is most of the cost).
-    """
-    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if restore else None
-    a, b, c = (int(v) for v in np.random.SeedSequence(list(key)).generate_state(3))
-    torch.default_generator.manual_seed(a)  # CPU only: CUDA generators belong to the training loop
-    np.random.seed(b)
-    random.seed(c)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            torch.set_rng_state(saved[0])
-            np.random.set_state(saved[1])
-            random.setstate(saved[2])
-
-
-class _EpochKeys(torch.utils.data.Sampler):
-    """This process's share of each epoch's seeded permutation, as ``(epoch, index)`` keys.
-
-    The permutation is torch's :class:`~torch.utils.data.DistributedSampler` (``seed + epoch``; padded so every
-    process gets as many images): process ``r`` of ``w`` takes positions ``r, r + w, ...``, so consecutive
-    per-process batches of ``B / w`` together hold exactly the images of the one-process batch of ``B``.
-    """
-
-    def __init__(self, n: int, seed: int, rank: int, world: int, take: int | None = None) -> None:
-        self.order = torch.utils.data.DistributedSampler(
-            range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed
-        )
-        self.take = len(self.order) if take is None else min(take, len(self.order))  # whole global batches only
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.order.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, i) for i in itertools.islice(self.order, self.take))
-
-    def __len__(self) -> int:
-        return self.take
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def _loss_fn(cfg: ClassifierConfig, mixing: bool) -> nn.Module:
     # Same choice as timm's train.py: mixup/cutmix produce soft targets, so they need a soft-target loss.
     if mixing and cfg.bce_loss:
@@ -336,128 +203,7 @@ def _autocast(device: torch.device, cfg: ClassifierConfig) -> tuple[torch.autoca
     return torch.autocast("cuda", dtype=torch.float16), True
 
 
-# -- processes and checkpoints --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Ranks:
-    """Where this process stands in a distributed run (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-    owned: bool = False  # this call started the process group, so it ends it
-
-
-def process_rank() -> tuple[int, int]:
-    """This process's rank and the world size of its distributed run; ``(0, 1)`` outside one.
-
-    Read from the process group while one is initialised, else from torchrun's environment (``RANK``,
-    ``WORLD_SIZE``), which outlives the group :func:`train_classifier` ends.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
-
-
-def _join_process_group(device: torch.device) -> tuple[_Ranks, torch.device]:
-    """Join the run torchrun started (env ``WORLD_SIZE`` > 1), or one a caller already initialised.
-
-    Each process trains on its own GPU (``cuda:LOCAL_RANK``) with NCCL, or on the CPU with gloo.
-    """
-    if not dist.is_available():
-        return _Ranks(), device
-    owned = False
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return _Ranks(), device
-        owned = True
-    if device.type == "cuda":  # one GPU per process, whatever index the config named
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
-        torch.cuda.set_device(device)
-    if owned:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    ranks = _Ranks(dist.get_rank(), dist.get_world_size(), owned)
-    if ranks.world > 1:
-        log.info("training as rank %d of %d on %s (%s)", ranks.rank, ranks.world, device, dist.get_backend())
-    return ranks, device
-
-
-# Fields that change how a run is executed, not what it computes: a checkpoint stays valid across them. The
-# accumulation is one of them for the same reason as the number of processes: the global batch is the recipe.
-_EXECUTION_FIELDS = {"workers", "checkpoint_every_epochs", "gradient_accumulation"}
-
-
-def _recipe(cfg: ClassifierConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json", exclude=_EXECUTION_FIELDS)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": "MT19937",
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
-    )
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def _open_checkpoint(checkpoint: Store | str | None) -> Store | None:
-    from realfake.data.storage import Store
-
-    if checkpoint is None or isinstance(checkpoint, Store):
-        return checkpoint
-    return Store(str(checkpoint))
-
-
-def _read_checkpoint(store: Store, cfg: ClassifierConfig, num_classes: int, images: int) -> dict[str, Any] | None:
-    """The committed checkpoint in ``store`` (``state.json`` + the weights file it names), or None; ``images`` is
-    the epoch's image count over all processes (:func:`_epoch_images`)."""
-    if not store.exists(CHECKPOINT_STATE):
-        return None
-    state = store.read_json(CHECKPOINT_STATE)
-    wanted = {"recipe": _recipe(cfg), "num_classes": num_classes, "train_images": images}
-    saved = {k: state.get(k) for k in wanted}
-    if saved != wanted:
-        differ = sorted(
-            f"classifier.{k}"
-            for k in set(wanted["recipe"]) | set(saved["recipe"] or {})
-            if (saved["recipe"] or {}).get(k) != wanted["recipe"].get(k)
-        ) + [k for k in ("num_classes", "train_images") if saved[k] != wanted[k]]
-        raise ValueError(
-            f"the checkpoint at {store.uri()} was written for another training run (differs in: "
-            f"{', '.join(differ)}); remove that folder to start over, or train under another run name"
-        )
-    if not store.exists(state["file"]):
-        raise FileNotFoundError(
-            f"{store.uri(CHECKPOINT_STATE)} names {state['file']}, which is missing; remove {store.uri()} to start over"
-        )
-    state["payload"] = torch.load(io.BytesIO(store.read_bytes(state["file"])), map_location="cpu", weights_only=True)
-    return state
-
-
-def _epoch_images(train_set: torch.utils.data.Dataset, n: int, ranks: _Ranks, device: torch.device) -> int:
+def _epoch_images(train_set: torch.utils.data.Dataset, n: int, ranks: Ranks, device: torch.device) -> int:
     """Images one epoch holds over all processes: what a checkpoint records as ``train_images``.
 
     ``n`` for a map-style dataset (every process holds it whole); a stream's ``len()`` is this process's share
@@ -474,18 +220,6 @@ def _epoch_images(train_set: torch.utils.data.Dataset, n: int, ranks: _Ranks, de
     shares = torch.tensor([n], dtype=torch.int64, device=device)
     dist.all_reduce(shares)
     return int(shares.item())
-
-
-def _write_checkpoint(store: Store, state: dict[str, Any], payload: dict[str, Any]) -> None:
-    """Weights file first, ``state.json`` naming it last (the commit), then drop what the commit superseded."""
-    name = f"epoch-{state['epoch']:05d}.pt"
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    store.write_bytes(buf.getvalue(), name)
-    store.write_json({**state, "file": name}, CHECKPOINT_STATE)
-    for old in store.listdir():
-        if old not in (name, CHECKPOINT_STATE):
-            store.remove(old)
 
 
 class BatchSchedule(NamedTuple):
@@ -585,7 +319,7 @@ def train_classifier(
             images over all processes, which a checkpoint records). Only the map-style path makes sampling
             independent of the number of processes and workers; a stream's augmentation is seeded per image
             where it names its images (``iter_keyed``), else per rank, worker and position (see
-            :class:`_TransformedStream`).
+            :class:`~realfake.classify_data.TransformedStream`).
         num_classes: Width of the classifier head; labels must lie in ``[0, num_classes)``.
         cfg: The recipe: model, optimizer, schedule, augmentation, loss and seed.
         device: Torch device to train on (a distributed run uses ``cuda:LOCAL_RANK`` for ``cuda``).
@@ -605,8 +339,8 @@ def train_classifier(
         ) from None
     if n == 0:
         raise ValueError("train_set is empty: nothing to train the classifier on")
-    store = _open_checkpoint(checkpoint)
-    ranks, device = _join_process_group(torch.device(device))
+    store = open_store(checkpoint)
+    ranks, device = join_process_group(torch.device(device))
     try:
         return _train(train_set, n, num_classes, cfg, device, progress, store, ranks)
     finally:
@@ -622,7 +356,7 @@ def _train(
     device: torch.device,
     progress: bool,
     store: Store | None,
-    ranks: _Ranks,
+    ranks: Ranks,
 ) -> Classifier:
     streamed = isinstance(train_set, torch.utils.data.IterableDataset)
     # The stream's len() is already this process's share; the sampler gives each process ceil(n / world).
@@ -651,14 +385,14 @@ def _train(
             log.warning("classifier.sync_bn needs CUDA: batch norm on %s normalises each process's share", device)
 
     train_transform = build_transforms(cfg, train=True)
-    dataset: _Transformed | _TransformedStream
+    dataset: Transformed | TransformedStream
     if streamed:
         sampler = None
-        dataset = _TransformedStream(train_set, train_transform, seed=cfg.seed, rank=ranks.rank)
+        dataset = TransformedStream(train_set, train_transform, seed=cfg.seed, rank=ranks.rank)
     else:
         whole = sched.steps_per_epoch * sched.micro_batch * sched.accumulation  # this process's whole global batches
-        sampler = _EpochKeys(n, cfg.seed, ranks.rank, ranks.world, take=whole)
-        dataset = _Transformed(train_set, train_transform, seed=cfg.seed)
+        sampler = EpochKeys(n, cfg.seed, ranks.rank, ranks.world, take=whole)
+        dataset = Transformed(train_set, train_transform, seed=cfg.seed)
     # Mixup pairs samples inside a batch and needs an even batch size, hence drop_last when mixing. A stream is
     # batched inside each DataLoader worker, so drop_last would drop every worker's remainder (and a worker whose
     # share is under one batch would yield nothing): streams keep their short batches, trimmed to even for mixup.
@@ -668,7 +402,7 @@ def _train(
         sampler=sampler,
         drop_last=sched.drop_last,
         num_workers=cfg.workers,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(cfg.seed),
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0,
@@ -703,29 +437,14 @@ def _train(
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     start, updates = 0, 0
+    trainables = Trainables(net, optimizer, scheduler, scaler)
     epoch_images = _epoch_images(train_set, n, ranks, device)  # over all processes: any world size resumes
-    saved = _read_checkpoint(store, cfg, num_classes, epoch_images) if store is not None else None
+    saved = read_checkpoint(store, cfg, num_classes, epoch_images) if store is not None else None
     if saved is not None:
-        payload = saved["payload"]
-        net.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if scaler is not None and payload.get("scaler"):
-            scaler.load_state_dict(payload["scaler"])
         start, updates = int(saved["epoch"]), int(saved["updates"])
         model.train_log = list(saved["train_log"])
         model.resumed_from_epoch = start
-        if len(payload["rng"]) == ranks.world:
-            _set_rng_state(payload["rng"][ranks.rank], device)
-        else:  # another world size: the data order is the same, only per-process draws (dropout) start anew
-            log.info(
-                "checkpoint of %d process(es) resumed by %d: reseeding per-process RNGs",
-                len(payload["rng"]),
-                ranks.world,
-            )
-            random.seed(cfg.seed + ranks.rank + 1_000_003 * start)
-            np.random.seed(cfg.seed + ranks.rank + 1_000_003 * start)
-            torch.manual_seed(cfg.seed + ranks.rank + 1_000_003 * start)
+        restore(saved["payload"], trainables, ranks, device, seed=cfg.seed + ranks.rank + 1_000_003 * start)
         log.info("resuming %s from epoch %d/%d (%s)", cfg.model, start, num_epochs, store.uri())
     trained = net
     if ranks.world > 1:
@@ -812,35 +531,23 @@ def _train(
             )
         every = cfg.checkpoint_every_epochs
         if store is not None and every and ((epoch + 1) % every == 0 or epoch + 1 == num_epochs):
-            rng = [_rng_state(device)]
-            if ranks.world > 1:
-                rng = [None] * ranks.world
-                dist.all_gather_object(rng, _rng_state(device))
-            if ranks.rank == 0:
-                payload = {
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": rng,
-                }
-                state = {
-                    "epoch": epoch + 1,
-                    "updates": updates,
-                    "train_log": model.train_log,
-                    "world_size": ranks.world,
-                    "recipe": _recipe(cfg),
-                    "num_classes": num_classes,
-                    "train_images": epoch_images,
-                }
-                _write_checkpoint(store, state, payload)
+            state = {
+                "epoch": epoch + 1,
+                "updates": updates,
+                "train_log": model.train_log,
+                "world_size": ranks.world,
+                "recipe": recipe(cfg),
+                "num_classes": num_classes,
+                "train_images": epoch_images,
+            }
+            commit_checkpoint(store, state, trainables, ranks, device)
     if net is not model.net:  # SyncBatchNorm copy: the returned model keeps plain batch norm
         model.net.load_state_dict(net.state_dict())
     return model.eval()
 
 
 def _mean_over_group(
-    net: nn.Module, images: int, expected: int, ranks: _Ranks, device: torch.device, streamed: bool
+    net: nn.Module, images: int, expected: int, ranks: Ranks, device: torch.device, streamed: bool
 ) -> None:
     """Rescale accumulated gradients weighted for ``expected`` images per process to the mean over the group's.
 
@@ -859,27 +566,18 @@ def _mean_over_group(
                 p.grad.mul_(factor)
 
 
-def _loader(
-    model: nn.Module, dataset: torch.utils.data.Dataset, transform: Callable | None, batch_size: int
-) -> torch.utils.data.DataLoader:
-    transform = transform if transform is not None else getattr(model, "eval_transform", None)
-    return torch.utils.data.DataLoader(_Transformed(dataset, transform), batch_size=batch_size, shuffle=False)
-
-
 @torch.inference_mode()
-def _run(
-    model: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    device: str | torch.device,
-    transform: Callable | None,
-    batch_size: int,
-    features: bool,
-) -> tuple[np.ndarray, np.ndarray]:
+def _run(model: nn.Module, dataset: torch.utils.data.Dataset, device: str | torch.device, transform: Callable | None,
+         batch_size: int, features: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (or ``features``) and labels of ``dataset`` in order, preprocessed by ``transform`` (default: the
+    model's ``eval_transform``)."""
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
+    transform = transform if transform is not None else getattr(model, "eval_transform", None)
+    loader = torch.utils.data.DataLoader(Transformed(dataset, transform), batch_size=batch_size, shuffle=False)
     outs, labels = [], []
-    for images, ys in _loader(model, dataset, transform, batch_size):
+    for images, ys in loader:
         images = images.to(device)
         if features:
             if hasattr(model, "features"):
@@ -898,25 +596,15 @@ def _run(
     return torch.cat(outs).numpy(), torch.cat(labels).numpy()
 
 
-def predict(
-    model: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    device: str | torch.device = "cpu",
-    transform: Callable | None = None,
-    batch_size: int = 256,
-) -> np.ndarray:
+def predict(model: nn.Module, dataset: torch.utils.data.Dataset, device: str | torch.device = "cpu",
+            transform: Callable | None = None, batch_size: int = 256) -> np.ndarray:
     """Class probabilities (softmax), shape ``(len(dataset), num_classes)``, in dataset order."""
     logits, _ = _run(model, dataset, device, transform, batch_size, features=False)
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 
-def extract_features(
-    model: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    device: str | torch.device = "cpu",
-    transform: Callable | None = None,
-    batch_size: int = 256,
-) -> np.ndarray:
+def extract_features(model: nn.Module, dataset: torch.utils.data.Dataset, device: str | torch.device = "cpu",
+                     transform: Callable | None = None, batch_size: int = 256) -> np.ndarray:
     """Pooled penultimate features (the input of the classifier head), shape ``(len(dataset), dim)``."""
     feats, _ = _run(model, dataset, device, transform, batch_size, features=True)
     return feats

@@ -12,8 +12,9 @@ the trainer state (optimiser, gradient scaler, the data generator) go to a folde
 ``state.json``, written last, names that folder with the files' sizes and hashes, the recipe the weights depend on
 and the loss history so far. Only a folder that ``state.json`` names is a checkpoint: a crash part-way through a
 checkpoint leaves the previous one in force, and its unfinished folder is removed by the next run. No rename is
-needed, so the same protocol holds on object stores. A re-run resumes from the checkpoint on the trajectory of an
-uninterrupted run, refuses one written under another recipe, and its ``train_log.json`` covers every step once.
+needed, so the same protocol (:mod:`realfake.data.commit`, as for shards) holds on object stores. A re-run resumes
+from the checkpoint on the trajectory of an uninterrupted run, refuses one written under another recipe, and its
+``train_log.json`` covers every step once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,18 @@ from PIL import Image
 
 from realfake.conditioning import build_prompt, encode_prompts, inject_guidance
 from realfake.config import MMD_MIN_BATCH, BuildConfig, FinetuneConfig
-from realfake.data.manifest import CAPTIONS, RealSample, read_guidance, read_manifest
+from realfake.data.commit import (
+    CHECKPOINT_STATE,
+    CommitError,
+    Payload,
+    PayloadError,
+    check_payload,
+    read_record,
+    sweep,
+    write_payload,
+    write_record,
+)
+from realfake.data.manifest import RealSample, read_captions, read_guidance, read_image, read_manifest
 from realfake.data.storage import Store
 from realfake.losses import min_snr_weights, realfake_loss
 
@@ -52,16 +64,13 @@ __all__ = [
     "adapter_hash",
     "add_lora",
     "finetune",
-    "load_real_image",
-    "local_adapter",
-    "read_captions",
+    "load_adapter",
     "training_schedule",
 ]
 
 log = logging.getLogger(__name__)
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-CHECKPOINT_STATE = "state.json"  # the checkpoint's commit record, written after the files it names
 ADAPTER_FILE = "adapter.safetensors"
 TRAINER_FILE = "trainer.pt"  # optimiser, gradient scaler and data generator states
 
@@ -98,33 +107,6 @@ def add_lora(unet, rank: int, alpha: float | None = None) -> None:
     )
 
 
-def _read_image(sample: RealSample, storage_options: dict | None = None) -> Image.Image:
-    import fsspec
-
-    from realfake.data.ingest import decode_image
-
-    with fsspec.open(sample.uri, "rb", **(storage_options or {})) as f:
-        return decode_image(f.read())
-
-
-def load_real_image(sample: RealSample, resolution: int, storage_options: dict | None = None,
-                    fit: Literal["center_crop", "stretch"] = "center_crop") -> Image.Image:
-    """Read a manifest image through fsspec, RGB, as a ``resolution`` square.
-
-    ``fit``: ``center_crop`` takes the largest centred square, then resizes it (bicubic); ``stretch`` resizes the
-    whole image to the square ignoring its aspect, with PIL's default (bicubic) filter, as the authors'
-    ``generate.py`` prepares its img2img sources (``Image.open(p).convert("RGB").resize(img_size)``, line 328).
-    """
-    img = _read_image(sample, storage_options)
-    if img.size == (resolution, resolution):
-        return img
-    if fit == "stretch":
-        return img.resize((resolution, resolution), Image.BICUBIC)
-    s = min(img.size)
-    left, top = (img.width - s) // 2, (img.height - s) // 2
-    return img.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
-
-
 def _canvas_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
     """The training canvas of a ``width`` x ``height`` image: the shorter side ``resolution`` (the authors'
     ``transforms.Resize(resolution)``), the longer one rounded so it exceeds ``resolution`` by whole latent cells
@@ -141,7 +123,7 @@ def _training_image(sample: RealSample, resolution: int, step: int, crop: str,
                     storage_options: dict | None) -> Image.Image:
     """A training image resized (bilinear, as the authors' transform) onto its canvas; with ``crop=center`` the
     centred ``resolution`` square of it, with ``random`` the whole canvas (the crop is drawn per step)."""
-    img = _read_image(sample, storage_options)
+    img = read_image(sample, storage_options)
     size = _canvas_size(img.width, img.height, resolution, step)
     if img.size != size:
         img = img.resize(size, Image.BILINEAR)
@@ -230,13 +212,6 @@ def _epoch_order(seed: int, epoch: int, images: int, length: int) -> torch.Tenso
 
 def _pixels(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-
-
-def read_captions(store: Store) -> dict[str, str]:
-    if not store.exists(*CAPTIONS):
-        return {}
-    t = store.read_table(*CAPTIONS)
-    return dict(zip(t.column("sample_id").to_pylist(), t.column("caption").to_pylist(), strict=True))
 
 
 def _save_adapter(unet, folder: Path) -> None:
@@ -357,14 +332,12 @@ def _open_checkpoint(store: Store, ckpt: tuple[str, ...], recipe: dict[str, Any]
     whose commit never happened, or everything when nothing was committed) is removed, once the check passed.
     """
     where = store.uri(*ckpt)
-    state = None
-    if store.exists(*ckpt, CHECKPOINT_STATE):
-        try:
-            state = store.read_json(*ckpt, CHECKPOINT_STATE)
-        except ValueError as e:  # not JSON, or not text at all
-            raise CheckpointError(f"{store.uri(*ckpt, CHECKPOINT_STATE)} is not valid JSON ({e}); delete {where} "
-                                  "to train this adapter from scratch") from e
-        if not isinstance(state, dict) or not {"step", "folder", "files", "recipe", "history"} <= state.keys():
+    try:
+        state = read_record(store, *ckpt, CHECKPOINT_STATE)
+    except CommitError as e:  # not JSON, or not a JSON object
+        raise CheckpointError(f"{e}; delete {where} to train this adapter from scratch") from e
+    if state is not None:
+        if not {"step", "folder", "files", "recipe", "history"} <= state.keys():
             raise CheckpointError(
                 f"{store.uri(*ckpt, CHECKPOINT_STATE)} records no recipe or folder (a checkpoint of an earlier "
                 "realfake, whose files could come from different steps), so it cannot be checked against this "
@@ -383,12 +356,8 @@ def _open_checkpoint(store: Store, ckpt: tuple[str, ...], recipe: dict[str, Any]
                 f"(finetune.epochs={ft.epochs}, finetune.max_steps={ft.max_steps}): raise finetune.max_steps (or "
                 f"finetune.epochs) to at least {state['step']} steps to resume it, or delete {where} to train "
                 f"{steps} steps from scratch")
-    keep = state["folder"] if state is not None else None
-    for name in store.listdir(*ckpt):
-        if name not in (CHECKPOINT_STATE, keep):
-            log.info("removing %s: no committed checkpoint names it (a checkpoint interrupted before its commit)",
-                     store.uri(*ckpt, name))
-            store.remove(*ckpt, name, recursive=True)
+    # what no commit names: a checkpoint interrupted before its commit (everything, when nothing was committed)
+    sweep(store, {CHECKPOINT_STATE, *([state["folder"]] if state is not None else [])}, *ckpt)
     return state
 
 
@@ -396,18 +365,14 @@ def _checkpoint_files(store: Store, ckpt: tuple[str, ...], state: dict[str, Any]
     """The files a committed ``state.json`` names, each checked against its recorded size and sha256."""
     out = {}
     for name, meta in sorted(state["files"].items()):
-        path = (*ckpt, state["folder"], name)
+        payload = Payload("/".join((*ckpt, state["folder"], name)), meta["bytes"], meta["sha256"])
         try:
-            data = store.read_bytes(*path)
-        except FileNotFoundError:
-            data = None
-        if data is None or len(data) != meta["bytes"] or _sha256(data) != meta["sha256"]:
-            found = "is missing" if data is None else f"holds {len(data)} bytes that are not the recorded ones"
+            out[name] = check_payload(store, payload)
+        except PayloadError as e:
             raise CheckpointError(
-                f"{store.uri(*ckpt, CHECKPOINT_STATE)} names {store.uri(*path)} ({meta['bytes']} bytes), which "
-                f"{found}: the checkpoint of step {state['step']} is damaged. Delete {store.uri(*ckpt)} to train "
-                "this adapter from scratch")
-        out[name] = data
+                f"{store.uri(*ckpt, CHECKPOINT_STATE)} names {e.uri} ({meta['bytes']} bytes), which {e.found}: the "
+                f"checkpoint of step {state['step']} is damaged. Delete {store.uri(*ckpt)} to train this adapter "
+                "from scratch") from e
     return out
 
 
@@ -415,14 +380,10 @@ def _commit_checkpoint(store: Store, ckpt: tuple[str, ...], step: int, files: di
                        recipe: dict[str, Any], history: list[dict], world: int) -> None:
     """Write ``step-{N}/`` whole, then ``state.json`` naming it (the commit), then drop what it superseded."""
     folder = f"step-{step:08d}"
-    for name, data in files.items():
-        store.write_bytes(data, *ckpt, folder, name)
-    store.write_json({"step": step, "folder": folder,
-                      "files": {n: {"bytes": len(d), "sha256": _sha256(d)} for n, d in files.items()},
-                      "recipe": recipe, "history": history, "processes": world}, *ckpt, CHECKPOINT_STATE)
-    for name in store.listdir(*ckpt):
-        if name not in (CHECKPOINT_STATE, folder):
-            store.remove(*ckpt, name, recursive=True)
+    written = {name: write_payload(store, data, *ckpt, folder, name).to_json() for name, data in files.items()}
+    write_record(store, {"step": step, "folder": folder, "files": written, "recipe": recipe, "history": history,
+                         "processes": world}, *ckpt, CHECKPOINT_STATE)
+    sweep(store, {CHECKPOINT_STATE, folder}, *ckpt)
 
 
 def _from_rank0(accelerator: Any, fn: Callable[[], Any]) -> Any:
@@ -706,16 +667,19 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
 
 def adapter_hash(store: Store, scope: str) -> str:
     """sha256 (first 16 hex) of an adapter's weights: recorded in every synthetic image's provenance."""
-    import hashlib
-
     return hashlib.sha256(store.read_bytes(*adapter_dir(scope), WEIGHTS_NAME)).hexdigest()[:16]
 
 
-def local_adapter(store: Store, scope: str) -> str:
-    """A local folder holding the adapter (the store's own folder, or a temporary copy of a remote one)."""
+def load_adapter(pipe: Any, store: Store, scope: str, **kwargs: Any) -> None:
+    """Load adapter ``scope`` into a diffusers pipeline (``pipe.load_lora_weights(folder, **kwargs)``).
+
+    diffusers reads a local folder: the store's own one, or for a remote store a temporary copy that is removed as
+    soon as the weights are loaded, whether or not loading succeeds.
+    """
     if store.local:
-        return store.path(*adapter_dir(scope))
-    tmp = tempfile.mkdtemp(prefix="realfake-adapter-")
-    Path(tmp, WEIGHTS_NAME).write_bytes(store.read_bytes(*adapter_dir(scope), WEIGHTS_NAME))
-    return tmp
+        pipe.load_lora_weights(store.path(*adapter_dir(scope)), **kwargs)
+        return
+    with tempfile.TemporaryDirectory(prefix="realfake-adapter-") as tmp:
+        Path(tmp, WEIGHTS_NAME).write_bytes(store.read_bytes(*adapter_dir(scope), WEIGHTS_NAME))
+        pipe.load_lora_weights(tmp, **kwargs)
 

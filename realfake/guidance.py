@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from realfake.config import BuildConfig
-from realfake.data.manifest import GUIDANCE, guidance_matrix, guidance_table, read_manifest
+from realfake.data.manifest import GUIDANCE, guidance_matrix, guidance_table, load_real_image, read_manifest
 from realfake.data.storage import Store
 
 __all__ = ["compute_guidance", "image_embeddings"]
@@ -56,7 +56,6 @@ def compute_guidance(cfg: BuildConfig, store: Store, model=None, processor=None,
     image edited in place is re-embedded while the others are kept. Returns ``images`` (train split size),
     ``embedded`` (computed in this call), ``reused``, ``skipped`` (nothing to compute or rewrite), ``seconds``.
     """
-    from realfake.finetune import load_real_image
     from realfake.models.loading import load_clip_vision, resolve_device
 
     samples = read_manifest(store, "train")

@@ -62,9 +62,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def sample_grid(stores: dict[str, Store], per_class: int = 4, scale: int = 2) -> Image.Image:
     """Rows = classes; columns = real sources | each version's images made from those same sources."""
-    from realfake.data.manifest import read_manifest
+    from realfake.data.manifest import load_real_image, read_manifest
     from realfake.data.shards import iter_synthetic
-    from realfake.finetune import load_real_image
 
     first = next(iter(stores.values()))
     train = read_manifest(first, "train")

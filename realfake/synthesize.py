@@ -31,7 +31,7 @@ from PIL import Image
 
 from realfake.conditioning import encode_prompts, generation_prompt, inject_guidance
 from realfake.config import BuildConfig
-from realfake.data.manifest import CAPTIONS, GUIDANCE, read_guidance, read_manifest
+from realfake.data.manifest import CAPTIONS, GUIDANCE, load_real_image, read_captions, read_guidance, read_manifest
 from realfake.data.shards import (
     ShardWriter,
     SyntheticRecord,
@@ -42,7 +42,7 @@ from realfake.data.shards import (
     read_recipe,
 )
 from realfake.data.storage import Store
-from realfake.finetune import adapter_hash, load_real_image, local_adapter, read_captions
+from realfake.finetune import adapter_hash, load_adapter
 from realfake.recipe import RecipeMismatchError, manifest_class_map, mismatch_message, recipe_diff
 
 __all__ = [
@@ -232,7 +232,7 @@ class SynthesisEngine:
                                                                         read_manifest(store, "train")})
             for scope in scopes:
                 self.adapters[scope] = adapter_hash(store, scope)
-                self.pipe.load_lora_weights(local_adapter(store, scope), adapter_name=f"scope_{scope}")
+                load_adapter(self.pipe, store, scope, adapter_name=f"scope_{scope}")
             if cfg.finetune.scope == "all":
                 # fused at the generation scale: no LoRA branch left in the UNet's hot path
                 self.pipe.fuse_lora(lora_scale=syn.lora_scale, adapter_names=["scope_all"])

@@ -149,7 +149,7 @@ def launch(
 
 def _worker(a: argparse.Namespace, cfg: BuildConfig) -> int:
     from realfake.build import train_eval
-    from realfake.classify import process_rank
+    from realfake.distributed import process_rank
 
     result = train_eval(cfg, a.data, run=a.run_name)
     if process_rank()[0] == 0:

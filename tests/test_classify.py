@@ -331,7 +331,7 @@ def test_checkpoint_every_zero_writes_nothing(tmp_path):
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_image(digits):
-    from realfake.classify import _Transformed
+    from realfake.classify_data import Transformed as _Transformed
 
     x_tr, y_tr, _, _ = digits
     cfg = ClassifierConfig(**RESUMABLE)

@@ -57,7 +57,7 @@ def _edit_in_place(path: str) -> None:
 
 def test_image_edited_in_place_is_recomputed_alone(tmp_path, tiny_base, digits_folder, blip, monkeypatch):
     from realfake.caption import _read_image
-    from realfake.finetune import load_real_image
+    from realfake.data.manifest import load_real_image
     from realfake.guidance import image_embeddings
     from realfake.models.captioner import caption_images
     from realfake.models.loading import load_clip_vision

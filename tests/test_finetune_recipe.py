@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 from realfake import build
 from realfake.build import store_of
 from realfake.config import MMD_MIN_BATCH, ConfigError, FinetuneConfig, SynthesisConfig, load_config
-from realfake.data.manifest import RealSample, read_manifest
+from realfake.data.manifest import RealSample, load_real_image, read_manifest
 from realfake.finetune import (
     WEIGHTS_NAME,
     _canvas_size,
@@ -29,7 +29,6 @@ from realfake.finetune import (
     _pixels,
     adapter_dir,
     finetune,
-    load_real_image,
     training_schedule,
 )
 from realfake.models.loading import load_sd_components

@@ -150,7 +150,8 @@ def test_a_stream_without_names_is_augmented_per_worker_and_position_and_still_r
 
 
 def _epoch_images_of_rank(rank: int, init: str, out: Any) -> None:
-    from realfake.classify import _epoch_images, _Ranks
+    from realfake.classify import _epoch_images
+    from realfake.distributed import Ranks as _Ranks
 
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:

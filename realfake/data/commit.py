@@ -5,7 +5,7 @@ Every durable output of realfake is written the same way. The payload files go f
 small JSON *record* naming them with their size and sha256 is written: that write is the commit. A reader trusts
 only what a record names, so a crash between the two leaves files that nothing names, which :func:`sweep` removes
 on the next run. Shard commits (``_commits/{name}.json``), fine-tuning checkpoints and classifier checkpoints
-(``state.json``) are all records of this module.
+(:data:`CHECKPOINT_STATE`) are all records of this module.
 """
 
 from __future__ import annotations
@@ -19,13 +19,32 @@ from typing import Any
 
 from realfake.data.storage import Store, io_retry
 
-__all__ = ["CommitError", "Payload", "check_payload", "read_record", "sweep", "write_payload", "write_record"]
+__all__ = [
+    "CHECKPOINT_STATE",
+    "CommitError",
+    "Payload",
+    "PayloadError",
+    "check_payload",
+    "read_record",
+    "sweep",
+    "write_payload",
+    "write_record",
+]
 
 log = logging.getLogger(__name__)
+CHECKPOINT_STATE = "state.json"  # a checkpoint folder's commit record (fine-tune and classifier alike)
 
 
 class CommitError(ValueError):
     """A record that cannot be read, or that names a payload which is missing or not the recorded bytes."""
+
+
+class PayloadError(CommitError):
+    """A payload a record names that is missing (``found`` is "is missing") or is not the recorded bytes."""
+
+    def __init__(self, uri: str, found: str) -> None:
+        super().__init__(f"{uri} {found}")
+        self.uri, self.found = uri, found
 
 
 @dataclass(frozen=True)
@@ -67,15 +86,13 @@ def read_record(store: Store, *parts: str) -> dict[str, Any] | None:
 
 
 def check_payload(store: Store, payload: Payload) -> bytes:
-    """The payload's bytes, read whole; :class:`CommitError` when missing or not the recorded size and sha256."""
+    """The payload's bytes, read whole; :class:`PayloadError` when missing or not the recorded size and sha256."""
     try:
         data = io_retry(lambda: store.read_bytes(payload.path), f"read {store.uri(payload.path)}")
     except FileNotFoundError:
-        raise CommitError(f"{store.uri(payload.path)} is missing") from None
+        raise PayloadError(store.uri(payload.path), "is missing") from None
     if len(data) != payload.bytes or hashlib.sha256(data).hexdigest() != payload.sha256:
-        raise CommitError(
-            f"{store.uri(payload.path)} holds {len(data)} bytes that are not the recorded {payload.bytes}"
-        )
+        raise PayloadError(store.uri(payload.path), f"holds {len(data)} bytes that are not the recorded ones")
     return data
 
 

@@ -1,16 +1,20 @@
-"""The tables of the data contract (DESIGN.md) and their schemas.
+"""The tables of the data contract (DESIGN.md), their schemas and their readers.
 
 Every stage exchanges data through these Parquet tables inside a dataset version; the schemas live here
-once so writers and readers cannot drift apart.
+once so writers and readers cannot drift apart. The readers of the real images a manifest names
+(:func:`read_image`, :func:`load_real_image`) are here too: fine-tuning, guidance, synthesis and the report read
+them alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from realfake.data.storage import Store
 
@@ -26,8 +30,11 @@ __all__ = [
     "RealSample",
     "guidance_matrix",
     "guidance_table",
+    "load_real_image",
     "manifest_hash",
+    "read_captions",
     "read_guidance",
+    "read_image",
     "read_manifest",
 ]
 
@@ -122,3 +129,39 @@ def read_guidance(store: Store) -> dict[str, np.ndarray]:
     """sample_id -> float32 guidance vector."""
     t = store.read_table(*GUIDANCE)
     return dict(zip(t.column("sample_id").to_pylist(), guidance_matrix(t), strict=True))
+
+
+def read_captions(store: Store) -> dict[str, str]:
+    """sample_id -> caption; empty when the version has no captions."""
+    if not store.exists(*CAPTIONS):
+        return {}
+    t = store.read_table(*CAPTIONS)
+    return dict(zip(t.column("sample_id").to_pylist(), t.column("caption").to_pylist(), strict=True))
+
+
+def read_image(sample: RealSample, storage_options: dict | None = None) -> Image.Image:
+    """A manifest image as it is, read through fsspec and decoded to RGB."""
+    import fsspec
+
+    from realfake.data.ingest import decode_image
+
+    with fsspec.open(sample.uri, "rb", **(storage_options or {})) as f:
+        return decode_image(f.read())
+
+
+def load_real_image(sample: RealSample, resolution: int, storage_options: dict | None = None,
+                    fit: Literal["center_crop", "stretch"] = "center_crop") -> Image.Image:
+    """Read a manifest image through fsspec, RGB, as a ``resolution`` square.
+
+    ``fit``: ``center_crop`` takes the largest centred square, then resizes it (bicubic); ``stretch`` resizes the
+    whole image to the square ignoring its aspect, with PIL's default (bicubic) filter, as the authors'
+    ``generate.py`` prepares its img2img sources (``Image.open(p).convert("RGB").resize(img_size)``, line 328).
+    """
+    img = read_image(sample, storage_options)
+    if img.size == (resolution, resolution):
+        return img
+    if fit == "stretch":
+        return img.resize((resolution, resolution), Image.BICUBIC)
+    s = min(img.size)
+    left, top = (img.width - s) // 2, (img.height - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
