@@ -3,8 +3,10 @@
 On one node the synthesis (and per-class fine-tuning) fan-out starts one worker process per visible GPU,
 pinned with ``CUDA_VISIBLE_DEVICES`` so each process sees exactly one device and loads the pipeline once for
 all its shards. Across nodes the same groups become child flow runs instead (see :mod:`flows.synthesize`).
-Either way every group holds one slot of a Prefect global concurrency limit named after the GPU pool, so a
-cluster never runs more GPU groups than it has GPUs. Nothing here schedules: Prefect and the OS do.
+Either way every group holds one slot of a Prefect global concurrency limit named after the GPU pool
+(:func:`gpu_slot`), so a cluster never runs more GPU groups than it has GPUs; the slot is a lease the holder renews,
+so a slot held by a run on a lost node returns to the pool about when that run is marked Crashed. Nothing here
+schedules: Prefect and the OS do.
 """
 
 from __future__ import annotations
@@ -14,20 +16,39 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_logger
 
 from realfake.config import BuildConfig
 from realfake.procs import attached_process
+from tasks.lost_runs import LOST_AFTER_SECONDS
 
-__all__ = ["ensure_gpu_limit", "run_group_process", "split_groups", "visible_gpus"]
+__all__ = ["GPU_SLOT_LEASE_SECONDS", "ensure_gpu_limit", "gpu_slot", "run_group_process", "split_groups",
+           "visible_gpus"]
 
 log = get_logger("realfake.gpu")
+
+# Lease of a GPU slot: the holder renews it every 3/4 of it (Prefect's renewal thread); a holder that is gone (its
+# node lost) stops renewing, and the server's repossessor (every 15 s) returns the slot once the lease ran out.
+# Prefect's default, 300 s, kept a lost group's slot from the pool for up to 5 minutes after the kill (measured:
+# tests/test_preemption.py, the surviving group waited 5 min 7 s for the one slot); the lost-run window (90 s)
+# returns it about when the lost run is marked Crashed and its work re-submitted.
+GPU_SLOT_LEASE_SECONDS = float(LOST_AFTER_SECONDS)
+
+
+@contextmanager
+def gpu_slot(gpu_limit: str, occupy: int = 1) -> Iterator[None]:
+    """Hold ``occupy`` slots of the GPU global concurrency limit ``gpu_limit`` (leased for
+    :data:`GPU_SLOT_LEASE_SECONDS`, renewed while held) for the duration of the block."""
+    with concurrency(gpu_limit, occupy=max(1, occupy), lease_duration=GPU_SLOT_LEASE_SECONDS):
+        yield
 
 
 def visible_gpus() -> list[str]:

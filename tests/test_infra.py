@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import re
 import typing
 from pathlib import Path
@@ -198,3 +199,56 @@ def test_dockerfile_copies_what_the_image_imports():
         assert (REPO / folder).exists(), f"Dockerfile copies missing {folder}"
     for module in ("realfake", "flows", "tasks"):
         assert f"COPY {module} ./{module}" in text
+
+
+def test_every_gpu_deployment_is_watched_for_lost_runs_and_sets_the_heartbeat_itself(deployments):
+    from tasks.lost_runs import HEARTBEAT_ENV, HEARTBEAT_SECONDS, WATCH_TAG
+
+    for d in deployments["deployments"]:
+        pool = d["work_pool"]
+        on_gpu = pool["name"] == "realfake-gpu" or pool.get("work_queue_name") == "gpu"
+        assert (WATCH_TAG in d["tags"]) is on_gpu, d["name"]  # only GPU runs: never the build parent
+        if on_gpu:
+            # the automation crashes a watched run silent for 3 heartbeats: the run must heartbeat at this period,
+            # whatever the worker's environment says
+            heartbeat = (pool.get("job_variables") or {}).get("env", {}).get(HEARTBEAT_ENV)
+            assert heartbeat is not None and 30 <= int(heartbeat) <= HEARTBEAT_SECONDS, d["name"]
+
+
+def test_compose_and_the_kubernetes_template_set_the_heartbeat_and_turn_server_analytics_off(template):
+    from tasks.lost_runs import HEARTBEAT_ENV, HEARTBEAT_SECONDS
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert services["prefect-server"]["environment"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    for name in ("worker-gpu", "worker-cpu", "deploy"):
+        assert int(services[name]["environment"][HEARTBEAT_ENV]) == HEARTBEAT_SECONDS, name
+    assert "python -m tasks.lost_runs" in " ".join(services["deploy"]["command"])  # the automation is installed
+    env_default = template["variables"]["properties"]["env"]["default"]
+    assert int(env_default[HEARTBEAT_ENV]) == HEARTBEAT_SECONDS
+    assert {"HF_HOME", "REALFAKE_CACHE"} <= set(env_default)
+    dockerfile = DOCKERFILE.read_text()
+    assert f"{HEARTBEAT_ENV}={HEARTBEAT_SECONDS}" in dockerfile
+    assert "PREFECT_SERVER_ANALYTICS_ENABLED=false" in dockerfile
+
+
+def test_kubernetes_jobs_are_never_retried_by_kubernetes(template):
+    # Deliberate (infra/README.md, "When a node is lost"): one owner of re-runs, the realfake parent. A pod that
+    # Kubernetes restarted would run the same flow run id again next to the parent's re-submission.
+    spec = template["job_configuration"]["job_manifest"]["spec"]
+    assert spec["backoffLimit"] == 0 and spec["template"]["spec"]["restartPolicy"] == "Never"
+    readme = (REPO / "infra" / "README.md").read_text()
+    assert "backoffLimit: 0" in readme
+
+
+def test_prefect_processes_started_from_the_repository_run_servers_with_analytics_off():
+    # prefect.toml at the root: `make demo`'s ephemeral server and the tests' servers read it (compose sets the
+    # variable itself, checked above)
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    probe = "from prefect.settings import get_current_settings as s; print(s().server.analytics_enabled)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "False"
