@@ -1,10 +1,10 @@
 """The end-to-end build flow: prepare -> fine-tune -> synthesize -> finalize -> train-eval -> report.
 
 This is what ``make demo`` runs (``python -m flows.build --preset demo``, on Prefect's ephemeral server with
-local storage) and what the ``build`` deployment runs on a cluster. It composes the stage helpers of the
-other flows inside one flow run, so the whole build is one run in the UI with every stage a task, and
-publishes the artifacts a person wants: counts per class, accuracies, the sample grid, the card link,
-and the markdown report.
+local storage) and what the ``build`` deployment runs on a cluster. It runs the library's one composition
+(:func:`realfake.build.build_and_report`) with the stage helpers of the other flows as its stages, inside one
+flow run, so the whole build is one run in the UI with every stage a task, and publishes the artifacts a
+person wants: counts per class, accuracies, the sample grid, the card link, and the markdown report.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flows.finetune import run_finetune
 from flows.params import BuildParams
 from flows.prepare import run_prepare
 from flows.synthesize import run_synthesis
-from realfake.build import BASELINE_PROMPTS, Stages, build_and_report, build_version
+from realfake.build import BASELINE_PROMPTS, Stages, build_and_report
 from realfake.config import BuildConfig
 from realfake.data.storage import version_store
 from realfake.redact import redacting_errors
@@ -34,11 +34,11 @@ from tasks.artifacts import (
 from tasks.lease import build_lease
 from tasks.stages import finalize_task, measure_task, report_task, verify_task
 
-__all__ = ["build_flow", "build_version_stages", "flow_stages", "main", "publish_build_plan", "run_build_stages"]
+__all__ = ["build_flow", "flow_stages", "main", "publish_build_plan", "run_build_stages"]
 
 
 def flow_stages(params: BuildParams) -> Stages:
-    """The stages of :func:`realfake.build.build_version` as this flow's tasks: cached prepare, fine-tune and
+    """The stages of :func:`realfake.build.build_and_report` as this flow's tasks: cached prepare, fine-tune and
     shard groups spread as ``params.fanout`` says, finalize, verify, measure and report; the lease is this flow
     run's (one build writes a version at a time: a second one fails naming this one)."""
 
@@ -62,12 +62,6 @@ def flow_stages(params: BuildParams) -> Stages:
         measure=lambda configs: measure_task(configs, params.fanout.gpu_limit),
         report=report_task,
     )
-
-
-def build_version_stages(cfg: BuildConfig, params: BuildParams) -> dict:
-    """prepare -> fine-tune -> synthesize -> finalize -> verify for one version inside the current flow run:
-    :func:`realfake.build.build_version` with every stage a task (:func:`flow_stages`)."""
-    return build_version(cfg, stages=flow_stages(params))
 
 
 def run_build_stages(cfg: BuildConfig, params: BuildParams) -> dict:

@@ -1,9 +1,11 @@
-"""The stages of a build as plain functions, and the end-to-end build without Prefect.
+"""The stages of a build as plain functions, and their one composition.
 
 Each stage takes a validated :class:`~realfake.config.BuildConfig`, reads and writes only through the
 version's store, and returns a small JSON-able dict; the Prefect tasks in ``tasks/`` wrap exactly these
-functions, and the CLI calls :func:`run_build`. Stages are idempotent: a re-run skips what the version
-already holds (manifest, embeddings, adapters, committed shards).
+functions. Stages are idempotent: a re-run skips what the version already holds (manifest, embeddings,
+adapters, committed shards). :func:`build_version` and :func:`build_and_report` compose them, once, for
+every caller: the CLI (:func:`run_build`, stages called in this process), the build flow (its tasks as the
+:class:`Stages`) and the privacy audit's shadow versions (without prepare).
 """
 
 from __future__ import annotations
@@ -342,10 +344,9 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
     metrics are written. Under torchrun (:mod:`realfake.train_dist`) every process trains and rank 0 alone
     evaluates and writes; the other ranks return ``{"data", "rank"}``.
     """
-    from realfake.classify import evaluate, train_classifier
+    from realfake.classify import evaluate, process_rank, train_classifier
     from realfake.data.loaders import RealImages, training_data
     from realfake.data.manifest import read_manifest
-    from realfake.distributed import process_rank
     from realfake.models.loading import resolve_device
 
     if data not in ("real", "synthetic", "real+synthetic"):
