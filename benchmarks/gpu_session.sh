@@ -15,7 +15,8 @@
 #   issue19  profile then e2e, one log: at most PROFILE_TIMEOUT + E2E_TIMEOUT = 230 + 300 s plus the wheel install
 #            (run it with the device tool's timeout_s=600). Files back: gpu_profile.{json,md}, its two
 #            *.trace.json.gz, gpu_e2e.{json,md}, gpu_session.log (7 of the tool's 8).
-# The device has no prefect, diffusers or pydantic: carry them (and their missing dependencies) as wheels in .whl/.
+# The device has no prefect, diffusers or pydantic: `.venv/bin/python benchmarks/gpu_wheels.py --download` puts them
+# and their missing dependencies (82 wheels) in .whl/, which every device call must carry.
 set -uo pipefail
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
