@@ -38,6 +38,7 @@ __all__ = [
     "ChildRunFailed",
     "ChildRunLost",
     "group_deadline",
+    "group_deadlines",
     "require_deployment",
     "retry_on_lost_child",
     "run_child_deployment",
@@ -91,12 +92,13 @@ def require_deployment(name: str, field: str) -> None:
             ) from None
 
 
-def group_deadline(cfg: Any, shard_names: list[str]) -> tuple[float, str]:
+def group_deadline(cfg: Any, shard_names: list[str], waves: int = 1) -> tuple[float, str]:
     """Seconds a Running child of this shard group may take before it is treated as lost, and where they come from.
 
-    From the plan: :data:`GROUP_START_SECONDS` + :data:`GROUP_DEADLINE_SLACK` x the group's images (its shards at
-    ``shards.max_count``) at the measured generation rate of ``cfg`` (:func:`realfake.plan.generation_rate`);
-    :data:`UNMEASURED_GROUP_DEADLINE_SECONDS` when this configuration has no measured rate.
+    From the plan: :data:`GROUP_START_SECONDS` + :data:`GROUP_DEADLINE_SLACK` x ``waves`` x the group's images (its
+    shards at ``shards.max_count``) at the measured generation rate of ``cfg`` (:func:`realfake.plan.generation_rate`);
+    :data:`UNMEASURED_GROUP_DEADLINE_SECONDS` when this configuration has no measured rate. ``waves``: groups run
+    that many rounds on the GPU limit's slots, and a child waits for its slot while Running.
     """
     from realfake.plan import generation_rate
 
@@ -104,9 +106,21 @@ def group_deadline(cfg: Any, shard_names: list[str]) -> tuple[float, str]:
     rate = generation_rate(cfg)
     if "per_s" not in rate:
         return UNMEASURED_GROUP_DEADLINE_SECONDS, f"no measured rate ({rate.get('missing', 'not measured')})"
-    seconds = GROUP_START_SECONDS + GROUP_DEADLINE_SLACK * images / rate["per_s"]
-    return seconds, (f"{GROUP_START_SECONDS:.0f} s start-up + {GROUP_DEADLINE_SLACK:g} x {images} images at "
-                     f"{rate['per_s']:.3g} images/s ({rate['file']})")
+    seconds = GROUP_START_SECONDS + GROUP_DEADLINE_SLACK * max(1, waves) * images / rate["per_s"]
+    return seconds, (f"{GROUP_START_SECONDS:.0f} s start-up + {GROUP_DEADLINE_SLACK:g} x {max(1, waves)} wave(s) x "
+                     f"{images} images at {rate['per_s']:.3g} images/s ({rate['file']})")
+
+
+def group_deadlines(cfg: Any, groups: list[list[str]], gpu_limit: str) -> list[float]:
+    """:func:`group_deadline` of each shard group of a fan-out (waves from the GPU limit's slots); logs the source."""
+    from tasks.gpu import gpu_slots
+
+    waves = -(-len(groups) // max(1, gpu_slots(gpu_limit)))
+    out = [group_deadline(cfg, g, waves) for g in groups]
+    if out:
+        _logger().info("each shard group is treated as lost after %.0f s Running at most: %s",
+                       max(s for s, _ in out), out[0][1])
+    return [s for s, _ in out]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from realfake.config import BuildConfig
 from realfake.procs import attached_process
 from tasks.lost_runs import LOST_AFTER_SECONDS
 
-__all__ = ["GPU_SLOT_LEASE_SECONDS", "ensure_gpu_limit", "gpu_slot", "run_group_process", "split_groups",
-           "visible_gpus"]
+__all__ = ["GPU_SLOT_LEASE_SECONDS", "ensure_gpu_limit", "gpu_slot", "gpu_slots", "run_group_process",
+           "split_groups", "visible_gpus"]
 
 log = get_logger("realfake.gpu")
 
@@ -91,6 +91,15 @@ def ensure_gpu_limit(name: str, slots: int) -> None:
         except Exception as e:  # a concurrent run created it first
             if "already exists" not in str(e).lower() and "409" not in str(e):
                 raise
+
+
+def gpu_slots(name: str) -> int:
+    """Slots of the global concurrency limit ``name`` (1 when it does not exist yet)."""
+    with get_client(sync_client=True) as client:
+        try:
+            return max(1, client.read_global_concurrency_limit_by_name(name).limit)
+        except ObjectNotFound:
+            return 1
 
 
 def run_group_process(cfg: BuildConfig, verb: str, items: list[str], device: str | None,

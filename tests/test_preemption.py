@@ -210,3 +210,25 @@ def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_on
     finally:
         for w in [main, *gpus]:
             stack.stop_worker(w)
+
+
+def test_group_deadline_comes_from_the_plan_and_grows_with_the_waves_of_groups():
+    from realfake.plan import generation_rate, load_plan_config
+    from tasks.child_runs import (
+        GROUP_DEADLINE_SLACK,
+        GROUP_START_SECONDS,
+        UNMEASURED_GROUP_DEADLINE_SECONDS,
+        group_deadline,
+    )
+
+    cfg = load_plan_config("imagenette")[0]
+    rate = generation_rate(cfg)["per_s"]  # measured (benchmarks/results) for the SD v1.5 presets
+    names = [f"shard-{i:06d}" for i in range(4)]
+    one, why = group_deadline(cfg, names)
+    assert one == pytest.approx(GROUP_START_SECONDS + GROUP_DEADLINE_SLACK * 4 * cfg.shards.max_count / rate)
+    assert "benchmarks/results/gpu_synthesis" in why
+    three, _ = group_deadline(cfg, names, waves=3)  # queued behind two other rounds of groups on the GPU slots
+    assert three - GROUP_START_SECONDS == pytest.approx(3 * (one - GROUP_START_SECONDS))
+    demo = load_plan_config("demo")[0]
+    assert group_deadline(demo, names) == (UNMEASURED_GROUP_DEADLINE_SECONDS,
+                                           f"no measured rate ({generation_rate(demo)['missing']})")
