@@ -1,0 +1,148 @@
+"""Quality: per-class KID against a hand computation, a planted mislabelled class flagged in the card, the card's
+per-class table through ``inspect`` and back, and the regeneration gates inside the shard writer's path (every
+first attempt failing, exactly-once across a kill)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import mini_config
+
+from realfake.quality import diversity, kid, parse_quality_table
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measures against hand computations
+# --------------------------------------------------------------------------------------------------------
+def _kid_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, written out pair by pair."""
+    d = x.shape[1]
+
+    def k(a, b):
+        return (sum(float(ai) * float(bi) for ai, bi in zip(a, b, strict=True)) / d + 1.0) ** 3
+
+    n, m = len(x), len(y)
+    kxx = sum(k(x[i], x[j]) for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
+    kyy = sum(k(y[i], y[j]) for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
+    kxy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return kxx + kyy - 2 * kxy
+
+
+def test_kid_matches_a_hand_computation_with_its_standard_error() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3))
+    y = rng.normal(loc=0.7, size=(6, 3))
+    # one block: the plain unbiased estimate, no standard error
+    value, se = kid(x, y, subsets=1)
+    assert value == pytest.approx(_kid_by_hand(x, y), rel=1e-12)
+    assert se is None
+    # three blocks of contiguous rows (x: 3, 3, 2 rows; y: 2, 2, 2): mean and std / sqrt(3) of the three estimates
+    blocks = [_kid_by_hand(x[a:b], y[c:e]) for (a, b), (c, e) in zip([(0, 3), (3, 6), (6, 8)],
+                                                                     [(0, 2), (2, 4), (4, 6)], strict=True)]
+    value, se = kid(x, y, subsets=3)
+    assert value == pytest.approx(sum(blocks) / 3, rel=1e-12)
+    mean = sum(blocks) / 3
+    assert se == pytest.approx(math.sqrt(sum((b - mean) ** 2 for b in blocks) / 2) / math.sqrt(3), rel=1e-10)
+    # more blocks than pairs allow: capped so each block holds 2 images of each set
+    assert kid(x, y, subsets=50) == kid(x, y, subsets=3)
+    with pytest.raises(ValueError, match="at least 2"):
+        kid(x[:1], y)
+
+
+def test_diversity_is_one_minus_the_mean_pairwise_cosine() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 4))
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    pairs = [float(u[i] @ u[j]) for i, j in itertools.permutations(range(5), 2)]
+    assert diversity(x) == pytest.approx(1 - sum(pairs) / len(pairs), rel=1e-12)
+    assert diversity(np.ones((4, 3))) == pytest.approx(0.0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A version with a planted mislabelled class
+# --------------------------------------------------------------------------------------------------------
+def _measured_config(root: str, base: str, digits: str, **over):
+    return mini_config(root, base, digits, source={"kind": "image_folder", "uri": digits, "max_per_class": 30,
+                                                   "test_fraction": 0.25},
+                       guidance__enabled=False, finetune__enabled=False,
+                       classifier__epochs=12, classifier__batch_size=32, classifier__lr=0.1,
+                       quality={"enabled": True, "judge": "classifier", "worst_examples": 3, "kid_subsets": 4,
+                                **over})
+
+
+def _planted_version(cfg, mislabelled: int, shown: int):
+    """The version's real train images written back as its 'synthetic' images (each from itself), except that every
+    image labelled ``mislabelled`` shows the next real image of class ``shown``."""
+    from realfake.build import prepare, store_of
+    from realfake.data.manifest import load_real_image, read_manifest
+    from realfake.data.shards import ShardWriter, SyntheticRecord, make_key, plan_shards
+
+    prepare(cfg)
+    store = store_of(cfg)
+    train = read_manifest(store, "train")
+    others = itertools.cycle([s for s in train if s.label == shown])
+    records = []
+    for s in sorted(train, key=lambda s: (s.label, s.sample_id)):
+        image = load_real_image(next(others) if s.label == mislabelled else s, 32)
+        records.append(SyntheticRecord(make_key(s.label, s.sample_id, 0), s.label, s.class_name, image,
+                                       {"source_sample_id": s.sample_id, "replica": 0}))
+    names = sorted({(s.label, s.class_name) for s in train})
+    writer = ShardWriter(store, cfg.shards, class_names=[n for _, n in names])
+    for plan in plan_shards(records, cfg.shards.max_count):
+        writer.write_shard(plan.name, list(plan.items))
+    return store
+
+
+@pytest.mark.slow
+def test_a_planted_mislabelled_class_is_flagged_in_the_card_and_survives_inspect(tmp_path: Path, tiny_base: str,
+                                                                                 digits_folder: str) -> None:
+    from realfake.data.card import inspect_version, read_card, verify_version, write_card
+    from realfake.quality import measure_quality
+
+    cfg = _measured_config(str(tmp_path / "out"), tiny_base, digits_folder)
+    store = _planted_version(cfg, mislabelled=2, shown=7)
+    section = measure_quality(cfg, store)
+    write_card(store, cfg.model_dump(mode="json"), {}, quality=section)
+    assert verify_version(store) == []
+    card = read_card(store)
+    q = card["quality"]
+    classes = q["classes"]
+    assert "2" in q["flagged"], q["flagged"]
+    assert any("label agreement" in f for f in classes["2"]["flags"])
+    assert classes["2"]["agreement"] < cfg.quality.flag_agreement
+    # the planted class is the one farthest from its real counterpart, and the least recognisable
+    assert q["order"][0] == "2", [(k, classes[k]["kid"]) for k in q["order"]]
+    assert min(classes, key=lambda k: classes[k]["agreement"]) == "2"
+    # the others are recognised as well as the real held-out images of their class (same judge, same pictures)
+    good = [k for k in classes if k != "2"]
+    assert np.mean([classes[k]["agreement"] for k in good]) > 0.6
+    # each image's scores, keyed like the index, and counts that add up
+    import pyarrow.parquet as pq
+
+    scores = pq.read_table(store.path("quality", "scores.parquet")).to_pylist()
+    assert len(scores) == card["synthetic"]["num_images"] == sum(r["count"] for r in classes.values())
+    assert {r["key"] for r in scores} == {r["key"] for r in pq.read_table(store.path("synthetic", "index.parquet"))
+                                          .select(["key"]).to_pylist()}
+    # every synthetic image here IS its source (but class 2's): similarity 1 to its own source
+    own = [r["source_similarity"] for r in scores if r["label"] != 2]
+    assert min(own) > 0.999
+    assert all(r["dropped"] == 0 and r["regenerated"] == 0 for r in classes.values())
+    assert store.exists("quality", "worst.png")
+
+    # the per-class table printed by inspect reads back as the card's numbers, in the card's order
+    text = inspect_version(store)
+    rows = parse_quality_table(text)
+    assert list(rows) == q["order"]
+    for k, row in rows.items():
+        c = classes[k]
+        assert row["class"] == c["class_name"] and row["count"] == c["count"]
+        assert row["agree"] == pytest.approx(c["agreement"], abs=5e-5)
+        assert row["KID"] == pytest.approx(c["kid"], abs=5e-7)
+        assert row["KID se"] == pytest.approx(c["kid_se"], abs=5e-7)
+        assert row["FID"] == pytest.approx(c["fid"], abs=5e-5)
+        assert row["near-dup"] == c["near_duplicates"]
+    assert "flagged:" in text and "- 2 " in text
