@@ -27,16 +27,8 @@ from realfake.distributed import Ranks
 if TYPE_CHECKING:
     from realfake.data.storage import Store
 
-__all__ = [
-    "CHECKPOINT_STATE",
-    "EXECUTION_FIELDS",
-    "Trainables",
-    "commit_checkpoint",
-    "open_store",
-    "read_checkpoint",
-    "recipe",
-    "restore",
-]
+__all__ = ["CHECKPOINT_STATE", "EXECUTION_FIELDS", "Trainables", "commit_checkpoint", "open_store", "read_checkpoint",
+           "recipe", "restore"]
 
 log = logging.getLogger(__name__)
 

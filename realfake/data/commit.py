@@ -19,17 +19,8 @@ from typing import Any
 
 from realfake.data.storage import Store, io_retry
 
-__all__ = [
-    "CHECKPOINT_STATE",
-    "CommitError",
-    "Payload",
-    "PayloadError",
-    "check_payload",
-    "read_record",
-    "sweep",
-    "write_payload",
-    "write_record",
-]
+__all__ = ["CHECKPOINT_STATE", "CommitError", "Payload", "PayloadError", "check_payload", "read_record", "sweep",
+           "write_payload", "write_record"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_STATE = "state.json"  # a checkpoint folder's commit record (fine-tune and classifier alike)
