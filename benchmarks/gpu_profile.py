@@ -196,7 +196,11 @@ def breakdown(prof, cuda: bool, steps: int, sections: Sequence[str], rank: int |
             "sections": out_sections,
             "lora_matmuls": {"calls": lora_calls, "ms": lora_us / 1000, "share": lora_us / total if total else None,
                              "rank": rank},
-            "host_syncs": {**syncs, "per_step": sum(syncs.values()) / max(steps, 1)}, "top_ops": table}
+            # per step: on CUDA the synchronize calls (a device tensor's .item() / float() is one of them); on CPU
+            # the scalar reads (``_local_scalar_dense`` also counts reads of CPU tensors, which wait for nothing)
+            "host_syncs": {**syncs, "per_step": (sum(v for k, v in syncs.items() if k.startswith("cuda")) if cuda
+                                                 else syncs["aten::_local_scalar_dense"]) / max(steps, 1)},
+            "top_ops": table}
 
 
 def _has_ancestor(e, prefix: str) -> bool:
@@ -374,7 +378,8 @@ def _profile_md(p: dict, what: str) -> str:
                      f"| {pct(lo['share'])} |")
     hs = p["host_syncs"]
     lines += ["", "host syncs: " + ", ".join(f"{k} {v}" for k, v in hs.items() if k != "per_step")
-              + f" ({hs['per_step']:.1f} per step)", "", "| top op (self time) | calls | ms | share |",
+              + f" ({hs['per_step']:.1f} per step: CUDA synchronize calls on GPU, scalar reads on CPU)",
+              "", "| top op (self time) | calls | ms | share |",
               "|---|---|---|---|"]
     lines += [f"| {t['op'][:90]} | {t['calls']} | {t['self_ms']:.2f} | {pct(t['share'])} |" for t in p["top_ops"]]
     return "\n".join(lines)
