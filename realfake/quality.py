@@ -41,8 +41,10 @@ __all__ = [
     "attempt_seed",
     "diversity",
     "format_quality_table",
+    "gate_recipe",
     "kid",
     "load_judge",
+    "may_drop",
     "measure_quality",
     "parse_quality_table",
     "quality_descriptor",
@@ -354,6 +356,31 @@ def attempt_seed(version: str, sample_id: str, replica: int, seed: int, attempt:
         return image_seed(version, sample_id, replica, seed)
     digest = hashlib.sha256(f"{version}\x1f{sample_id}\x1f{replica}\x1f{seed}\x1f{attempt}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+# quality fields that only say how a version is measured, not which images a gate keeps: not in the recipe
+_MEASURE_ONLY = ("enabled", "reference_split", "near_duplicate", "flag_agreement", "kid_subsets", "worst_examples",
+                 "batch_size")
+
+
+def gate_recipe(cfg: BuildConfig) -> dict[str, Any]:
+    """What a gated build's images depend on beyond an ungated one's: the gate settings and the judge's recipe (a
+    classifier judge: the classifier settings it is trained with). Empty without gates, so an ungated version's
+    recipe is the one it always had."""
+    if not cfg.quality.gated:
+        return {}
+    q = cfg.quality.model_dump(mode="json")
+    out = {f"quality.{k}": v for k, v in q.items() if k not in _MEASURE_ONLY}
+    out["quality judge"] = judge_kind(cfg)
+    if out["quality judge"] == "classifier":
+        out["quality judge classifier"] = cfg.classifier.model_copy(
+            update={"epochs": cfg.quality.judge_epochs or cfg.classifier.epochs}).model_dump(mode="json")
+    return out
+
+
+def may_drop(cfg: BuildConfig) -> bool:
+    """Whether a committed shard may hold fewer images than planned (a gate drops what fails its last attempt)."""
+    return cfg.quality.gated and cfg.quality.on_fail == "drop"
 
 
 def _round(v: float | None, nd: int = 6) -> float | None:

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +150,96 @@ def test_a_planted_mislabelled_class_is_flagged_in_the_card_and_survives_inspect
         assert row["FID"] == pytest.approx(c["fid"], abs=5e-5)
         assert row["near-dup"] == c["near_duplicates"]
     assert "flagged:" in text and "- 2 " in text
+
+
+# --------------------------------------------------------------------------------------------------------
+# Gates: regenerate before the commit, exactly once
+# --------------------------------------------------------------------------------------------------------
+def _gated_config(root: str, base: str, digits: str, **over):
+    """Every first attempt fails: no image of a barely trained judge gets probability 1.0 for its class."""
+    quality = {"enabled": True, "judge": "classifier", "min_label_agreement": 1.0, "attempts": 2, **over}
+    return mini_config(root, base, digits, finetune__enabled=False, shards__max_count=8, quality=quality)
+
+
+def _shard_bytes(store) -> dict[str, bytes]:
+    from realfake.data.shards import committed_shards
+
+    return {f.path: store.read_bytes("synthetic", f.path) for c in committed_shards(store) for f in c.files}
+
+
+@pytest.mark.slow
+def test_a_gate_every_first_attempt_fails_regenerates_each_image_once_with_the_next_seed(
+        tmp_path: Path, tiny_base: str, digits_folder: str) -> None:
+    from realfake.build import finalize, prepare, store_of, synthesize
+    from realfake.data.card import verify_version
+    from realfake.data.shards import iter_synthetic
+    from realfake.quality import gate_recipe
+    from realfake.synthesize import image_seed, plan_work
+
+    cfg = _gated_config(str(tmp_path / "out"), tiny_base, digits_folder)
+    prepare(cfg)
+    store = store_of(cfg)
+    planned = plan_work(cfg, store)
+    out = synthesize(cfg)
+    gate = out["quality_gate"]
+    assert gate["regenerated"] == {"1": len(planned)} and gate["failed_last_attempt"] == len(planned)
+    assert gate["dropped"] == 0 and gate["scored"] == 2 * len(planned)
+    finalize(cfg)
+    assert verify_version(store) == []
+    metas = {m["key"]: m for _, _, m in iter_synthetic(store)}
+    assert sorted(metas) == sorted(w.key for w in planned)  # exactly the planned images, each once (kept on fail)
+    for w in planned:
+        m = metas[w.key]
+        assert m["quality"]["attempt"] == 1 and m["quality"]["passed"] is False
+        assert m["seed"] == image_seed(cfg.version, w.sample_id, w.replica, cfg.synthesis.seed, 1)
+        assert m["seed"] != image_seed(cfg.version, w.sample_id, w.replica, cfg.synthesis.seed)
+        assert 0.0 <= m["quality"]["label_agreement"] < 1.0
+    # the gate is in the recipe; measuring alone is not (an ungated version's shards and recipe stay as they were)
+    assert gate_recipe(cfg)["quality.min_label_agreement"] == 1.0
+    measure_only = cfg.model_copy(update={"quality": cfg.quality.model_copy(update={"min_label_agreement": None})})
+    assert gate_recipe(measure_only) == {}
+
+
+def _kill_after_first_commit(root: str, base: str, digits: str, marker: str) -> None:
+    """The child of the kill test: a gated synthesize that SIGKILLs itself once it has seen its first commit."""
+    from realfake.build import synthesize
+
+    def on_shard(name: str, n: int, seconds: float) -> None:
+        Path(marker).write_text(name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    synthesize(_gated_config(root, base, digits), on_shard=on_shard)
+
+
+@pytest.mark.slow
+def test_a_killed_gated_build_resumes_exactly_once_and_byte_identical(tmp_path: Path, tiny_base: str,
+                                                                     digits_folder: str) -> None:
+    from realfake.build import finalize, prepare, store_of, synthesize
+    from realfake.data.card import verify_version
+    from realfake.data.shards import committed_shards, iter_synthetic
+    from realfake.synthesize import plan_work
+
+    cfg = _gated_config(str(tmp_path / "killed"), tiny_base, digits_folder)
+    prepare(cfg)
+    store = store_of(cfg)
+    marker = tmp_path / "committed"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_quality as t; "
+            f"t._kill_after_first_commit(*{[cfg.root, tiny_base, digits_folder, str(marker)]!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    first = marker.read_text()
+    assert [c.name for c in committed_shards(store)] == [first]  # killed right after its first observed commit
+    out = synthesize(cfg)  # the resume: the other shards only, gates and all
+    assert first not in out["shards_written"] and len(out["shards_written"]) == out["shards_total"] - 1
+    finalize(cfg)
+    assert verify_version(store) == []
+    keys = [m["key"] for _, _, m in iter_synthetic(store)]
+    assert sorted(keys) == sorted(w.key for w in plan_work(cfg, store))  # every planned image exactly once
+
+    # an uninterrupted gated build of the same version in two shard groups (two engines): the same bytes
+    other = _gated_config(str(tmp_path / "whole"), tiny_base, digits_folder)
+    prepare(other)
+    names = [c.name for c in committed_shards(store)]
+    synthesize(other, shard_names=names[::2])
+    synthesize(other, shard_names=names[1::2])
+    assert _shard_bytes(store_of(other)) == _shard_bytes(store)
