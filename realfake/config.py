@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
     "BuildConfig",
@@ -710,6 +718,15 @@ class BuildConfig(_Strict):
         if not _NAME.match(v):
             raise ValueError(f"{v!r} must be 1-128 characters of letters, digits, '_', '.', '-', not starting with '.'")
         return v
+
+    @model_serializer(mode="wrap")
+    def _omit_default_quality(self, handler: Any) -> Any:
+        # A config that leaves `quality` at its defaults dumps as before the section existed: the cards, run records
+        # and result groups of versions built without it keep their exact form (loading fills the defaults back).
+        data = handler(self)
+        if isinstance(data, dict) and self.quality == QualityConfig():
+            data.pop("quality", None)
+        return data
 
 
 def _preset_dirs() -> list[Path]:
