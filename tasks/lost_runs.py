@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from datetime import timedelta
 from functools import cache
 from uuid import UUID
@@ -117,10 +118,19 @@ def ensure_lost_run_detection() -> UUID:
         return keep.id
 
 
-@cache
+_ONCE = threading.Lock()
+
+
 def ensure_lost_run_detection_once() -> UUID | None:
-    """:func:`ensure_lost_run_detection` once per process; a server that refuses it (no automations API, no
-    permission) is logged, not fatal: the parent's per-group deadline still bounds its wait."""
+    """:func:`ensure_lost_run_detection` once per process (a parent's groups start from several threads at once);
+    a server that refuses it (no automations API, no permission) is logged, not fatal: the parent's per-group
+    deadline still bounds its wait."""
+    with _ONCE:
+        return _ensure_once()
+
+
+@cache
+def _ensure_once() -> UUID | None:
     try:
         return ensure_lost_run_detection()
     except Exception as e:  # noqa: BLE001 - detection is a safety net; the deadline is the backstop

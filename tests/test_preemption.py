@@ -15,6 +15,8 @@ import datetime as dt
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +27,14 @@ from realfake.data.card import verify_version
 from realfake.data.manifest import read_manifest
 from realfake.data.shards import committed_shards, iter_shard
 from realfake.data.storage import version_store
-from tasks.lost_runs import CRASHED_MESSAGE, HEARTBEAT_SECONDS, LOST_AFTER_SECONDS, WATCH_TAG, lost_run_automation
+from tasks.lost_runs import (
+    AUTOMATION_NAME,
+    CRASHED_MESSAGE,
+    HEARTBEAT_SECONDS,
+    LOST_AFTER_SECONDS,
+    WATCH_TAG,
+    lost_run_automation,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Kill -> Crashed: the last heartbeat is at most one period before the kill, the automation fires LOST_AFTER_SECONDS
@@ -182,15 +191,15 @@ def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_on
         assert crashed_after.total_seconds() <= CRASHED_BOUND_S
 
         # the parent says which group it waits on, and for how long (its progress artifact)
+        waiting_line = re.compile(r"waiting on synthesize stage, shard group \d: child run [a-z]+-[a-z]+ (waiting for "
+                                  r"a worker|starting on a worker|running) for \d+m\d\ds, run 2 of 3 \(1 lost before\)")
+
         def progress_names_the_lost_group():
             found = stack.api("POST", "/artifacts/filter", {"artifacts": {"key": {"any_": [progress_key]}}})
-            text = "\n".join(a.get("description") or "" for a in found)
-            return text if "run 2 of 3 (1 lost before)" in text else None
+            return waiting_line.search("\n".join(a.get("description") or "" for a in found))
 
         progress_key = "mini-lost-synthesis-progress"
-        waiting = _until("the progress artifact naming the re-submitted group", progress_names_the_lost_group, 600)
-        assert re.search(r"waiting on synthesize stage, shard group \d: child run \S+ (waiting for a worker|starting"
-                         r" on a worker|running) for \d+m\d\ds, run 2 of 3 \(1 lost before\)", waiting), waiting
+        _until("the progress artifact naming the re-submitted group's run", progress_names_the_lost_group, 600)
 
         # lost a second time: the re-submitted run's process dies on the surviving worker (the worker lives on and
         # reports it Crashed); the parent submits the group a third time
@@ -220,6 +229,17 @@ def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_on
         # a healthy long run outside the automation's scope (the build, heartbeating at Prefect's default 180 s,
         # longer than the 90 s window) was never crashed
         assert "CRASHED" not in _state_history(stack, build_id)
+
+        # the parent installed the automation itself, once; installing it again at deploy time changes nothing
+        (installed,) = [a for a in stack.api("POST", "/automations/filter", {}) if a["name"] == AUTOMATION_NAME]
+        assert installed["trigger"]["within"] == LOST_AFTER_SECONDS
+        older = {k: installed[k] for k in ("name", "description", "enabled", "trigger", "actions")}
+        stack.api("PUT", f"/automations/{installed['id']}", {**older, "trigger": {**older["trigger"], "within": 60}})
+        out = subprocess.run([sys.executable, "-m", "tasks.lost_runs"], cwd=REPO, env=stack.env(), text=True,
+                             capture_output=True, timeout=120, check=True).stdout
+        assert installed["id"] in out
+        now = [a for a in stack.api("POST", "/automations/filter", {}) if a["name"] == AUTOMATION_NAME]
+        assert [(a["id"], a["trigger"]["within"]) for a in now] == [(installed["id"], LOST_AFTER_SECONDS)]
 
         # exactly once: the version verifies, holds every planned shard, one sample per real training image
         # (images_per_real 1), and no key twice
