@@ -646,6 +646,53 @@ def all_main(a: argparse.Namespace) -> int:
     return 0
 
 
+def plan_main(a: argparse.Namespace) -> int:
+    """Planning alone at N images (local disk): write the source, then ``plan_synthesis`` as the plan task and as
+    a shard group's start (nothing committed yet); prints one JSON line."""
+    count_local_fs()
+    imports_s = warm_imports()
+    from realfake.build import plan_synthesis, store_of
+
+    cfg = load_cfg(scale_overrides(a.root, f"plan-n{a.n}-{uuid.uuid4().hex[:6]}"))
+    t = time.perf_counter()
+    write_source(cfg, a.n)
+    rec: dict[str, Any] = {"n": a.n, "imports_s": imports_s, "source_s": round(time.perf_counter() - t, 2)}
+    for run in ("plan", "replan"):
+        s0, t = STORAGE.snapshot(), time.perf_counter()
+        with RssPeak() as mem:
+            names = plan_synthesis(cfg)
+        rec[run] = {"s": round(time.perf_counter() - t, 2), "rss_growth_mb": mem.growth_mb,
+                    "storage": STORAGE.since(s0), "shards": len(names)}
+    print("RESULT " + json.dumps(rec), flush=True)
+    import shutil
+
+    shutil.rmtree(store_of(cfg).path(), ignore_errors=True)
+    return 0
+
+
+def table_main(a: argparse.Namespace) -> int:
+    """Print the markdown table of the runs in the JSON files given (one row per case)."""
+    rows = [r for path in a.files for r in json.loads(Path(path).read_text())["runs"]]
+    print("| N | groups | storage | shards | plan s | synth s | synth ms/image | storage req/shard (synth) | "
+          "API calls | API calls/group | polls | poll req (all committed) | poll s | finalize s | finalize MiB | "
+          "verify s | verify MiB | stream s | parent MiB (+growth) | resume: replan req / s | exactly once |")
+    print("|" + "---|" * 21)
+    for r in sorted(rows, key=lambda r: (r["storage"], r["n"], r["groups"])):
+        syn, res = r["synthesize"], r.get("resume")
+        groups_run = syn["task_runs"].get("synthesize-group", 0) or 1
+        print(f"| {r['n']:,} | {r['groups']} | {r['storage']} | {r['shards']} | {r['plan']['s']:.2f} | "
+              f"{syn['s']:.1f} | {1000 * syn['s'] / r['n']:.2f} | {syn['storage_per_shard']:.1f} | "
+              f"{syn['api_calls']} | {syn['api_calls'] / groups_run:.1f} | {syn['polls']} | "
+              f"{total(r['poll']['storage'])} | "
+              f"{r['poll']['s']:.3f} | {r['finalize']['s']:.2f} | {r['finalize']['rss_growth_mb']:.0f} | "
+              f"{r['verify']['s']:.2f} | {r['verify']['rss_growth_mb']:.0f} | "
+              f"{r['stream']['s'] if 'stream' in r else '-'} | {syn['parent_rss_mb']:.0f} "
+              f"(+{syn['parent_rss_growth_mb']:.0f}) | "
+              + (f"{total(res['replan_storage'])} / {res['replan_s']:.2f}" if res else "-")
+              + f" | {r['exactly_once'] and (not res or res['exactly_once'])} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -674,8 +721,14 @@ def main(argv: list[str] | None = None) -> int:
     ps = sub.add_parser("step", help="one step in its own process")
     ps.add_argument("step", choices=("synthesize",))
     ps.add_argument("--config", required=True)
+    pp = sub.add_parser("plan", help="planning alone at N images on local disk")
+    pp.add_argument("--n", type=int, required=True)
+    pp.add_argument("--root", required=True)
+    pt = sub.add_parser("table", help="markdown table of result files")
+    pt.add_argument("files", nargs="+")
     a = p.parse_args(argv)
-    return {"all": all_main, "case": case_main, "step": step_main}[a.cmd](a)
+    return {"all": all_main, "case": case_main, "step": step_main, "plan": plan_main,
+            "table": table_main}[a.cmd](a)
 
 
 if __name__ == "__main__":
