@@ -12,7 +12,6 @@ table when the version was measured (``quality``).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import platform
 from collections import Counter, deque
@@ -22,8 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from realfake.data.lease import LEASE_FILE
 from realfake.data.shards import (
@@ -40,7 +37,7 @@ from realfake.data.shards import (
     read_recipe,
     write_index,
 )
-from realfake.data.storage import Store, io_retry
+from realfake.data.storage import Store, io_retry, read_parquet
 from realfake.recipe import recipe_diff
 
 __all__ = [
@@ -253,7 +250,7 @@ def _check_shard(shard_store: Store, c: CommitRecord) -> _ShardCheck:
         return out
     if hashlib.sha256(part).hexdigest() != c.index_sha256:
         out.part_problems.append(f"shard {c.name}: index part {part_uri} checksum mismatch")
-    elif pq.read_table(io.BytesIO(part), columns=["key"]).num_rows != c.count:
+    elif read_parquet(part, columns=["key"]).num_rows != c.count:
         out.part_problems.append(f"shard {c.name}: index part {part_uri} has the wrong row count")
     return out
 
@@ -341,7 +338,7 @@ def verify_version(
     else:
         index_bytes = _call(shard_store, "read_bytes", INDEX_FILE)
         columns = ["key", "shard", "label", "image_sha256", "class_name"]
-        index_rows = pq.read_table(io.BytesIO(index_bytes), columns=columns).to_pylist()
+        index_rows = read_parquet(index_bytes, columns=columns).to_pylist()
         keys = [r["key"] for r in index_rows]
         dup = [k for k, n in Counter(keys).items() if n > 1]
         if dup:

@@ -44,14 +44,13 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch.distributed
 import torch.utils.data
 from PIL import Image
 
 from realfake.data.shards import CommitRecord, ShardIntegrityError, ShardSample, committed_shards, iter_shard
 from realfake.data.shards.index import index_parts
-from realfake.data.storage import IO_ATTEMPTS, IO_BACKOFF_S, Store, is_transient_io
+from realfake.data.storage import IO_ATTEMPTS, IO_BACKOFF_S, Store, is_transient_io, read_parquet
 from realfake.distributed import process_rank
 
 __all__ = [
@@ -128,7 +127,7 @@ def read_shard_entries(store: Store, folder: str = "synthetic") -> list[ShardEnt
         blob = blobs[p]
         if hashlib.sha256(blob).hexdigest() != c.index_sha256:
             raise ShardIntegrityError(f"index part {s.uri(c.index_part)} does not match its commit record")
-        t = pq.read_table(io.BytesIO(blob), columns=["key", "label", "class_name", "replica"]).to_pydict()
+        t = read_parquet(blob, columns=["key", "label", "class_name", "replica"]).to_pydict()
         if len(t["key"]) != c.count:
             raise ShardIntegrityError(
                 f"index part {s.uri(c.index_part)} lists {len(t['key'])} images, its commit record {c.count}"

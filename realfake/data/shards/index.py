@@ -4,11 +4,9 @@ and the ``_info.json`` split description timm's ``wds/`` reader loads."""
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import Counter
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from realfake.data.shards.reader import cat_whole, committed_shards
 from realfake.data.shards.records import (
@@ -20,7 +18,7 @@ from realfake.data.shards.records import (
     CommitRecord,
     ShardIntegrityError,
 )
-from realfake.data.storage import Store, io_retry
+from realfake.data.storage import Store, io_retry, read_parquet
 
 __all__ = ["committed_keys", "index_parts", "read_index", "write_index", "write_wds_info"]
 
@@ -34,7 +32,7 @@ def committed_keys(store: Store, folder: str = "synthetic") -> dict[str, list[st
     paths = [s.path(c.index_part) for c in commits]
     blobs = index_parts(s, commits, paths)
     return {
-        c.name: pq.read_table(io.BytesIO(blobs[p]), columns=["key"]).column("key").to_pylist()
+        c.name: read_parquet(blobs[p], columns=["key"]).column("key").to_pylist()
         for c, p in zip(commits, paths, strict=True)
     }
 
@@ -73,7 +71,7 @@ def write_index(store: Store, folder: str = "synthetic") -> pa.Table:
         for c, p in zip(commits, paths, strict=True):
             if hashlib.sha256(blobs[p]).hexdigest() != c.index_sha256:
                 raise ShardIntegrityError(f"index part {s.uri(c.index_part)} does not match its commit record")
-            tables.append(pq.read_table(io.BytesIO(blobs[p])).cast(INDEX_SCHEMA))
+            tables.append(read_parquet(blobs[p]).cast(INDEX_SCHEMA))
         table = pa.concat_tables(tables)
     else:
         table = INDEX_SCHEMA.empty_table()

@@ -166,7 +166,7 @@ def iter_parquet(data: Any, image_format: str, meta: bool = True) -> Iterator[Sh
     # only what a sample carries: the typed provenance columns duplicate ``meta`` (for SQL-style readers)
     columns = ["key", "label", "image", "meta"] if meta else ["key", "label", "image"]
     for i in range(pf.num_row_groups):
-        for row in pf.read_row_group(i, columns=columns).to_pylist():
+        for row in pf.read_row_group(i, columns=columns, use_threads=False).to_pylist():
             yield ShardSample(
                 key=row["key"],
                 label=int(row["label"]),

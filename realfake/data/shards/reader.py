@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from realfake.data.commit import sweep
@@ -30,7 +29,7 @@ from realfake.data.shards.records import (
     ShardSample,
 )
 from realfake.data.shards.tar import iter_tar
-from realfake.data.storage import Store, io_retry
+from realfake.data.storage import Store, io_retry, read_parquet
 
 __all__ = [
     "cat_whole",
@@ -203,7 +202,7 @@ def verify_shard(store: Store, commit: CommitRecord) -> list[str]:
     if hashlib.sha256(part).hexdigest() != commit.index_sha256:
         problems.append(f"shard {commit.name}: index part {store.uri(commit.index_part)} checksum mismatch")
     else:
-        idx_keys = pq.read_table(io.BytesIO(part), columns=["key"]).column("key").to_pylist()
+        idx_keys = read_parquet(part, columns=["key"]).column("key").to_pylist()
         if idx_keys != keys:
             problems.append(f"shard {commit.name}: keys in the shard differ from its index part")
     return problems
