@@ -335,7 +335,7 @@ def do_step(step: str, cfg) -> dict:
     store = store_of(cfg)
     out: dict[str, Any] = {}
     before = STORAGE.snapshot()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     with RssPeak() as mem:
         if step == "finalize":  # index.parquet from the index parts, _info.json, the card
             from realfake.build import finalize
@@ -371,6 +371,7 @@ def do_step(step: str, cfg) -> dict:
         else:
             raise ValueError(f"unknown step {step!r}")
     out["s"] = round(time.perf_counter() - t, 3)
+    out["cpu_s"] = round(time.process_time() - cpu, 3)  # this process's CPU time: steadier than wall under load
     out["rss_growth_mb"] = mem.growth_mb
     out["storage"] = STORAGE.since(before)
     return out
@@ -467,12 +468,12 @@ def case_main(a: argparse.Namespace) -> int:
     rec["source_s"] = round(time.perf_counter() - t, 2)
 
     # 1. plan (as the flow's plan task does, once per build, under the lease)
-    s0, t = STORAGE.snapshot(), time.perf_counter()
+    s0, t, cpu = STORAGE.snapshot(), time.perf_counter(), time.process_time()
     with RssPeak() as mem:
         names = plan_synthesis(cfg)
     rec["shards"] = len(names)
-    rec["plan"] = {"s": round(time.perf_counter() - t, 3), "storage": STORAGE.since(s0),
-                   "rss_growth_mb": mem.growth_mb}
+    rec["plan"] = {"s": round(time.perf_counter() - t, 3), "cpu_s": round(time.process_time() - cpu, 3),
+                   "storage": STORAGE.since(s0), "rss_growth_mb": mem.growth_mb}
 
     # 2. the synthesize flow: lease, plan task, G group task runs under a G-slot limit, progress polls
     limit = f"scale-gpu-{groups}"
@@ -490,16 +491,16 @@ def case_main(a: argparse.Namespace) -> int:
     artifacts.ProgressReporter.refresh = timed_refresh
     params = SynthesizeParams(preset="demo", overrides=overrides, finalize=False,
                               fanout=FanoutParams(groups=groups, gpu_limit=limit, poll_seconds=a.poll_seconds))
-    s0, a0, t = STORAGE.snapshot(), API.snapshot(), time.perf_counter()
+    s0, a0, t, cpu = STORAGE.snapshot(), API.snapshot(), time.perf_counter(), time.process_time()
     with RssPeak() as mem:
         state = synthesize_flow(params, return_state=True)
-    syn_s = time.perf_counter() - t
+    syn_s, syn_cpu = time.perf_counter() - t, time.process_time() - cpu
     if not state.is_completed():
         raise RuntimeError(f"synthesize flow ended {state.type}: {state.message}")
     storage = STORAGE.since(s0)
     api = API.since(a0)
     rec["synthesize"] = {
-        "s": round(syn_s, 2), "images_per_s": round(n / syn_s, 1), "storage": storage,
+        "s": round(syn_s, 2), "cpu_s": round(syn_cpu, 2), "images_per_s": round(n / syn_s, 1), "storage": storage,
         "storage_per_shard": round(total(storage) / len(names), 2),
         "api_calls": total(api), "api_by_route": api, "polls": len(polls),
         "poll_s_mean": round(sum(polls) / len(polls), 4) if polls else None,
@@ -658,10 +659,11 @@ def plan_main(a: argparse.Namespace) -> int:
     write_source(cfg, a.n)
     rec: dict[str, Any] = {"n": a.n, "imports_s": imports_s, "source_s": round(time.perf_counter() - t, 2)}
     for run in ("plan", "replan"):
-        s0, t = STORAGE.snapshot(), time.perf_counter()
+        s0, t, cpu = STORAGE.snapshot(), time.perf_counter(), time.process_time()
         with RssPeak() as mem:
             names = plan_synthesis(cfg)
-        rec[run] = {"s": round(time.perf_counter() - t, 2), "rss_growth_mb": mem.growth_mb,
+        rec[run] = {"s": round(time.perf_counter() - t, 2), "cpu_s": round(time.process_time() - cpu, 2),
+                    "rss_growth_mb": mem.growth_mb,
                     "storage": STORAGE.since(s0), "shards": len(names)}
     print("RESULT " + json.dumps(rec), flush=True)
     import shutil
