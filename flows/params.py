@@ -1,25 +1,35 @@
 """Typed parameters of the flows: one pydantic model per flow, so the Prefect UI renders a validated form.
 
 Every flow names a dataset version the same way: a preset (``configs/*.yaml``) and/or a YAML file, then the
-fields a person most often changes (dataset, version, root, device), then optional whole sections whose
-types are the library's own config models (:mod:`realfake.config`), so the form shows the paper's defaults
-and their descriptions, and finally dotted ``section.field=value`` overrides. Nothing here duplicates a
-default: the library's models stay the single source. :meth:`ConfigParams.to_config` merges all of it
-through :func:`realfake.config.load_config`, which validates once and names every bad field.
+fields a person most often changes (dataset, version, root, device), then optional sections mirroring the
+library's config models (:mod:`realfake.config`), and finally dotted ``section.field=value`` overrides.
+
+A section of the form never changes what the person did not touch. Each section is a *partial* copy of the
+library's model (:func:`form_section`): every field optional, empty by default, with no default value in the
+form's schema, so the UI prefills nothing and sends only the fields filled in; :meth:`ConfigParams.to_config`
+merges those fields onto the preset's section. (The library model itself as the section type made the UI fill a
+toggled section with the library defaults and send all of them, silently replacing the preset's rank, learning
+rate, batch, resolution and flip with the paper's.) Prefilling the form with the preset's values instead would
+freeze them into the deployment: a person switching the preset, or an edited preset file, would still get the old
+values. Each field's description says the paper's (the library's) default and the ``demo`` preset's value where it
+differs; every run publishes the effective configuration next to the paper's recipe as its ``...-config``
+artifact. Nothing here duplicates a default: the library's models stay the single source, and
+:func:`realfake.config.load_config` validates the merge once and names every bad field.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from realfake.build import BaselineKind
 from realfake.config import (
     BuildConfig,
     CaptionConfig,
     ClassifierConfig,
+    ConfigError,
     FinetuneConfig,
     GuidanceConfig,
     ModelsConfig,
@@ -30,6 +40,9 @@ from realfake.config import (
     StorageConfig,
     SynthesisConfig,
     TrainDataConfig,
+    _merge,
+    _preset_path,
+    _read_yaml,
     load_config,
 )
 
@@ -44,6 +57,8 @@ __all__ = [
     "ShardGroupParams",
     "SynthesizeParams",
     "TrainEvalParams",
+    "config_rows",
+    "form_section",
 ]
 
 EvalData = Literal["real", "synthetic", "real+synthetic"]
@@ -54,6 +69,79 @@ _SECTIONS = ("source", "models", "caption", "guidance", "finetune", "synthesis",
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_SHOWN_PRESET = "demo"  # the form's default preset, whose values the field descriptions quote
+
+
+def _preset_values(name: str) -> dict[str, Any]:
+    try:
+        return _read_yaml(_preset_path(name))
+    except ConfigError:
+        return {}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    text = "None" if value is None else repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _no_default_no_null(schema: dict[str, Any]) -> None:
+    # The form's schema of a partial field: the library's type without `null` and without a default, so the UI
+    # shows an empty input of that type and sends the field only once a person fills it in.
+    schema.pop("default", None)
+    kept = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+    if "anyOf" in schema:
+        del schema["anyOf"]
+        if len(kept) == 1:
+            schema.update(kept[0])
+        else:
+            schema["anyOf"] = kept
+
+
+def form_section(model: type[BaseModel], section: str) -> type[BaseModel]:
+    """A partial copy of a library section model for the form: every field optional and empty by default.
+
+    An empty field keeps the preset's (or the config file's) value; a field set to None through the API is
+    empty too (to set a library field to None, use an override, e.g. ``finetune.max_steps=null``). Each field's
+    description ends with the paper's default (the library's) and the ``demo`` preset's value where it differs.
+    """
+    demo = (_preset_values(_SHOWN_PRESET).get(section) or {})
+    fields: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        paper = f.get_default(call_default_factory=True)
+        note = f"Empty: the preset's value. Paper (library default): {_shown(paper)}."
+        if name in demo and _jsonable(demo[name]) != _jsonable(paper):
+            note += f" {_SHOWN_PRESET} preset: {_shown(demo[name])}."
+        description = f"{f.description or ''} {note}".strip()
+        fields[name] = (f.annotation | None, Field(None, title=f.title, description=description,
+                                                    json_schema_extra=_no_default_no_null))
+    doc = (f"{model.__doc__ or ''}\n\nOnly the fields filled in are sent; every empty field keeps the preset's "
+           "value.").strip()
+    form = create_model(f"{model.__name__}Form", __base__=_Params, __doc__=doc, **fields)
+    form.model_config["title"] = f"Change {section} fields"  # the UI's button that opens the section
+    return form
+
+
+def _section(description: str) -> Any:
+    """A section field of a form: empty (the preset's values) until a person opens it and fills fields in."""
+    return Field(None, json_schema_extra=_section_toggle,
+                 description=f"{description} Only the fields filled in are sent; the others keep the preset's values.")
+
+
+def _section_toggle(schema: dict[str, Any]) -> None:
+    # The UI shows a section as two buttons, one per branch of its anyOf: name the null branch for what it does.
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "null":
+            branch["title"] = "Preset's values"
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
 
 
 class FanoutParams(_Params):
@@ -90,6 +178,26 @@ class FanoutParams(_Params):
     )
 
 
+_LIBRARY_SECTIONS: dict[str, type[BaseModel]] = {
+    "source": SourceConfig, "models": ModelsConfig, "caption": CaptionConfig, "guidance": GuidanceConfig,
+    "finetune": FinetuneConfig, "synthesis": SynthesisConfig, "shards": ShardConfig, "classifier": ClassifierConfig,
+    "train_data": TrainDataConfig, "ood": OODConfig, "quality": QualityConfig, "storage": StorageConfig,
+}
+_FORM = {name: form_section(model, name) for name, model in _LIBRARY_SECTIONS.items()}
+SourceForm = _FORM["source"]
+ModelsForm = _FORM["models"]
+CaptionForm = _FORM["caption"]
+GuidanceForm = _FORM["guidance"]
+FinetuneForm = _FORM["finetune"]
+SynthesisForm = _FORM["synthesis"]
+ShardForm = _FORM["shards"]
+ClassifierForm = _FORM["classifier"]
+TrainDataForm = _FORM["train_data"]
+OODForm = _FORM["ood"]
+QualityForm = _FORM["quality"]
+StorageForm = _FORM["storage"]
+
+
 class ConfigParams(_Params):
     """Which dataset version to work on, and the recipe; later entries in this form win over earlier ones."""
 
@@ -112,22 +220,22 @@ class ConfigParams(_Params):
         "refuse others), extend (also add new images), overwrite (rebuild those made under another recipe). None: "
         "the preset's (resume).",
     )
-    source: SourceConfig | None = Field(None, description="Real data source; replaces the preset's fields sent.")
-    models: ModelsConfig | None = Field(None, description="Generator, CLIP and captioner ids (hub id or folder).")
-    caption: CaptionConfig | None = Field(None, description="BLIP-2 captions.")
-    guidance: GuidanceConfig | None = Field(None, description="CLIP visual guidance in the last text slot.")
-    finetune: FinetuneConfig | None = Field(None, description="LoRA fine-tuning with the MMD term.")
-    synthesis: SynthesisConfig | None = Field(None, description="img2img generation recipe.")
-    shards: ShardConfig | None = Field(None, description="Shard format and size.")
-    classifier: ClassifierConfig | None = Field(None, description="Downstream classifier recipe.")
-    train_data: TrainDataConfig | None = Field(
-        None, description="What the classifier trains on: synthetic versions pooled, scale xK, synthetic:real "
-        "ratio, streaming; replaces the preset's fields sent.",
+    source: SourceForm | None = _section("Real data source.")
+    models: ModelsForm | None = _section("Generator, CLIP and captioner ids (hub id or folder).")
+    caption: CaptionForm | None = _section("BLIP-2 captions.")
+    guidance: GuidanceForm | None = _section("CLIP visual guidance in the last text slot.")
+    finetune: FinetuneForm | None = _section("LoRA fine-tuning with the MMD term.")
+    synthesis: SynthesisForm | None = _section("img2img generation recipe.")
+    shards: ShardForm | None = _section("Shard format and size.")
+    classifier: ClassifierForm | None = _section("Downstream classifier recipe.")
+    train_data: TrainDataForm | None = _section(
+        "What the classifier trains on: synthetic versions pooled, scale xK, synthetic:real "
+        "ratio, streaming.",
     )
-    ood: OODConfig | None = Field(None, description="Out-of-distribution test folders (ImageNet-V2/-Sketch/-R/-A).")
-    quality: QualityConfig | None = Field(None, description="Per-image scores, the per-class card, regeneration gates.")
-    storage: StorageConfig | None = Field(
-        None, description="Object storage endpoint, region and client options (MinIO, Ceph, R2); credentials come "
+    ood: OODForm | None = _section("Out-of-distribution test folders (ImageNet-V2/-Sketch/-R/-A).")
+    quality: QualityForm | None = _section("Per-image scores, the per-class card, regeneration gates.")
+    storage: StorageForm | None = _section(
+        "Object storage endpoint, region and client options (MinIO, Ceph, R2); credentials come "
         "from the worker's environment, AWS profile or instance role, never from here.")
     overrides: list[str] = Field(
         default_factory=list,
@@ -143,8 +251,10 @@ class ConfigParams(_Params):
                 data[name] = value
         for name in _SECTIONS:
             section = getattr(self, name)
-            if section is not None:
-                data[name] = section.model_dump(mode="json", exclude_unset=True)
+            if section is not None:  # only the fields filled in: an empty field keeps the preset's value
+                filled = {k: v for k, v in section.model_dump(mode="json", exclude_unset=True).items() if v is not None}
+                if filled:
+                    data[name] = filled
         return data
 
     def to_config(self) -> BuildConfig:
@@ -156,9 +266,25 @@ class ConfigParams(_Params):
         from realfake.redact import register_overrides
 
         register_overrides(self.overrides)  # a credential given as an override is refused, and masked wherever quoted
-        return load_config(
+        cfg = load_config(
             preset=self.preset, file=self.config_file, overrides=list(self.overrides), data=self.config_data()
         )
+        if self._publishes_config:
+            _publish_config(self, cfg)
+        return cfg
+
+    _publishes_config: ClassVar[bool] = True  # a child run (its parent's config, pinned) publishes none
+
+    def preset_config_data(self) -> dict[str, Any]:
+        """The preset merged with the config file, as written (before the form's fields and overrides)."""
+        data: dict[str, Any] = {}
+        if self.preset:
+            data = _merge(data, _read_yaml(_preset_path(self.preset)))
+        if self.config_file:
+            from pathlib import Path
+
+            data = _merge(data, _read_yaml(Path(self.config_file)))
+        return data
 
     def pinned(self, cfg: BuildConfig) -> dict[str, Any]:
         """Parameters that reproduce ``cfg`` exactly in a child run, whatever preset files it finds there."""
@@ -166,7 +292,55 @@ class ConfigParams(_Params):
         if "://" not in data["root"]:
             # A child run may start in another working directory (its own pull step): pin the folder.
             data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
-        return {"preset": None, "config_file": None, **data}
+        # An empty form field keeps the preset's value (here: the library default): a None the library does not
+        # default to travels as an override
+        nulls = [f"{name}.{field}=null" for name, model in _LIBRARY_SECTIONS.items()
+                 for field, value in (data.get(name) or {}).items()
+                 if value is None and model.model_fields[field].get_default(call_default_factory=True) is not None]
+        return {"preset": None, "config_file": None, **data, "overrides": nulls}
+
+
+def config_rows(params: ConfigParams, cfg: BuildConfig) -> list[dict[str, Any]]:
+    """The effective configuration next to the preset's and the paper's: one row per field that the preset, the
+    form or an override sets away from the paper's recipe (the library's defaults), saying which of them did."""
+    preset = params.preset_config_data()
+    effective = cfg.model_dump(mode="json")
+    rows = []
+    for name, value in effective.items():
+        model = _LIBRARY_SECTIONS.get(name)
+        fields = value.items() if model is not None else [(None, value)]
+        for field, v in fields:
+            path = f"{name}.{field}" if field else name
+            if model is not None:
+                paper = _jsonable(model.model_fields[field].get_default(call_default_factory=True))
+                from_preset = (preset.get(name) or {}).get(field, paper)
+            else:
+                info = BuildConfig.model_fields[name]
+                paper = None if info.is_required() else _jsonable(info.default)
+                from_preset = preset.get(name, paper)
+            from_preset = _jsonable(from_preset)
+            if v == paper and from_preset == paper:
+                continue
+            set_by = "paper" if v == paper else "preset" if v == from_preset else "form or override"
+            rows.append({"field": path, "this run": _shown(v), "preset": _shown(from_preset), "paper": _shown(paper),
+                         "set by": set_by})
+    return rows
+
+
+def _publish_config(params: ConfigParams, cfg: BuildConfig) -> None:
+    # Inside a flow run only (the CLI checks a form before Prefect starts): the effective-configuration artifact.
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    from prefect import get_run_logger
+
+    try:
+        from tasks.artifacts import publish_config
+
+        publish_config(config_rows(params, cfg), params.preset, cfg.dataset, cfg.version)
+    except Exception as e:  # noqa: BLE001 - the artifact informs, it never stops a run
+        get_run_logger().warning("no configuration artifact: %s: %s", type(e).__name__, e)
 
 
 class PrepareParams(ConfigParams):
@@ -188,6 +362,8 @@ class SynthesizeParams(ConfigParams):
 
 class ShardGroupParams(ConfigParams):
     """Parameters of one shard group (a child run): synthesize and commit these shards, skip committed ones."""
+
+    _publishes_config: ClassVar[bool] = False
 
     shard_names: list[str] = Field(
         default_factory=list, description="Shards of the plan this group writes (empty: the whole plan)."

@@ -154,6 +154,9 @@ def compute_captions(cfg: BuildConfig, store: Store, model=None, processor=None,
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="captions", unit="img")
+    from realfake.progress import StageProgress
+
+    shown, captioned = StageProgress("caption", len(todo), "image", cfg.dataset, cfg.version, samples_per_unit=1), 0
     # decode the next batch's images while the current one is captioned (I/O-bound on object storage)
     with ThreadPoolExecutor(max_workers=8) as pool:
         pending = [pool.map(lambda s: _read_image(s, storage_options), b) for b in batches[:1]]
@@ -170,6 +173,8 @@ def compute_captions(cfg: BuildConfig, store: Store, model=None, processor=None,
             done.update((r[0], r[1]) for r in rows)
             if bar is not None:
                 bar.update(len(batch))
+            captioned += len(batch)
+            shown.update(captioned)
     if bar is not None:
         bar.close()
     store.write_table(_table([(i, done[i], sha[i]) for i in ids], name, settings), *CAPTIONS)

@@ -79,11 +79,15 @@ def compute_guidance(cfg: BuildConfig, store: Store, model=None, processor=None,
             from tqdm import tqdm
 
             chunks = tqdm(chunks, desc="guidance", unit="batch")
+        from realfake.progress import StageProgress
+
+        shown = StageProgress("guidance", len(todo), "image", cfg.dataset, cfg.version, samples_per_unit=1)
         for i in chunks:
             batch = todo[i : i + cfg.guidance.batch_size]
             images = [load_real_image(s, max(size, s.width, s.height), storage_options) for s in batch]
             new.update(zip((s.sample_id for s in batch), image_embeddings(model, processor, images, device),
                            strict=True))
+            shown.update(i + len(batch))
     rows = [new[i] if i in new else keep[i] for i in ids]
     dim = len(rows[0]) if rows else (model.config.projection_dim if model is not None else 0)
     emb = np.stack(rows) if rows else np.zeros((0, dim), np.float32)

@@ -61,7 +61,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def sample_grid(stores: dict[str, Store], per_class: int = 4, scale: int = 2) -> Image.Image:
-    """Rows = classes; columns = real sources | each version's images made from those same sources."""
+    """Rows = classes, each labelled with its class name and label on the left; columns = real sources | each
+    version's images made from those same sources."""
     from realfake.data.manifest import load_real_image, read_manifest
     from realfake.data.shards import iter_synthetic
 
@@ -80,21 +81,37 @@ def sample_grid(stores: dict[str, Store], per_class: int = 4, scale: int = 2) ->
     size = max(64, next(iter(chosen.values()))[0].width * scale) if chosen else 64
     cols = ["real"] + list(stores)
     gap, head = 6, 18
-    w = len(cols) * per_class * size + (len(cols) - 1) * gap
+    # Each row is labelled with its class name (and label), truncated to what fits a fixed left column
+    names = {lab: _row_label(lab, chosen[lab][0].class_name) for lab in labels}
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 8 + max([int(probe.textlength(t)) for t in names.values()] or [0])
+    w = left + len(cols) * per_class * size + (len(cols) - 1) * gap
     h = head + len(labels) * size
     grid = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for c, name in enumerate(cols):
-        draw.text((c * (per_class * size + gap) + 4, 3), name, fill=(0, 0, 0))
+        draw.text((left + c * (per_class * size + gap) + 4, 3), name, fill=(0, 0, 0))
     for r, lab in enumerate(labels):
+        draw.text((4, head + r * size + size // 2 - 6), names[lab], fill=(0, 0, 0))
         for k, s in enumerate(chosen[lab]):
             tiles = [load_real_image(s, size)] + [synth[n].get(s.sample_id) for n in stores]
             for c, tile in enumerate(tiles):
                 if tile is None:
                     continue
-                x = c * (per_class * size + gap) + k * size
+                x = left + c * (per_class * size + gap) + k * size
                 grid.paste(tile.resize((size, size), Image.NEAREST), (x, head + r * size))
     return grid
+
+
+_ROW_LABEL_CHARS = 24  # ours: a class name longer than this (some ImageNet names) is cut with an ellipsis
+
+
+def _row_label(label: int, class_name: str | None) -> str:
+    name = str(class_name or label)
+    if len(name) > _ROW_LABEL_CHARS:
+        name = name[: _ROW_LABEL_CHARS - 3] + "..."
+    name = name.encode("latin-1", "replace").decode("latin-1")  # what PIL's default bitmap font can draw
+    return name if name == str(label) else f"{name} ({label})"
 
 
 def write_report(cfg: BuildConfig, report: dict[str, Any], configs: dict[str, BuildConfig],

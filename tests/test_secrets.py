@@ -275,7 +275,8 @@ def test_artifacts_read_back_from_the_server_hold_no_secret(planted, harness):
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     by_key = {a.key: a for a in artifacts}
-    assert {"mini-counts", "mini-accuracy", "mini-card", "mini-grid", "other-grid", "mini-report", "mini-privacy-lira",
+    assert {"mini-v1-classes", "mini-v1-measures", "mini-v1-card", "mini-v1-grid", "other-v1-grid", "mini-v1-report",
+            "mini-privacy-lira",
             "mini-privacy-lira-roc", "mini-privacy-lira-results", "control-unscrubbed"} <= set(by_key)
     control = by_key.pop("control-unscrubbed")
     assert planted["aws_secret"] in str(control.data)  # the grep below would see a leak
@@ -283,9 +284,9 @@ def test_artifacts_read_back_from_the_server_hold_no_secret(planted, harness):
     for a in by_key.values():
         _assert_clean(f"{a.data}\n{a.description}", planted, f"artifact {a.key} ({a.type})")
     # what is not secret is still there
-    assert "zero ***" in str(by_key["mini-counts"].data) and "one" in str(by_key["mini-counts"].data)
-    assert "builder:***@minio.internal:9000/bucket/out/mini/v1/dataset.json" in str(by_key["mini-card"].data)
-    assert "| synthesize | 3 |" in str(by_key["mini-report"].data)
+    assert "zero ***" in str(by_key["mini-v1-classes"].data) and "one" in str(by_key["mini-v1-classes"].data)
+    assert "builder:***@minio.internal:9000/bucket/out/mini/v1/dataset.json" in str(by_key["mini-v1-card"].data)
+    assert "| synthesize | 3 |" in str(by_key["mini-v1-report"].data)
     # object storage: named by its URI, no pre-signed URL (it would carry the key id and session token)
-    grid_s3 = str(by_key["other-grid"].data)
+    grid_s3 = str(by_key["other-v1-grid"].data)
     assert "Grid file: `s3://bucket/out/other/v1/report/grid.png`" in grid_s3 and "X-Amz-" not in grid_s3
