@@ -191,6 +191,11 @@ def judge_kind(cfg: BuildConfig) -> str:
     return "clip" if conf is not None and conf.get("model_type") == "clip" else "classifier"
 
 
+def _projected(out: Any) -> torch.Tensor:
+    """CLIP's projected features: transformers 5 returns them as the ``pooler_output`` of a model output, 4 as is."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 def _clip_judge(cfg: BuildConfig, store: Store, device: torch.device) -> Judge:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
@@ -208,14 +213,13 @@ def _clip_judge(cfg: BuildConfig, store: Store, device: torch.device) -> Judge:
     prompts = [generation_prompt(cfg.synthesis, n) for n in _class_names(store)]  # the prompts in production
     with torch.inference_mode():
         tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").to(device)
-        text = model.get_text_features(**tokens)
-        text = torch.nn.functional.normalize(text.float(), dim=-1)
+        text = torch.nn.functional.normalize(_projected(model.get_text_features(**tokens)).float(), dim=-1)
         scale = model.logit_scale.exp().float()
 
     @torch.inference_mode()
     def run(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         pixels = processor(images=images, return_tensors="pt").pixel_values.to(device)
-        feats = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).float(), dim=-1)
+        feats = torch.nn.functional.normalize(_projected(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
         probs = torch.softmax(scale * feats @ text.T, dim=1)
         return probs.cpu().numpy(), feats.cpu().numpy()
 

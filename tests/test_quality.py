@@ -243,3 +243,48 @@ def test_a_killed_gated_build_resumes_exactly_once_and_byte_identical(tmp_path: 
     synthesize(other, shard_names=names[::2])
     synthesize(other, shard_names=names[1::2])
     assert _shard_bytes(store_of(other)) == _shard_bytes(store)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The CLIP judge: zero-shot against the generation prompts, from a full checkpoint only
+# --------------------------------------------------------------------------------------------------------
+def _tiny_full_clip(folder: Path) -> str:
+    """A random-weight CLIPModel (text and vision towers, projections) saved like openai/clip-vit-large-patch14."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from realfake.models.tiny import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(folder)
+    torch.manual_seed(0)
+    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 77}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_auto_judges_with_clip_only_when_the_checkpoint_has_a_text_tower(tmp_path: Path, tiny_base: str,
+                                                                         digits_folder: str) -> None:
+    from realfake.build import prepare, store_of
+    from realfake.data.loaders import RealImages
+    from realfake.quality import judge_kind, load_judge
+
+    clip = _tiny_full_clip(tmp_path / "clip")
+    cfg = mini_config(str(tmp_path / "out"), tiny_base, digits_folder, guidance__enabled=False,
+                      quality={"enabled": True, "judge_model": clip})
+    assert judge_kind(cfg) == "clip"
+    vision_only = cfg.model_copy(update={"quality": cfg.quality.model_copy(update={"judge_model": None})})
+    assert judge_kind(vision_only) == "classifier"  # the tiny base's clip/ is a vision tower, as the demo's
+    prepare(cfg)
+    store = store_of(cfg)
+    judge = load_judge(cfg, store)
+    assert judge.kind == "clip" and "photo of" in judge.name
+    images = [RealImages(store, "train")[i][0] for i in range(5)]
+    probs, feats = judge.score(images)
+    classes = len({s.label for s in RealImages(store, "train").samples})
+    assert probs.shape == (5, classes) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert feats.shape == (5, 16) and np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
