@@ -99,6 +99,11 @@ def _no_default_no_null(schema: dict[str, Any]) -> None:
             schema.update(kept[0])
         else:
             schema["anyOf"] = kept
+    if schema.get("type") == "boolean":
+        # The UI's boolean switch starts off and sends false untouched (it would turn fine-tuning off); a choice of
+        # true / false starts empty and sends nothing until a person picks one.
+        del schema["type"]
+        schema["enum"] = [True, False]
 
 
 def form_section(model: type[BaseModel], section: str) -> type[BaseModel]:
