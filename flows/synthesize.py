@@ -20,6 +20,7 @@ from realfake.build import store_of
 from realfake.config import BuildConfig
 from realfake.redact import redacting_errors
 from tasks.artifacts import ProgressReporter, artifact_key
+from tasks.child_runs import group_deadlines
 from tasks.gpu import ensure_gpu_limit, split_groups, visible_gpus
 from tasks.lease import build_lease
 from tasks.stages import finalize_task, plan_task, run_shard_group_deployment, synthesize_group_task, verify_task
@@ -63,12 +64,13 @@ def run_synthesis(cfg: BuildConfig, fanout: FanoutParams, pinned: dict, lease_ow
     )
     with reporter:
         if fanout.mode == "deployment":
+            deadlines = group_deadlines(cfg, groups, fanout.gpu_limit)  # after which a Running group counts as lost
             futures = [
                 run_shard_group_deployment.submit(
                     fanout.shard_deployment,
                     {"params": ShardGroupParams(**pinned, shard_names=g, gpu_limit=fanout.gpu_limit,
                                                 lease_owner=lease_owner).model_dump(mode="json")},
-                    i,
+                    i, deadlines[i],
                 )
                 for i, g in enumerate(groups)
             ]

@@ -29,7 +29,6 @@ from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
-from prefect.concurrency.sync import concurrency
 from prefect.logging import get_logger
 
 from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig
@@ -37,6 +36,7 @@ from realfake.redact import redacting_errors
 from tasks.artifacts import artifact_key, browser_url, create_link_artifact, create_markdown_artifact
 from tasks.cache import TRANSIENT_RETRY
 from tasks.child_runs import retry_on_lost_child, run_child_deployment
+from tasks.gpu import gpu_slot
 
 __all__ = [
     "copy_detection_task",
@@ -135,7 +135,7 @@ def _run_shadow(family: str, cfg: BuildConfig, lira: LiraConfig, index: int, gpu
 def _shadow_in_turn(family: str, cfg: BuildConfig, lira: LiraConfig, index: int, gpu_limit: str,
                     gpu: str | None) -> dict:
     """One shadow of ``family``: its local turn first, then one slot of ``gpu_limit``; a failure names the shadow."""
-    with _turn(family, index, gpu), concurrency(gpu_limit, occupy=1):
+    with _turn(family, index, gpu), gpu_slot(gpu_limit):
         try:
             return _run_shadow(family, cfg, lira, index, gpu)
         except Exception as e:
@@ -295,7 +295,7 @@ def score_lira_task(cfg: BuildConfig, lira: LiraConfig) -> dict:
 @redacting_errors
 def copy_detection_task(cfg: BuildConfig, copy: CopyDetectionConfig, gpu_limit: str = "realfake-gpu") -> dict:
     """Embed synthetic and real training images and write the copy-detection report, holding one GPU slot."""
-    with concurrency(gpu_limit, occupy=1):
+    with gpu_slot(gpu_limit):
         out = _audit().run_copy_detection(cfg, copy)
     get_run_logger().info("copy detection of %s/%s: %d/%d synthetic images at or above %.3f; %s", cfg.dataset,
                           cfg.version, out["n_above_threshold"], out["n_synthetic"], out["threshold"], out["note"])

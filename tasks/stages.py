@@ -14,13 +14,12 @@ import time
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.concurrency.sync import concurrency
 
 from realfake.config import BuildConfig
 from realfake.redact import redacting_errors
 from tasks.cache import TRANSIENT_RETRY, finetune_cache_key, prepare_cache_key
 from tasks.child_runs import run_child_deployment
-from tasks.gpu import run_group_process
+from tasks.gpu import gpu_slot, run_group_process
 
 __all__ = [
     "adapter_exists",
@@ -107,7 +106,7 @@ def finetune_task(
         nproc: >1: train on that many GPUs of this node at once (``torchrun``, one process per GPU, DDP).
     """
     log = get_run_logger()
-    with concurrency(gpu_limit, occupy=max(1, nproc)):
+    with gpu_slot(gpu_limit, nproc):
         log.info("fine-tuning adapter %r of %s/%s on device %s", scope, cfg.dataset, cfg.version,
                  device or "default")
         try:
@@ -143,7 +142,7 @@ def synthesize_group_task(
     ``lease_owner`` names the build holding the version's lease; each commit checks it still does.
     """
     log = get_run_logger()
-    with concurrency(gpu_limit, occupy=1):
+    with gpu_slot(gpu_limit):
         t0 = time.perf_counter()
         log.info("synthesizing %d shard(s) %s..%s on device %s", len(shard_names), shard_names[0], shard_names[-1],
                  device or "default")
@@ -165,12 +164,15 @@ def synthesize_group_task(
 @task(name="run-shard-group", task_run_name="child-{group_index}", tags=["realfake"], retries=1,
       retry_delay_seconds=30)
 @redacting_errors
-def run_shard_group_deployment(deployment: str, parameters: dict, group_index: int) -> dict:
+def run_shard_group_deployment(deployment: str, parameters: dict, group_index: int,
+                               deadline_s: float | None = None) -> dict:
     """Start one child flow run of the shard-group deployment and wait for it; fail if it did not complete.
 
-    The child flow run has its own retries; this task retries once more for a child lost with its pod.
+    The child flow run has its own retries; a child lost with its node (or Running past ``deadline_s``) is
+    re-submitted by :func:`tasks.child_runs.run_child_deployment` and resumes at shard granularity.
     """
-    run = run_child_deployment(deployment, parameters, f"synthesize stage, shard group {group_index}")
+    run = run_child_deployment(deployment, parameters, f"synthesize stage, shard group {group_index}",
+                               deadline_s=deadline_s)
     get_run_logger().info("child run %s (%s) of group %d completed", run.name, run.id, group_index)
     return {"flow_run_id": str(run.id), "flow_run_name": run.name, "group": group_index}
 
@@ -207,7 +209,7 @@ def train_eval_task(
     """
     from tasks.gpu import visible_gpus
 
-    with concurrency(gpu_limit, occupy=max(1, min(nproc_per_node, len(visible_gpus())))):
+    with gpu_slot(gpu_limit, min(nproc_per_node, len(visible_gpus()))):
         if nproc_per_node > 1:
             from realfake.train_dist import launch
 
@@ -225,7 +227,7 @@ def measure_task(configs: dict[str, BuildConfig], gpu_limit: str = "realfake-gpu
     """The three measures of each built version (accuracy on real test, label fidelity, feature distances)."""
     from realfake.build import measure_versions
 
-    with concurrency(gpu_limit, occupy=1):
+    with gpu_slot(gpu_limit):
         measures = measure_versions(configs)
     get_run_logger().info("measured %s", ", ".join(configs))
     return measures
