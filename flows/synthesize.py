@@ -29,14 +29,30 @@ __all__ = ["run_synthesis", "synthesize_flow", "synthesize_shards_flow"]
 
 
 def _progress_counter(cfg: BuildConfig, names: list[str]):
-    from realfake.data.shards import committed_shards
+    """(shards committed, images in them) of the planned ``names``, for the progress artifact.
+
+    A commit record never changes once written, so each poll lists the commit folder and reads only the records
+    it has not read before: one listing per poll however far the build is (re-reading every record, as
+    ``committed_shards`` does, made a poll cost one request per committed shard, benchmarks/results/scale.md).
+    """
+    import json
+
+    from realfake.data.shards import COMMITS_DIR, CommitRecord, io_retry
+    from realfake.data.shards.reader import cat_whole
 
     wanted = set(names)
-    store = store_of(cfg)
+    folder = store_of(cfg).child("synthetic")
+    counts: dict[str, int] = {}
 
     def count() -> tuple[int, int]:
-        done = [c for c in committed_shards(store) if c.name in wanted]
-        return len(done), sum(c.count for c in done)
+        io_retry(lambda: folder.fs.invalidate_cache(folder.path(COMMITS_DIR)), "invalidate listing cache")
+        listed = io_retry(lambda: folder.listdir(COMMITS_DIR), f"list {folder.uri(COMMITS_DIR)}")
+        new = sorted({n[: -len(".json")] for n in listed if n.endswith(".json")} & wanted - counts.keys())
+        paths = {folder.path(COMMITS_DIR, f"{n}.json"): n for n in new}
+        blobs = cat_whole(folder, list(paths)) if paths else {}  # one batched read: s3fs fetches them concurrently
+        for path, name in paths.items():
+            counts[name] = CommitRecord.from_json(json.loads(blobs[path])).count
+        return len(counts), sum(counts.values())
 
     return count
 

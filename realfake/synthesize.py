@@ -387,7 +387,8 @@ def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None
     items = plan_work(cfg, store)
     recipe = recipe if recipe is not None else synthesis_recipe(cfg, store)
     pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=mode or cfg.mode,
-                           lease=lease, recipe=recipe, may_grow=MAY_GROW)
+                           lease=lease, recipe=recipe, may_grow=MAY_GROW,
+                           shards=shard_names)
     if shard_names is not None:
         wanted = set(shard_names)
         pending = [p for p in pending if p.name in wanted]

@@ -35,10 +35,13 @@ def plan_pending(
     lease: VersionLease | None = None,
     recipe: dict[str, Any] | None = None,
     may_grow: Collection[str] = (),
+    shards: Collection[str] | None = None,
 ) -> list[ShardPlan]:
     """The shards still to write for ``items``, given what the version already holds.
 
-    Call once per run, under the lease, before the workers start; it also removes crash leftovers.
+    Call once per run, under the lease, before the workers start; it also removes crash leftovers. A shard group
+    of a running build passes its ``shards``: only their leftovers are removed, never the other groups' files in
+    flight.
 
     - ``resume``: the committed shards must be exactly shards of ``plan_shards(items)``; returns the others,
       with the same names, so a resumed build ends byte-identical to an uninterrupted one.
@@ -69,7 +72,7 @@ def plan_pending(
     if mode == "overwrite" and recipe is None:
         _remove_shards_and_card(store, folder)
         return full
-    remove_partial_shards(store, folder)
+    remove_partial_shards(store, folder, shards)
     done = committed_keys(store, folder)
     by_name = {p.name: p for p in full}
     consistent = all(n in by_name and [key(i) for i in by_name[n].items] == ks for n, ks in done.items())

@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import IO, Any
 
 import pyarrow as pa
@@ -100,14 +100,33 @@ def partial_shards(store: Store, folder: str = "synthetic") -> list[str]:
     return sorted(out)
 
 
-def remove_partial_shards(store: Store, folder: str = "synthetic") -> list[str]:
+def _of_shards(name: str, shards: Collection[str]) -> bool:
+    """Whether a file of the shard folder, ``_index/`` or ``_commits/`` belongs to one of ``shards``: its name up
+    to the first dot is the shard's name, or the name of one of the shard's later files (``{name}-{part}``)."""
+    stem = name.split(".", 1)[0]
+    base, _, part = stem.rpartition("-")
+    return stem in shards or (part.isdigit() and base in shards)
+
+
+def remove_partial_shards(store: Store, folder: str = "synthetic", shards: Collection[str] | None = None
+                          ) -> list[str]:
     """Delete crash leftovers (see :func:`partial_shards`) with :func:`realfake.data.commit.sweep`; call under
-    the lease, before workers start."""
+    the lease, before workers start.
+
+    With ``shards``, only the leftovers of those shards are removed: what one shard group of a running build may
+    remove, since the other groups write their shards (temp files, parts and index parts not yet committed)
+    meanwhile (benchmarks/results/scale.md: 8 of 10 concurrent groups failed when each removed every leftover)."""
     s = store.child(folder)
     io_retry(lambda: s.fs.invalidate_cache(s.path()), "invalidate listing cache")
     leftovers = []
     for sub, keep in _named(store, folder).items():
-        leftovers += ["/".join((*sub, n)) for n in sweep(s, keep, *sub)]
+        if shards is None:
+            leftovers += ["/".join((*sub, n)) for n in sweep(s, keep, *sub)]
+            continue
+        for n in io_retry(lambda sub=sub: s.listdir(*sub), f"list {s.uri(*sub)}"):
+            if n not in keep and _of_shards(n, shards):
+                io_retry(lambda n=n, sub=sub: s.remove(*sub, n, recursive=True), f"remove {s.uri(*sub, n)}")
+                leftovers.append("/".join((*sub, n)))
     if leftovers:
         log.info("removed %d uncommitted file(s) from %s", len(leftovers), s.uri())
     return sorted(leftovers)
