@@ -138,6 +138,7 @@ class PrefectStack:
             except OSError:
                 pass
             time.sleep(0.5)
+        _stop(self.server)  # not left running after a failed start
         raise TimeoutError(f"prefect server not healthy after {timeout}s:\n{self.server_log()[-3000:]}")
 
     def server_log(self) -> str:
@@ -260,7 +261,7 @@ def shared_stack(base: Path) -> PrefectStack:
     """
     if "stack" in _SHARED:
         return _SHARED["stack"]
-    stack = PrefectStack(base / "prefect-home").start()
+    stack = PrefectStack(base / "prefect-home").start(timeout=300)  # a loaded 2-core machine took over 120 s
     try:
         stack.cli("work-pool", "create", "realfake-process", "--type", "process")
         stack.cli("work-pool", "create", "realfake-gpu", "--type", "kubernetes",
