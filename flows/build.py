@@ -21,7 +21,7 @@ from flows.prepare import run_prepare
 from flows.synthesize import run_synthesis
 from realfake.build import BASELINE_PROMPTS, Stages, build_and_report
 from realfake.config import BuildConfig
-from realfake.data.storage import version_store
+from realfake.data.storage import resolve_storage_options, version_store
 from realfake.redact import redacting_errors
 from tasks.artifacts import (
     publish_card_link,
@@ -72,12 +72,12 @@ def run_build_stages(cfg: BuildConfig, params: BuildParams) -> dict:
                               params.measure)
     card = report["versions"]["realfake"]["card"]
     store = version_store(cfg.root, cfg.dataset, cfg.version)
-    publish_counts(card, cfg.dataset, cfg.version)
+    publish_counts(card, cfg.dataset, cfg.version, report.get("measures"))
     if report.get("measures"):
         publish_metrics(report["measures"], cfg.dataset, cfg.version)
-    publish_card_link(store.uri("dataset.json"), cfg.dataset, cfg.version)
+    publish_card_link(store.uri("dataset.json"), cfg.dataset, cfg.version, card)
     if report.get("grid"):
-        publish_grid(str(report["grid"]), cfg.dataset, cfg.version)
+        publish_grid(str(report["grid"]), cfg.dataset, cfg.version, resolve_storage_options(cfg.storage))
     publish_report(report_markdown(report), cfg.dataset, cfg.version)
     return report
 

@@ -456,10 +456,11 @@ def _train(
         from tqdm.auto import tqdm
 
         epochs = tqdm(epochs, desc=f"train {cfg.model}", unit="epoch", initial=start, total=num_epochs)
+    shown = _progress(store, cfg, num_epochs, start, n) if ranks.rank == 0 else None
     for epoch in epochs:
         (sampler or dataset).set_epoch(epoch)
         trained.train()
-        t0, total_loss, seen = time.perf_counter(), 0.0, 0
+        t0, total_loss, seen, correct = time.perf_counter(), 0.0, 0, torch.zeros((), dtype=torch.long, device=device)
         # One optimiser step per group of sched.accumulation micro-batches: each micro-batch's mean loss is
         # weighted by its share of the group's images, so the summed gradient is the group's mean, as one pass
         # over the whole global batch would give; DDP synchronises only on a group's last micro-batch.
@@ -482,7 +483,9 @@ def _train(
                 sync = contextlib.nullcontext() if final or ranks.world == 1 else trained.no_sync()
                 with sync:
                     with autocast if autocast is not None else contextlib.nullcontext():
-                        loss = criterion(trained(images), targets)
+                        logits = trained(images)
+                        loss = criterion(logits, targets)
+                    correct += (logits.detach().argmax(1) == labels).sum()  # on the device: no sync per batch
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"training loss became {loss.item()} at epoch {epoch}; lower classifier.lr ({cfg.lr})"
@@ -510,9 +513,9 @@ def _train(
                              f"({cfg.batch_size}) or classifier.workers ({cfg.workers})")
         scheduler.step(epoch + 1)
         if ranks.world > 1:  # the logged loss is the mean over every process's images
-            sums = torch.tensor([total_loss, float(seen)], dtype=torch.float64, device=device)
+            sums = torch.tensor([total_loss, float(seen), float(correct)], dtype=torch.float64, device=device)
             dist.all_reduce(sums)
-            total_loss, seen = float(sums[0]), int(sums[1])
+            total_loss, seen, correct = float(sums[0]), int(sums[1]), sums[2]
         entry = {
             "epoch": epoch + 1,
             "loss": total_loss / max(seen, 1),
@@ -520,6 +523,8 @@ def _train(
             "seconds": time.perf_counter() - t0,
         }
         model.train_log.append(entry)
+        if shown is not None:
+            shown.update(epoch + 1, loss=entry["loss"], train_accuracy=float(correct) / max(seen, 1))
         if ranks.rank == 0:
             log.info(
                 "epoch %d/%d loss %.4f lr %.4g (%.1fs)",
@@ -667,3 +672,17 @@ def evaluate(
         "confusion": confusion.tolist(),
         "n": int(len(labels)),
     }
+
+
+def _progress(store: Store | None, cfg: ClassifierConfig, epochs: int, start: int, images: int) -> Any:
+    """Throttled progress lines of one training run, named after the version and run of its checkpoint folder
+    (``{dataset}/{version}/runs/{run}/checkpoint``) when it has one."""
+    from realfake.progress import StageProgress
+
+    parts = store.root.rstrip("/").split("/") if store is not None else []
+    if len(parts) >= 5 and parts[-3] == "runs":
+        dataset, version, run = parts[-5], parts[-4], parts[-2]
+    else:
+        dataset, version, run = "classifier", cfg.model, None
+    return StageProgress("classifier", epochs, "epoch", dataset, version, scope=run, samples_per_unit=images,
+                         start=start)

@@ -545,6 +545,10 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
         from tqdm import tqdm
 
         steps = tqdm(steps, desc=f"finetune[{scope}]", initial=start, total=plan.steps)
+    from realfake.progress import StageProgress
+
+    shown = StageProgress("finetune", plan.steps, "step", cfg.dataset, cfg.version, scope=scope,
+                          samples_per_unit=plan.batch_size, start=start)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if ft.mixed_precision == "bf16" else torch.float16,
                               enabled=amp)
 
@@ -640,6 +644,8 @@ def _finetune(cfg: BuildConfig, store: Store, scope: str, components: dict | Non
             loss_value, per_rank = float(done), [int(mmd_batch)]
         history.append({"step": step + 1, "loss": loss_value, **parts, "grad_norm": float(norm),
                         "mmd_batch_per_rank": per_rank})
+        if main:
+            shown.update(step + 1, loss=loss_value)  # a log line at most every few seconds (realfake.progress)
         if (step + 1) % ft.checkpoint_every == 0 and step + 1 < plan.steps:
             saved = step + 1  # every rank knows the step of the checkpoint rank 0 commits
         if main and saved == step + 1:

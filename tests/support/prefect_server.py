@@ -119,8 +119,8 @@ class PrefectStack:
         return env
 
     # -- server ---------------------------------------------------------------------------------------------
-    def start(self, timeout: float = 120.0) -> PrefectStack:
-        """Start the server and wait for its health endpoint."""
+    def start(self, timeout: float = 300.0) -> PrefectStack:
+        """Start the server and wait for its health endpoint (minutes on a loaded 2-core machine)."""
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.home / "server.log", "wb")  # noqa: SIM115 - closed with the process
         self.server = subprocess.Popen(
