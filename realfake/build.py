@@ -161,7 +161,7 @@ def _ingest_under_shards(cfg: BuildConfig, store: Store, storage_options: dict |
                 raise
             from collections import Counter
 
-            from realfake.data.ingest import reject_category
+            from realfake.data.images import reject_category
 
             reasons = Counter(reject_category(r) for r in scratch.read_table(*REJECTS).column("reason").to_pylist())
             shown = ", ".join(f"{n} {category}" for category, n in reasons.most_common())

@@ -83,7 +83,7 @@ def _done_parts(store: Store, settings: dict) -> dict[str, tuple[str | None, str
 
 
 def _read_image(sample: RealSample, storage_options: dict | None) -> Image.Image:
-    from realfake.data.ingest import decode_image
+    from realfake.data.images import decode_image
 
     try:
         with fsspec.open(sample.uri, "rb", **(storage_options or {})) as f:

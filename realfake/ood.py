@@ -143,7 +143,7 @@ class OODImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        from realfake.data.ingest import decode_image
+        from realfake.data.images import decode_image
 
         uri, label = self.samples[index]
         try:

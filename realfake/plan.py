@@ -166,7 +166,7 @@ def _reference_photographs() -> list:
 def _source_images(uris: list[str], storage_options: dict | None) -> list:
     import fsspec
 
-    from realfake.data.ingest import decode_image
+    from realfake.data.images import decode_image
 
     images = []
     for uri in uris:

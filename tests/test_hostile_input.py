@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from realfake.config import SourceConfig
-from realfake.data.ingest import MAX_PIXELS, RejectedImage, decode, ingest, reject_category
+from realfake.data.images import MAX_PIXELS, RejectedImage, decode, reject_category
+from realfake.data.ingest import ingest
 from realfake.data.manifest import MANIFEST, REJECTS, read_manifest
 from realfake.data.sources import scan_image_folder
 from realfake.data.storage import Store

@@ -27,7 +27,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from realfake.data.ingest import decode_image
+from realfake.data.images import decode_image
 from realfake.data.manifest import RealSample, read_manifest
 from realfake.data.storage import StorageError, Store, version_store
 

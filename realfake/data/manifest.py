@@ -143,7 +143,7 @@ def read_image(sample: RealSample, storage_options: dict | None = None) -> Image
     """A manifest image as it is, read through fsspec and decoded to RGB."""
     import fsspec
 
-    from realfake.data.ingest import decode_image
+    from realfake.data.images import decode_image
 
     with fsspec.open(sample.uri, "rb", **(storage_options or {})) as f:
         return decode_image(f.read())

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from realfake.data.shards.records import INDEX_SCHEMA, ShardSample
 
 if TYPE_CHECKING:
-    from realfake.data.shards.writer import IndexColumns
+    from realfake.data.shards.records import IndexColumns
 
 __all__ = ["ParquetPart", "iter_parquet"]
 
@@ -92,7 +92,7 @@ class _HashingSink(io.RawIOBase):
 class ParquetPart:
     """One Parquet shard being written to ``dest`` (a local file or a spool), one row group at a time.
 
-    The provenance columns come from the shard's :class:`~realfake.data.shards.writer.IndexColumns` (rows
+    The provenance columns come from the shard's :class:`~realfake.data.shards.records.IndexColumns` (rows
     ``start`` on), the lists its index part is built from; each row carries its image's sha256.
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -231,3 +232,37 @@ def int_or_none(v: Any) -> int | None:
 
 def str_or_none(v: Any) -> str | None:
     return None if v is None else str(v)
+
+
+class IndexColumns:
+    """A shard's index rows (:data:`INDEX_SCHEMA`), gathered column by column as plain lists while writing:
+    pyarrow converts each list in C once, and the Parquet shard takes its provenance columns from the same lists."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = {n: [] for n in INDEX_SCHEMA.names}
+        self._sampler: Any = None
+        self._sampler_json: str | None = None
+
+    def add(self, rec: SyntheticRecord, shard: str, file: str, fmt: str, image_len: int, meta_json: str) -> None:
+        c, m = self.cols, rec.meta
+        sampler = m.get("sampler")
+        if sampler != self._sampler:  # consecutive records share their sampler settings: encode them once
+            self._sampler = copy.deepcopy(sampler)
+            self._sampler_json = None if sampler is None else json_bytes(sampler).decode()
+        c["key"].append(rec.key)
+        c["shard"].append(shard)
+        c["file"].append(file)
+        c["label"].append(int(rec.label))
+        c["class_name"].append(rec.class_name)
+        for name in ("source_sample_id", "prompt", "negative_prompt", "base_model", "base_model_hash",
+                     "adapter_hash"):
+            c[name].append(str_or_none(m.get(name)))
+        c["replica"].append(int_or_none(m.get("replica")))
+        c["seed"].append(int_or_none(m.get("seed")))
+        c["sampler"].append(self._sampler_json)
+        c["image_format"].append(fmt)
+        c["image_bytes"].append(image_len)
+        c["meta"].append(meta_json)
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.cols, schema=INDEX_SCHEMA)
