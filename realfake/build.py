@@ -264,13 +264,17 @@ def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> lis
     recorded, so the groups find the version settled (see :func:`realfake.synthesize.synthesize`).
     """
     from realfake.data.shards import committed_shards, plan_pending
+    from realfake.quality import load_judge, may_drop
     from realfake.synthesize import MAY_GROW, plan_work, synthesis_recipe
 
     store = store_of(cfg, storage_options)
     recipe = _check_before_synthesis(cfg, store)
     items = plan_work(cfg, store)
     pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=cfg.mode,
-                           recipe=recipe if recipe is not None else synthesis_recipe(cfg, store), may_grow=MAY_GROW)
+                           recipe=recipe if recipe is not None else synthesis_recipe(cfg, store), may_grow=MAY_GROW,
+                           may_drop=may_drop(cfg))
+    if pending and cfg.quality.gated:
+        load_judge(cfg, store)  # a classifier judge is trained here, once, before the shard groups load it
     return sorted({c.name for c in committed_shards(store)} | {p.name for p in pending})
 
 
@@ -308,7 +312,12 @@ def finalize(cfg: BuildConfig, stats: dict | None = None, storage_options: dict 
     check_synthesis_recipe(cfg, store, "finalize")  # the card describes the config: it must be the shards' recipe
     if cfg.shards.format == "webdataset":
         write_wds_info(store)
-    card = write_card(store, cfg.model_dump(mode="json"), stats or {})
+    quality = None
+    if cfg.quality.enabled:  # per-image scores and the per-class table (realfake.quality); off: the card as before
+        from realfake.quality import measure_quality
+
+        quality = measure_quality(cfg, store, store.storage_options)
+    card = write_card(store, cfg.model_dump(mode="json"), stats or {}, quality=quality)
     if verify:
         verify_or_raise(cfg, storage_options)
     return card
@@ -344,9 +353,10 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
     metrics are written. Under torchrun (:mod:`realfake.train_dist`) every process trains and rank 0 alone
     evaluates and writes; the other ranks return ``{"data", "rank"}``.
     """
-    from realfake.classify import evaluate, process_rank, train_classifier
+    from realfake.classify import evaluate, train_classifier
     from realfake.data.loaders import RealImages, training_data
     from realfake.data.manifest import read_manifest
+    from realfake.distributed import process_rank
     from realfake.models.loading import resolve_device
 
     if data not in ("real", "synthetic", "real+synthetic"):

@@ -38,7 +38,6 @@ __all__ = [
     "QUALITY_DIR",
     "Judge",
     "QualityGate",
-    "attempt_seed",
     "diversity",
     "format_quality_table",
     "gate_recipe",
@@ -294,7 +293,7 @@ def load_judge(cfg: BuildConfig, store: Store, device: torch.device | str | None
 # --------------------------------------------------------------------------------------------------------
 # The copy descriptor
 # --------------------------------------------------------------------------------------------------------
-_CENTER_IMAGES = 2048  # real train images (evenly spaced in manifest order) whose mean centres a fallback descriptor
+_CENTER_IMAGES = 512  # real train images (evenly spaced in manifest order) whose mean centres a fallback descriptor
 
 
 @dataclass
@@ -351,17 +350,6 @@ def quality_descriptor(cfg: BuildConfig, store: Store, device: torch.device | st
 # --------------------------------------------------------------------------------------------------------
 # The gate
 # --------------------------------------------------------------------------------------------------------
-def attempt_seed(version: str, sample_id: str, replica: int, seed: int, attempt: int) -> int:
-    """The seed of an image's ``attempt``: attempt 0 is :func:`realfake.synthesize.image_seed` (what an ungated build
-    makes); a later attempt hashes the same identity with the attempt number, the same way."""
-    from realfake.synthesize import image_seed
-
-    if attempt == 0:
-        return image_seed(version, sample_id, replica, seed)
-    digest = hashlib.sha256(f"{version}\x1f{sample_id}\x1f{replica}\x1f{seed}\x1f{attempt}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
-
-
 # quality fields that only say how a version is measured, not which images a gate keeps: not in the recipe
 _MEASURE_ONLY = ("enabled", "reference_split", "near_duplicate", "flag_agreement", "kid_subsets", "worst_examples",
                  "batch_size")

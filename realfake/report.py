@@ -140,10 +140,25 @@ def write_report(cfg: BuildConfig, report: dict[str, Any], configs: dict[str, Bu
     md = f"# realfake report: {cfg.dataset} {cfg.version}\n\n{table}\n\n" + "\n".join(
         f"- {k}: {json.dumps(v)}" for k, v in locations.items()
     )
+    md += _quality_markdown(stores)
     store.write_bytes(md.encode(), "report", "report.md")
     slim = {k: v for k, v in report.items() if k != "versions"}
     store.write_json({**slim, "locations": locations}, "report", "report.json")
     return {"table": table, "grid": locations["grid"], "locations": locations, "report": store.uri("report")}
+
+
+def _quality_markdown(stores: dict[str, Store]) -> str:
+    """The per-class quality table and worst-examples grid of each measured version (``quality`` in its card)."""
+    from realfake.data.card import CARD_FILE
+    from realfake.quality import format_quality_table
+
+    out = ""
+    for name, s in stores.items():
+        quality = s.read_json(CARD_FILE).get("quality") if s.exists(CARD_FILE) else None
+        if quality:
+            out += (f"\n\n## Quality per class: {name} (far from the real class first)\n\n"
+                    f"{format_quality_table(quality)}\n\nWorst examples per class: {quality['worst_grid']}\n")
+    return out
 
 
 def confusion_png(confusion: Sequence[Sequence[int]], class_names: Sequence[str] | None = None,

@@ -43,6 +43,7 @@ from realfake.data.shards import (
 )
 from realfake.data.storage import Store
 from realfake.finetune import adapter_hash, load_adapter
+from realfake.quality import QualityGate, gate_recipe, may_drop
 from realfake.recipe import RecipeMismatchError, manifest_class_map, mismatch_message, recipe_diff
 
 __all__ = [
@@ -79,6 +80,7 @@ class WorkItem:
     class_name: str
     uri: str
     replica: int
+    attempt: int = 0  # a quality gate's regeneration (0: the image an ungated build makes); same key, another seed
 
     @property
     def key(self) -> str:
@@ -96,9 +98,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in pixels]
 
 
-def image_seed(version: str, sample_id: str, replica: int, seed: int) -> int:
-    """A 63-bit seed from the image's identity alone (never its batch position or worker)."""
-    digest = hashlib.sha256(f"{version}\x1f{sample_id}\x1f{replica}\x1f{seed}".encode()).digest()
+def image_seed(version: str, sample_id: str, replica: int, seed: int, attempt: int = 0) -> int:
+    """A 63-bit seed from the image's identity alone (never its batch position or worker); a quality gate's attempt
+    ``a > 0`` hashes the attempt number after the same fields (attempt 0 is the seed an ungated build uses)."""
+    tail = f"\x1f{attempt}" if attempt else ""
+    digest = hashlib.sha256(f"{version}\x1f{sample_id}\x1f{replica}\x1f{seed}{tail}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
@@ -171,6 +175,7 @@ def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
         sorted({str(s.label) for s in train}, key=int)  # as the fine-tune stage's
     recipe["adapters (weights sha256)"] = {s: adapter_hash(store, s) for s in scopes} or None
     recipe.update(_section(cfg, "shards"))
+    recipe.update(gate_recipe(cfg))  # empty without quality gates: an ungated version's recipe is unchanged
     return recipe
 
 
@@ -273,7 +278,7 @@ class SynthesisEngine:
         if cfg.guidance.enabled:
             guide = torch.from_numpy(np.stack([self.guidance[w.sample_id] for w in items]))
             states = inject_guidance(states, guide, cfg.guidance.slot)
-        seeds = [image_seed(cfg.version, w.sample_id, w.replica, syn.seed) for w in items]
+        seeds = [image_seed(cfg.version, w.sample_id, w.replica, syn.seed, w.attempt) for w in items]
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         kwargs = dict(
             prompt_embeds=states.to(self.dtype),
@@ -387,7 +392,7 @@ def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None
     items = plan_work(cfg, store)
     recipe = recipe if recipe is not None else synthesis_recipe(cfg, store)
     pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=mode or cfg.mode,
-                           lease=lease, recipe=recipe, may_grow=MAY_GROW,
+                           lease=lease, recipe=recipe, may_grow=MAY_GROW, may_drop=may_drop(cfg),
                            shards=shard_names)
     if shard_names is not None:
         wanted = set(shard_names)
@@ -395,22 +400,28 @@ def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None
     writer = ShardWriter(store, cfg.shards, class_names=list(recipe["class names"].values()), lease=lease)
     if pending and engine is None:
         engine = SynthesisEngine(cfg, store, storage_options=storage_options)
+    # quality gates score each image before its shard commits and make the failing ones again (realfake.quality)
+    gate = QualityGate(cfg, store, storage_options=storage_options) if pending and cfg.quality.gated else None
+
+    def produce(plan) -> Iterator[SyntheticRecord]:
+        made = engine.generate(list(plan.items))  # type: ignore[union-attr]
+        return gate.run(engine, plan.items, made) if gate is not None else made
+
     images = 0
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(p.items) for p in pending), desc="synthesize", unit="img")
-    ahead = _GenerateAhead(engine, pending, 2 * engine.max_batch) if pending and cfg.synthesis.overlap_writes \
+    ahead = _GenerateAhead(produce, pending, 2 * engine.max_batch) if pending and cfg.synthesis.overlap_writes \
         else None
     try:
         for plan in pending:
             s0 = time.time()
-            records = ahead.records() if ahead else engine.generate(list(plan.items))  # type: ignore[union-attr]
+            records = ahead.records() if ahead else produce(plan)
             if bar is not None:
                 records = _counting(records, bar)
-            writer.write_shard(plan.name, records)
-            images += len(plan.items)
+            images += writer.write_shard(plan.name, records).count
             if on_shard is not None:
                 on_shard(plan.name, len(plan.items), time.time() - s0)
     finally:
@@ -422,7 +433,8 @@ def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None
     total = len(plan_shards(items, cfg.shards.max_count))
     return {"shards_written": [p.name for p in pending], "shards_total": total, "images": images,
             "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 3) if images else 0.0,
-            "oom_retries": getattr(engine, "oom_retries", 0)}
+            "oom_retries": getattr(engine, "oom_retries", 0),
+            **({"quality_gate": gate.stats.to_dict()} if gate is not None else {})}
 
 
 class _GenerateAhead:
@@ -436,13 +448,13 @@ class _GenerateAhead:
 
     _END = object()
 
-    def __init__(self, engine: SynthesisEngine, plans: Sequence, depth: int) -> None:
+    def __init__(self, produce: Callable[[Any], Iterator[SyntheticRecord]], plans: Sequence, depth: int) -> None:
         import queue
         import threading
 
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(engine, list(plans)), name="realfake-generate",
+        self._thread = threading.Thread(target=self._run, args=(produce, list(plans)), name="realfake-generate",
                                         daemon=True)
         self._thread.start()
 
@@ -457,10 +469,10 @@ class _GenerateAhead:
                 continue
         return False
 
-    def _run(self, engine: SynthesisEngine, plans: list) -> None:
+    def _run(self, produce: Callable[[Any], Iterator[SyntheticRecord]], plans: list) -> None:
         try:
             for plan in plans:
-                for rec in engine.generate(list(plan.items)):
+                for rec in produce(plan):
                     if not self._put(rec):
                         return
                 if not self._put(self._END):

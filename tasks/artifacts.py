@@ -59,6 +59,7 @@ __all__ = [
     "publish_grid",
     "publish_metrics",
     "publish_plan",
+    "publish_quality",
     "publish_report",
     "update_progress_artifact",
 ]
@@ -300,6 +301,29 @@ def publish_grid(grid_uri: str, dataset: str, version: str, storage_options: dic
           f"images each version made from those same images.\n\n{shown}Grid file: `{grid_uri}`\n")
     return create_markdown_artifact(md, key=artifact_key(dataset, version, "grid"),
                                     description=f"Sample grid per class of {dataset}/{version}")
+
+
+def publish_quality(card: dict, dataset: str, version: str, storage_options: dict | None = None) -> UUID | None:
+    """Table artifact: the card's per-class quality, classes far from their real counterpart first; and a markdown
+    artifact with the worst-examples grid embedded. None when the version was not measured (``quality`` off)."""
+    q = card.get("quality")
+    if not q:
+        return None
+    rows = [{"label": int(k), **{c: v for c, v in q["classes"][k].items() if c != "flags"},
+             "flags": "; ".join(q["classes"][k]["flags"])} for k in q["order"]]
+    create_table_artifact(rows, key=artifact_key(dataset, version, "quality"),
+                          description=f"Per-class quality of {dataset}/{version}, far from real first ({q['judge']})")
+    uri = q["worst_grid"] if "://" in q["worst_grid"] else f"file://{q['worst_grid']}"
+    try:
+        src, (w, h) = embedded_png(_read(uri, storage_options))
+        shown = f"![worst examples of {dataset}/{version}, {w} x {h} px]({src})\n\n"
+    except Exception as e:  # noqa: BLE001 - the grid informs, it never fails the build
+        shown = f"(the grid could not be read for display: {type(e).__name__}: {str(e)[:200]})\n\n"
+    md = (f"## Worst examples per class of {dataset}/{version}\n\nEach row is a class, far from its real "
+          f"counterpart first; columns: its images the judge finds least like their class.\n\n{shown}"
+          f"Grid file: `{q['worst_grid']}`\n")
+    return create_markdown_artifact(md, key=artifact_key(dataset, version, "worst"),
+                                    description=f"Lowest label agreement per class of {dataset}/{version}")
 
 
 def publish_plan(markdown: str, dataset: str, version: str) -> UUID:

@@ -35,6 +35,7 @@ def plan_pending(
     lease: VersionLease | None = None,
     recipe: dict[str, Any] | None = None,
     may_grow: Collection[str] = (),
+    may_drop: bool = False,
     shards: Collection[str] | None = None,
 ) -> list[ShardPlan]:
     """The shards still to write for ``items``, given what the version already holds.
@@ -56,7 +57,8 @@ def plan_pending(
     ``{folder}/_recipe.json`` before any shard of it is written (the same bytes from every worker of a build), and
     committed shards recorded under another recipe, or under none, are refused in ``resume`` and ``extend``.
     ``may_grow`` names the recipe fields only ``extend`` may change (:func:`~realfake.recipe.recipe_diff`), and
-    then the items must hold the committed ones, as without a recipe.
+    then the items must hold the committed ones, as without a recipe. ``may_drop``: a committed shard may hold a
+    subset of its planned items, in plan order (a quality gate dropped the rest, counted in the card).
 
     Raises:
         RecipeMismatchError: The committed shards were made under another recipe; the message names the fields
@@ -75,7 +77,8 @@ def plan_pending(
     remove_partial_shards(store, folder, shards)
     done = committed_keys(store, folder)
     by_name = {p.name: p for p in full}
-    consistent = all(n in by_name and [key(i) for i in by_name[n].items] == ks for n, ks in done.items())
+    consistent = all(n in by_name and _holds([key(i) for i in by_name[n].items], ks, may_drop)
+                     for n, ks in done.items())
     recorded = read_recipe(store, folder) if recipe is not None else None
     if recipe is not None and done:
         if recorded is None:
@@ -97,6 +100,14 @@ def plan_pending(
         target = store.child(folder)
         io_retry(lambda: target.write_bytes(recipe_bytes(recipe), RECIPE_FILE), f"write {target.uri(RECIPE_FILE)}")
     return pending
+
+
+def _holds(planned: list[str], committed: list[str], may_drop: bool) -> bool:
+    """Whether a committed shard holds what its plan says: exactly, or (``may_drop``) a subset in plan order."""
+    if not may_drop:
+        return planned == committed
+    kept = set(committed)
+    return len(kept) == len(committed) and [k for k in planned if k in kept] == committed
 
 
 def _pending(store: Store, items: Sequence, key: Callable[[Any], str], max_count: int, mode: str, prefix: str,
