@@ -29,6 +29,7 @@ from tasks.artifacts import (
     publish_grid,
     publish_metrics,
     publish_plan,
+    publish_quality,
     publish_report,
 )
 from tasks.lease import build_lease
@@ -73,6 +74,7 @@ def run_build_stages(cfg: BuildConfig, params: BuildParams) -> dict:
     card = report["versions"]["realfake"]["card"]
     store = version_store(cfg.root, cfg.dataset, cfg.version)
     publish_counts(card, cfg.dataset, cfg.version, report.get("measures"))
+    publish_quality(card, cfg.dataset, cfg.version, resolve_storage_options(cfg.storage))
     if report.get("measures"):
         publish_metrics(report["measures"], cfg.dataset, cfg.version)
     publish_card_link(store.uri("dataset.json"), cfg.dataset, cfg.version, card)

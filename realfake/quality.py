@@ -449,13 +449,23 @@ class QualityGate:
     def run(self, engine: Any, items: Sequence[Any], records: Iterable[Any]) -> Iterator[Any]:
         """The records to write for one shard's ``items`` (see the class docstring)."""
         chunk: list[tuple[Any, Any]] = []
+        kept = 0
         for pair in zip(items, records, strict=True):
             chunk.append(pair)
             if len(chunk) >= max(1, self.q.batch_size):
-                yield from self._gate(engine, chunk)
+                for rec in self._gate(engine, chunk):
+                    kept += 1
+                    yield rec
                 chunk = []
         if chunk:
-            yield from self._gate(engine, chunk)
+            for rec in self._gate(engine, chunk):
+                kept += 1
+                yield rec
+        if items and not kept:  # a shard cannot be empty: say so rather than commit nothing or keep silently
+            raise ValueError(
+                f"quality.on_fail=drop dropped all {len(items)} images of a shard (first: {items[0].key}, class "
+                f"{items[0].class_name!r}) after {self.q.attempts} attempt(s): lower quality.min_label_agreement / "
+                "raise quality.max_source_similarity, or set quality.on_fail=keep to keep them marked as failed")
 
     def _gate(self, engine: Any, chunk: list[tuple[Any, Any]]) -> Iterator[Any]:
         items = [w for w, _ in chunk]
