@@ -84,7 +84,9 @@ def run_build_stages(cfg: BuildConfig, params: BuildParams) -> dict:
     return report
 
 
-@flow(name="build", log_prints=True, persist_result=True)
+# persist_result=False: the report is in the version (report/report.json) and the artifacts; a persisted return
+# value would add an unkeyed artifact of raw result-storage JSON to the run in the UI
+@flow(name="build", log_prints=True, persist_result=False)
 @redacting_errors
 def build_flow(params: BuildParams = BuildParams()) -> dict:
     """Build one synthetic dataset version with the Real-Fake method and measure it."""

@@ -39,7 +39,7 @@ def regeneration_config(params: RegenerateParams, now: dt.datetime | None = None
     return load_config(data=data, overrides=list(params.overrides))
 
 
-@flow(name="regenerate", log_prints=True, persist_result=True)
+@flow(name="regenerate", log_prints=True, persist_result=False)  # as build: no unkeyed result-record artifact
 @redacting_errors
 def regenerate_flow(params: RegenerateParams = RegenerateParams()) -> dict:
     """Rebuild a dataset as a new version and move its `latest` pointer once the new version verifies."""

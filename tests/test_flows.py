@@ -67,14 +67,14 @@ def test_build_flow_completes_and_the_version_verifies(built, root):
 
 
 def test_build_publishes_counts_card_grid_report_and_progress(built):
-    (counts,) = _artifacts("mini-counts")
+    (counts,) = _artifacts("mini-v1-classes")
     rows = json.loads(counts.data)
     assert len(rows) == 10 and all(r["synthetic"] == r["real train"] for r in rows)
-    (card,) = _artifacts("mini-card")
+    (card,) = _artifacts("mini-v1-card")
     assert card.type == "markdown" and "dataset.json" in card.data  # link artifacts are rendered as markdown
-    (grid,) = _artifacts("mini-grid")
+    (grid,) = _artifacts("mini-v1-grid")
     assert "grid.png" in grid.data
-    (report,) = _artifacts("mini-report")
+    (report,) = _artifacts("mini-v1-report")
     assert "| stage |" in report.data
     (progress,) = _artifacts("mini-v1-synthesis-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0

@@ -173,8 +173,9 @@ def test_the_build_flow_publishes_the_plan_before_any_work(harness, tmp_path):
         runs = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run]))
         artifacts = client.read_artifacts(artifact_filter=runs)
     published = [a for a in artifacts if a.key]  # Prefect's own unkeyed result record aside
-    assert [a.key for a in published] == ["demo-plan"]  # nothing else was published, nothing else ran
-    assert "| real images | 2,000 train, 1,000 test, 10 classes | listed " in published[0].data
+    assert sorted(a.key for a in published) == ["demo-v1-config", "demo-v1-plan"]  # nothing else ran
+    plan = next(a for a in published if a.key == "demo-v1-plan")
+    assert "| real images | 2,000 train, 1,000 test, 10 classes | listed " in plan.data
 
 
 def test_batches_are_split_over_the_planned_gpus():

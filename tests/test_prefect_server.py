@@ -72,7 +72,7 @@ def test_build_deployment_runs_on_a_worker_and_the_dataset_verifies(stack, main_
     assert verify_version(version_store(str(root), "mini", "v1")) == []
     artifacts = stack.api("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
     keys = {a["key"] for a in artifacts}
-    assert {"mini-counts", "mini-card", "mini-grid", "mini-report", "mini-v1-synthesis-progress"} <= keys
+    assert {"mini-v1-classes", "mini-v1-card", "mini-v1-grid", "mini-v1-report", "mini-v1-synthesis-progress"} <= keys
 
 
 def test_two_workers_each_pick_up_a_child_shard_group(stack, main_worker, models, root):

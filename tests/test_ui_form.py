@@ -11,6 +11,7 @@ import logging
 
 import pytest
 from PIL import Image
+from support.s3 import S3Env, moto, s3  # noqa: F401 - pytest fixtures
 
 from flows.params import BuildParams, ConfigParams, ShardGroupParams, config_rows
 from realfake.config import load_config
@@ -154,3 +155,36 @@ def test_progress_reaches_the_run_log_and_a_progress_artifact(harness) -> None:
     assert len(progress) == 1 and progress[0].type == "progress" and progress[0].data == 100.0
     assert progress[0].description.startswith("finetune mini/v1 all: step 3/3 (100%), loss 0.3333")
     assert any("finetune mini/v1 all: step 2/3 (67%), loss 0.5" in entry.message for entry in logs)
+
+
+@pytest.mark.slow
+def test_the_grid_of_an_s3_root_is_embedded(harness, s3: S3Env) -> None:  # noqa: F811
+    """An S3 root's grid reaches the UI as the local one does: read through the store's options and embedded (no
+    pre-signed URL, no link the browser cannot open)."""
+    import fsspec
+    from prefect import flow, get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from tasks.artifacts import publish_grid
+
+    grid = Image.new("RGB", (300, 120), (200, 30, 30))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    uri = f"{s3.root}/mini/v1/report/grid.png"
+    with fsspec.open(uri, "wb", **s3.storage_options) as f:
+        f.write(buf.getvalue())
+
+    @flow(name="s3-grid")
+    def publish() -> None:
+        publish_grid(uri, "mini", "v1", s3.storage_options)
+
+    state = publish(return_state=True)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])))
+    md = {a.key: a for a in artifacts}["mini-v1-grid"].data
+    assert f"Grid file: `{uri}`" in md and "X-Amz-" not in md
+    embedded = md.split("](data:image/png;base64,", 1)[1].split(")", 1)[0]
+    shown = Image.open(io.BytesIO(base64.b64decode(embedded)))
+    assert shown.size == (300, 120) and shown.getpixel((10, 10)) == (200, 30, 30)
