@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.cli import flow_main
 from flows.params import ConfigParams
-from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig, ShadowFamily
+from realfake.config import BuildConfig
+from realfake.privacy.config import CopyDetectionConfig, LiraConfig, ShadowFamily
 from realfake.redact import redacting_errors
 from tasks.child_runs import require_deployment
 from tasks.gpu import ensure_gpu_limit, visible_gpus

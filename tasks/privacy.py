@@ -31,7 +31,8 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.logging import get_logger
 
-from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig
+from realfake.config import BuildConfig
+from realfake.privacy.config import CopyDetectionConfig, LiraConfig
 from realfake.redact import redacting_errors
 from tasks.artifacts import artifact_key, browser_url, create_link_artifact, create_markdown_artifact
 from tasks.cache import TRANSIENT_RETRY

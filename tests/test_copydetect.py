@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from realfake.config import CopyDetectionConfig
 from realfake.data.storage import Store
+from realfake.privacy.config import CopyDetectionConfig
 from realfake.privacy.copydetect import (
     FALLBACK_QUANTILE,
     SSCD_THRESHOLD,

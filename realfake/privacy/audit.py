@@ -39,9 +39,10 @@ import pyarrow as pa
 import torch
 import torch.utils.data
 
-from realfake.config import BuildConfig, CopyDetectionConfig, LiraConfig, PrivacyConfig, ShadowFamily
+from realfake.config import BuildConfig
 from realfake.data.manifest import CAPTIONS, GUIDANCE, MANIFEST, MANIFEST_SCHEMA, REJECTS, RealSample, read_manifest
 from realfake.data.storage import Store
+from realfake.privacy.config import CopyDetectionConfig, LiraConfig, PrivacyConfig, ShadowFamily
 
 __all__ = [
     "COPY_RUN",
