@@ -19,6 +19,7 @@ section to ``docs/`` instead.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -173,7 +174,7 @@ def test_a_run_from_the_form_changes_one_field_and_shows_its_results(browser, tm
         assert not unkeyed, f"artifacts without a key: {unkeyed}"  # (a persisted flow result would be one)
         for stage in ("config", "plan", "classes", "measures", "card", "grid", "report", "finetune-progress"):
             assert f"mini-ui-default-{stage}" in by_key, (stage, sorted(by_key))
-        config_rows = {r["field"]: r for r in by_key["mini-ui-default-config"]["data"]}
+        config_rows = {r["field"]: r for r in json.loads(by_key["mini-ui-default-config"]["data"])}
         assert config_rows["finetune.max_steps"]["set by"] == "form or override"
         assert config_rows["finetune.rank"]["set by"] == "preset"
 
@@ -181,7 +182,7 @@ def test_a_run_from_the_form_changes_one_field_and_shows_its_results(browser, tm
         tasks = stack.api("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}, "limit": 200})
         finetune = [t for t in tasks if t["name"].startswith("finetune-all")]
         assert finetune, sorted(t["name"] for t in tasks)
-        logs = stack.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+        logs = stack.api("POST", "/logs/filter", {"logs": {"task_run_id": {"any_": [finetune[0]["id"]]}}, "limit": 200})
         lines = [entry for entry in logs if "finetune mini/ui-default all: step " in entry["message"]]
         assert lines, "\n".join(entry["message"] for entry in logs)
         assert re.search(r"step 1/3 \(33%\), loss [0-9.e-]+, [0-9.]+ samples/s, ETA ", lines[0]["message"])
@@ -189,7 +190,8 @@ def test_a_run_from_the_form_changes_one_field_and_shows_its_results(browser, tm
         assert all(started <= _time(entry["timestamp"]) <= ended for entry in lines)
 
         # The grid, as a person opens it in the UI: the image has loaded
-        page.goto(f"{stack.ui_url}/runs/artifact/{by_key['mini-ui-default-grid']['id']}", wait_until="networkidle")
+        page.goto(f"{stack.ui_url}/artifacts/artifact/{by_key['mini-ui-default-grid']['id']}",
+                  wait_until="networkidle")
         grid = page.locator("img[alt^='sample grid of mini/ui-default']").first
         grid.wait_for(timeout=60_000)
         page.wait_for_function("img => img.complete", arg=grid.element_handle(), timeout=30_000)
@@ -198,13 +200,13 @@ def test_a_run_from_the_form_changes_one_field_and_shows_its_results(browser, tm
         page.screenshot(path=str(docs / "ui-results.png"))
 
         # The measures table: the Real-Fake row has label fidelity, MMD and Frechet distance
-        page.goto(f"{stack.ui_url}/runs/artifact/{by_key['mini-ui-default-measures']['id']}",
+        page.goto(f"{stack.ui_url}/artifacts/artifact/{by_key['mini-ui-default-measures']['id']}",
                   wait_until="networkidle")
         row = page.locator("tr", has_text="(c) Real-Fake synthetic").first
         row.wait_for(timeout=60_000)
-        header = [c.strip() for c in page.locator("thead th").all_inner_texts()]
+        header = [c.strip().lower() for c in page.locator("thead th").all_inner_texts()]
         cells = dict(zip(header, [c.strip() for c in row.locator("td").all_inner_texts()], strict=False))
-        for column in ("label fidelity %", "MMD to real test", "Frechet to real test"):
+        for column in ("label fidelity %", "mmd to real test", "frechet to real test"):
             assert re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", cells.get(column, "")), (column, cells)
         page.screenshot(path=str(shots / "ui-measures.png"), full_page=True)
 
