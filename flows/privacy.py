@@ -161,8 +161,8 @@ def run_lira_fanout(cfg: BuildConfig, lira: LiraConfig, gpu_limit: str, fanout: 
         for family, indices in pending.items():
             for batch in (indices[j:j + k] for j in range(0, len(indices), k)):
                 params = ShadowRunParams(**pinned, lira=lira, family=family, shadows=batch, gpu_limit=gpu_limit)
-                futures.append((None, run_shadow_deployment.submit(
-                    fanout.deployment, {"params": params.model_dump(mode="json")}, cfg, family, batch)))
+                sent = {"params": params.model_dump(mode="json", exclude_none=True)}  # None: keep the preset
+                futures.append((None, run_shadow_deployment.submit(fanout.deployment, sent, cfg, family, batch)))
         skipped = {f: sorted(set(range(lira.n_shadows)) - set(v)) for f, v in pending.items()}
     else:
         # Shadows in this process train one at a time (they seed its random generators). With several GPUs, each

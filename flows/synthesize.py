@@ -85,7 +85,7 @@ def run_synthesis(cfg: BuildConfig, fanout: FanoutParams, pinned: dict, lease_ow
                 run_shard_group_deployment.submit(
                     fanout.shard_deployment,
                     {"params": ShardGroupParams(**pinned, shard_names=g, gpu_limit=fanout.gpu_limit,
-                                                lease_owner=lease_owner).model_dump(mode="json")},
+                                                lease_owner=lease_owner).model_dump(mode="json", exclude_none=True)},
                     i, deadlines[i],
                 )
                 for i, g in enumerate(groups)
