@@ -209,7 +209,7 @@ class ConfigParams(_Params):
     preset: str | None = Field(
         "demo",
         description="Shipped preset (configs/*.yaml): demo, imagenette, in100, in1k, cub, cars, pets, eurosat. "
-        "None starts from the library defaults (the paper's recipe) and needs dataset + source.",
+        "None or empty starts from the library defaults (the paper's recipe) and needs dataset + source.",
     )
     config_file: str | None = Field(
         None, description="Optional YAML file (path on the worker) merged over the preset."
@@ -302,7 +302,9 @@ class ConfigParams(_Params):
         nulls = [f"{name}.{field}=null" for name, model in _LIBRARY_SECTIONS.items()
                  for field, value in (data.get(name) or {}).items()
                  if value is None and model.model_fields[field].get_default(call_default_factory=True) is not None]
-        return {"preset": None, "config_file": None, **data, "overrides": nulls}
+        # preset '' (not None): parameters sent without their None values (the server's schema has no null for a
+        # section's fields) must not fall back to the form's default preset
+        return {"preset": "", "config_file": None, **data, "overrides": nulls}
 
 
 def config_rows(params: ConfigParams, cfg: BuildConfig) -> list[dict[str, Any]]:

@@ -59,6 +59,16 @@ def test_a_child_run_keeps_a_none_the_library_does_not_default_to(tmp_path) -> N
     assert child.to_config() == cfg
 
 
+def test_a_child_run_sent_without_its_none_values_rebuilds_the_parents_config(tmp_path) -> None:
+    # Fan-out parents send a child's parameters without None values (the server's schema of a section field has no
+    # null): a None the form's default preset sets otherwise (demo: source.max_per_class 200, crop_pct 1.0) stays
+    cfg = load_config(preset="demo", overrides=[f"root={tmp_path}", "source.max_per_class=null",
+                                                "classifier.crop_pct=null", "finetune.snr_gamma=null"])
+    child = ShardGroupParams(**ConfigParams().pinned(cfg), shard_names=["shard-000000"])
+    sent = child.model_dump(mode="json", exclude_none=True)
+    assert ShardGroupParams.model_validate(sent).to_config() == cfg
+
+
 def test_the_configuration_rows_say_who_set_each_field() -> None:
     params = BuildParams(preset="demo", finetune={"max_steps": 200}, overrides=["synthesis.seed=3"])
     rows = {r["field"]: r for r in config_rows(params, params.to_config())}
