@@ -32,6 +32,7 @@ import yaml
 from realfake.config import _apply_override, load_config
 from realfake.data.card import read_card, verify_version
 from realfake.data.storage import version_store
+from tests.support.config_diff import differences
 from tests.support.prefect_server import (
     MINIATURE_OVERRIDES,
     REPO,
@@ -75,14 +76,6 @@ def _preset_file(folder: Path, root: Path, models: Path) -> Path:
     return path
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out |= _differences(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            out.add(f"{prefix}{k}")
-    return out
 
 
 def _time(text: str) -> datetime:
@@ -165,7 +158,7 @@ def test_a_run_from_the_form_changes_one_field_and_shows_its_results(browser, tm
 
         # The effective configuration is the preset's but for the one field the person changed
         expected = load_config(file=preset, data={"version": "ui-default"}).model_dump(mode="json")
-        assert _differences(read_card(store)["config"], expected) == {"finetune.max_steps"}
+        assert differences(read_card(store)["config"], expected) == {"finetune.max_steps"}
         assert read_card(store)["config"]["finetune"]["max_steps"] == 3
 
         artifacts = stack.api("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})

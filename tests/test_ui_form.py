@@ -15,16 +15,7 @@ from support.s3 import S3Env, moto, s3  # noqa: F401 - pytest fixtures
 
 from flows.params import BuildParams, ConfigParams, ShardGroupParams, config_rows
 from realfake.config import load_config
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out |= _differences(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            out.add(f"{prefix}{k}")
-    return out
+from tests.support.config_diff import differences
 
 
 def test_one_field_of_a_section_changes_that_field_only() -> None:
@@ -32,11 +23,11 @@ def test_one_field_of_a_section_changes_that_field_only() -> None:
     # what the UI sends once a person toggles `finetune` and fills Max Steps (untouched fields absent or null)
     for sent in ({"max_steps": 200}, {"max_steps": 200, "rank": None, "learning_rate": None, "random_flip": None}):
         cfg = BuildParams.model_validate({"preset": "demo", "finetune": sent}).to_config()
-        assert _differences(cfg.model_dump(mode="json"), preset) == {"finetune.max_steps"}
+        assert differences(cfg.model_dump(mode="json"), preset) == {"finetune.max_steps"}
         assert (cfg.finetune.rank, cfg.finetune.learning_rate, cfg.finetune.batch_size) == (8, 1e-3, 64)
     # a toggled section left empty changes nothing
     cfg = BuildParams.model_validate({"preset": "demo", "finetune": {}, "classifier": {}}).to_config()
-    assert _differences(cfg.model_dump(mode="json"), preset) == set()
+    assert differences(cfg.model_dump(mode="json"), preset) == set()
 
 
 def test_the_form_prefills_nothing_and_quotes_the_paper_and_the_preset() -> None:
