@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_synthesis import (  # noqa: E402
+    bench_device,
     build_base,
     dense_bf16_peak,
     flops_per_image,
@@ -403,14 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--no-generation", action="store_true")
     a = p.parse_args(argv)
 
-    cuda = torch.cuda.is_available() and not a.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch.set_num_threads(1)  # tiny ops: more threads only contend on a shared CPU
+    cuda, device = bench_device(a.smoke, cpu_threads=1)  # CPU: tiny ops, more threads only contend on a shared CPU
     res = 32 if a.smoke else 512
     steps = tuple(a.ft_steps or ((1, 2, 2) if a.smoke else (3, 3, 10)))
     variants = a.variants if a.variants is not None else (list(FT_VARIANTS) if cuda else ["default", "fused-adamw"])

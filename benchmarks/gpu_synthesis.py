@@ -108,6 +108,19 @@ class ComputeTimer:
         return {k: sum(b - a for a, b in v) for k, v in self.spans.items()}
 
 
+def bench_device(smoke: bool, cpu_threads: int) -> tuple[bool, torch.device]:
+    """The benchmark's device: CUDA with TF32 matmuls and cuDNN autotuning, unless absent or ``smoke`` (then the
+    CPU with ``cpu_threads`` threads)."""
+    cuda = torch.cuda.is_available() and not smoke
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(cpu_threads)
+    return cuda, torch.device("cuda" if cuda else "cpu")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -439,14 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="write the results as JSON here (and the table next to it as .md)")
     a = p.parse_args(argv)
 
-    cuda = torch.cuda.is_available() and not a.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    cuda, device = bench_device(a.smoke, cpu_threads=max(1, min(4, torch.get_num_threads())))
     res = a.resolution or (32 if a.smoke else 512)
     steps = a.steps or (4 if a.smoke else 30)
     batch_sizes = a.batch_sizes or ([1, 2] if a.smoke else [1, 8, 16, 32])
