@@ -33,7 +33,11 @@ from realfake.config import ClassifierConfig
 
 TRAIN_DIGITS = Path(__file__).parent / "support" / "train_digits.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-TOLERANCE = 1e-5
+# fp32 sums taken in another order (two ranks' all-reduce vs one process's batch) drift a little per step: 3.3e-05 after
+# three epochs and a resume on this project's 2-core machine on 2026-12-02 (the same with the code of 939aaee), under
+# 1e-5 on the machine of earlier sessions. A real fault (a rank's gradient dropped or doubled, a mis-seeded
+# sampler) moves weights by more than 1e-2, what another seed does (asserted below: > 100 x TOLERANCE).
+TOLERANCE = 1e-4
 DDP = dict(GROUPNORM_RECIPE, epochs=3)
 
 
@@ -98,7 +102,7 @@ def test_two_gloo_processes_train_like_one_and_resume_after_the_job_is_killed(tm
     one = train_classifier(data, 10, cfg)
     diff = _max_diff(one.state_dict(), two["state"])
     assert diff < TOLERANCE, f"two processes drifted {diff:.2e} from one"
-    assert [e["loss"] for e in two["train_log"]] == pytest.approx([e["loss"] for e in one.train_log], abs=1e-5)
+    assert [e["loss"] for e in two["train_log"]] == pytest.approx([e["loss"] for e in one.train_log], abs=TOLERANCE)
     control = train_classifier(data, 10, cfg.model_copy(update={"seed": 1}))
     assert _max_diff(one.state_dict(), control.state_dict()) > 100 * TOLERANCE
 
@@ -117,7 +121,7 @@ def test_two_processes_accumulating_micro_batches_step_like_one_full_batch(tmp_p
     one = train_classifier(digits(256), 10, cfg.model_copy(update={"gradient_accumulation": 1}))
     diff = _max_diff(one.state_dict(), two["state"])
     assert diff < TOLERANCE, f"2 processes x 2 micro-batches drifted {diff:.2e} from one process's full batch"
-    assert [e["loss"] for e in two["train_log"]] == pytest.approx([e["loss"] for e in one.train_log], abs=1e-5)
+    assert [e["loss"] for e in two["train_log"]] == pytest.approx([e["loss"] for e in one.train_log], abs=TOLERANCE)
 
 
 @pytest.mark.slow
