@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from realfake.build import BaselineKind
 from realfake.config import (
@@ -125,7 +125,11 @@ def form_section(model: type[BaseModel], section: str) -> type[BaseModel]:
                                                     json_schema_extra=_no_default_no_null))
     doc = (f"{model.__doc__ or ''}\n\nOnly the fields filled in are sent; every empty field keeps the preset's "
            "value.").strip()
-    form = create_model(f"{model.__name__}Form", __base__=_Params, __doc__=doc, **fields)
+    # the library's checks of the raw input (e.g. storage refuses credentials, masking them first) hold for the form too
+    before = [n for n, d in model.__pydantic_decorators__.model_validators.items() if d.info.mode == "before"]
+    checks = {n: model_validator(mode="before")(classmethod(lambda cls, data, check=getattr(model, n): check(data)))
+              for n in before}
+    form = create_model(f"{model.__name__}Form", __base__=_Params, __doc__=doc, __validators__=checks, **fields)
     form.model_config["title"] = f"Change {section} fields"  # the UI's button that opens the section
     return form
 
