@@ -287,16 +287,22 @@ def publish_card_link(card_uri: str, dataset: str, version: str, card: dict | No
     )
 
 
+def _embedded_grid(path: str, alt: str, storage_options: dict | None) -> str:
+    """Markdown embedding the PNG at ``path`` (a local path or a URI) as a data URI, or the reason it could not be
+    read: a grid informs, it never fails the build."""
+    uri = path if "://" in path else f"file://{path}"
+    try:
+        src, (w, h) = embedded_png(_read(uri, storage_options))
+        return f"![{alt}, {w} x {h} px]({src})\n\n"
+    except Exception as e:  # noqa: BLE001 - see above
+        return f"(the grid could not be read for display: {type(e).__name__}: {str(e)[:200]})\n\n"
+
+
 def publish_grid(grid_uri: str, dataset: str, version: str, storage_options: dict | None = None) -> UUID:
     """Markdown artifact with the real / baseline / Real-Fake sample grid (a row per class, labelled with its name),
     embedded as a PNG data URI read through fsspec (local root or object storage alike), and the file's URI.
     An image that cannot be read is named with the reason instead of failing the run."""
-    uri = grid_uri if "://" in grid_uri else f"file://{grid_uri}"
-    try:
-        src, (w, h) = embedded_png(_read(uri, storage_options))
-        shown = f"![sample grid of {dataset}/{version}, {w} x {h} px]({src})\n\n"
-    except Exception as e:  # noqa: BLE001 - the grid informs, it never fails the build
-        shown = f"(the grid could not be read for display: {type(e).__name__}: {str(e)[:200]})\n\n"
+    shown = _embedded_grid(grid_uri, f"sample grid of {dataset}/{version}", storage_options)
     md = (f"## Samples of {dataset}/{version}\n\nEach row is a class; columns: real training images, then the "
           f"images each version made from those same images.\n\n{shown}Grid file: `{grid_uri}`\n")
     return create_markdown_artifact(md, key=artifact_key(dataset, version, "grid"),
@@ -313,12 +319,7 @@ def publish_quality(card: dict, dataset: str, version: str, storage_options: dic
              "flags": "; ".join(q["classes"][k]["flags"])} for k in q["order"]]
     create_table_artifact(rows, key=artifact_key(dataset, version, "quality"),
                           description=f"Per-class quality of {dataset}/{version}, far from real first ({q['judge']})")
-    uri = q["worst_grid"] if "://" in q["worst_grid"] else f"file://{q['worst_grid']}"
-    try:
-        src, (w, h) = embedded_png(_read(uri, storage_options))
-        shown = f"![worst examples of {dataset}/{version}, {w} x {h} px]({src})\n\n"
-    except Exception as e:  # noqa: BLE001 - the grid informs, it never fails the build
-        shown = f"(the grid could not be read for display: {type(e).__name__}: {str(e)[:200]})\n\n"
+    shown = _embedded_grid(q["worst_grid"], f"worst examples of {dataset}/{version}", storage_options)
     md = (f"## Worst examples per class of {dataset}/{version}\n\nEach row is a class, far from its real "
           f"counterpart first; columns: its images the judge finds least like their class.\n\n{shown}"
           f"Grid file: `{q['worst_grid']}`\n")
