@@ -148,6 +148,10 @@ def test_progress_reaches_the_run_log_and_a_progress_artifact(harness) -> None:
     state = run(return_state=True)
     assert state.is_completed(), state.message
     run_id = state.state_details.flow_run_id
+    # Run logs reach the server in background batches: drain them (no timeout) before reading them back,
+    # or a loaded machine reads the log before the batch holding step 2 is sent.
+    from prefect.logging.handlers import APILogWorker
+    APILogWorker.drain_all()
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[run_id])))
