@@ -56,7 +56,7 @@ def flow_stages(params: BuildParams) -> Stages:
     return Stages(
         lease=lease,
         prepare=run_prepare,
-        finetune=lambda cfg: list(run_finetune(cfg, params.fanout).values()),
+        finetune=lambda cfg: list(run_finetune(cfg, params.fanout, params.pinned(cfg)).values()),
         synthesize=lambda cfg, lease: run_synthesis(cfg, params.fanout, params.pinned(cfg), lease.owner),
         finalize=finalize,
         verify=verify_task,

@@ -160,7 +160,8 @@ class FanoutParams(_Params):
         "local",
         description="local: one worker process per visible GPU on this node (CUDA_VISIBLE_DEVICES pinned; "
         "in-process on a CPU-only or single-GPU node); deployment: one child flow run of the shard-group "
-        "deployment per group, each picked up by a worker of that deployment's pool (one pod per group).",
+        "deployment per group (and of the fine-tune deployment per lane of adapters), each picked up by a worker "
+        "of that deployment's pool (one pod per group).",
     )
     groups: int | None = Field(
         None,
@@ -172,6 +173,11 @@ class FanoutParams(_Params):
     shard_deployment: str = Field(
         "synthesize-shards/synthesize-shards",
         description="Deployment ('flow name/deployment name') that runs one shard group in deployment mode.",
+    )
+    finetune_deployment: str = Field(
+        "finetune/finetune",
+        description="Deployment ('flow name/deployment name') that trains one lane of adapter scopes in deployment "
+        "mode (one child run per lane: fanout.groups lanes, or one per visible GPU).",
     )
     gpu_limit: str = Field(
         "realfake-gpu",
@@ -362,6 +368,10 @@ class FinetuneParams(ConfigParams):
     """Parameters of the fine-tune flow: one LoRA adapter per scope (all, or one per class)."""
 
     fanout: FanoutParams = Field(default_factory=FanoutParams, description="Spread of per-class adapters.")
+    scopes: list[str] | None = Field(
+        None, description="Adapter scopes this run trains ('all' or class labels; empty: every scope of the config). "
+        "A fanned-out build sets it: one child run per lane of scopes.",
+    )
 
 
 class SynthesizeParams(ConfigParams):

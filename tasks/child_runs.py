@@ -38,6 +38,8 @@ __all__ = [
     "ChildRunFailed",
     "ChildRunLost",
     "group_deadline",
+    "finetune_deadline",
+    "finetune_deadlines",
     "group_deadlines",
     "require_deployment",
     "retry_on_lost_child",
@@ -119,6 +121,43 @@ def group_deadlines(cfg: Any, groups: list[list[str]], gpu_limit: str) -> list[f
     out = [group_deadline(cfg, g, waves) for g in groups]
     if out:
         _logger().info("each shard group is treated as lost after %.0f s Running at most: %s",
+                       max(s for s, _ in out), out[0][1])
+    return [s for s, _ in out]
+
+
+def finetune_deadline(cfg: Any, images: list[int], waves: int = 1) -> tuple[float, str]:
+    """Seconds a Running child training one lane of adapters may take before it is treated as lost, and their source.
+
+    ``images``: the training images of each adapter of the lane (they train one after another). From the plan:
+    :data:`GROUP_START_SECONDS` + :data:`GROUP_DEADLINE_SLACK` x ``waves`` x the lane's fine-tuning samples
+    (:func:`realfake.finetune.training_schedule` of each adapter) at the measured fine-tuning rate of ``cfg``
+    (:func:`realfake.plan.finetune_rate`); :data:`UNMEASURED_GROUP_DEADLINE_SECONDS` when it has none. A child
+    treated as lost is re-submitted and resumes from its adapters' committed checkpoints.
+
+    Raises:
+        ValueError: the fine-tune schedule cannot be made (one line naming the ``finetune`` fields).
+    """
+    from realfake.finetune import training_schedule
+    from realfake.plan import finetune_rate
+
+    samples = sum(training_schedule(cfg.finetune, n).samples for n in images if n)
+    rate = finetune_rate(cfg)
+    if "per_s" not in rate:
+        return UNMEASURED_GROUP_DEADLINE_SECONDS, f"no measured rate ({rate.get('missing', 'not measured')})"
+    seconds = GROUP_START_SECONDS + GROUP_DEADLINE_SLACK * max(1, waves) * samples / rate["per_s"]
+    return seconds, (f"{GROUP_START_SECONDS:.0f} s start-up + {GROUP_DEADLINE_SLACK:g} x {max(1, waves)} wave(s) x "
+                     f"{samples} fine-tuning samples at {rate['per_s']:.3g} samples/s ({rate['file']})")
+
+
+def finetune_deadlines(cfg: Any, lanes: list[list[str]], images: dict[str, int], gpu_limit: str) -> list[float]:
+    """:func:`finetune_deadline` of each lane of adapter scopes (``images``: scope -> its training images; waves
+    from the GPU limit's slots); logs the source."""
+    from tasks.gpu import gpu_slots
+
+    waves = -(-len(lanes) // max(1, gpu_slots(gpu_limit)))
+    out = [finetune_deadline(cfg, [images.get(s, 0) for s in lane], waves) for lane in lanes]
+    if out:
+        _logger().info("each fine-tune lane is treated as lost after %.0f s Running at most: %s",
                        max(s for s, _ in out), out[0][1])
     return [s for s, _ in out]
 

@@ -1,11 +1,13 @@
-"""A lost GPU node, end to end: a real Prefect server, the shipped deployments, a build whose shard groups are
-child runs on two process workers, and one worker SIGKILLed with its flow-run process while its child writes shards.
+"""A lost GPU node, end to end: a real Prefect server, the shipped deployments, a build whose fine-tuning and shard
+groups are child runs on two process workers, and a worker SIGKILLed with its flow-run process while its child
+fine-tunes, then another while its child writes shards.
 
 What a preempted spot node looks like to Prefect: no final state, no goodbye, the run just stops heartbeating.
 realfake's lost-run automation (:mod:`tasks.lost_runs`, installed by the fan-out parent itself) marks the child
-Crashed, the parent re-submits the group on the surviving worker, the new run resumes at shard granularity, and the
-version verifies with exactly the planned samples. The kill is injected at an observed moment (the killed group's
-first commit seen on storage), never after a sleep. Also here, without a server: the automation's scope, checked
+Crashed, the parent re-submits the lane or group on a surviving worker, the new run resumes (the adapter from its
+committed checkpoint, shards at shard granularity), and the version verifies with exactly the planned samples. Each
+kill is injected at an observed moment (a fine-tune checkpoint, then the killed group's first commit, seen on
+storage), never after a sleep. Also here, without a server: the automation's scope, checked
 with Prefect's own server-side matcher on the events the shipped deployments' runs emit.
 """
 
@@ -24,6 +26,7 @@ import pytest
 import yaml
 
 from realfake.data.card import verify_version
+from realfake.data.commit import CHECKPOINT_STATE, read_record
 from realfake.data.manifest import read_manifest
 from realfake.data.shards import committed_shards, iter_shard
 from realfake.data.storage import version_store
@@ -147,9 +150,23 @@ def _state_history(stack, run_id: str) -> list[str]:
     return [s["type"] for s in stack.api("GET", f"/flow_run_states/?flow_run_id={run_id}")]
 
 
+def _is_shard_group(child: dict) -> bool:
+    return "shard_names" in child["parameters"]["params"]
+
+
+def _checkpoint_step(store) -> int:
+    """The step of the adapter's committed fine-tune checkpoint (0: none committed yet)."""
+    state = read_record(store, "adapters", "all", "checkpoint", CHECKPOINT_STATE)
+    return int(state["step"]) if state else 0
+
+
+FINETUNE_STEPS = 4  # the killed run commits a checkpoint after each step; the kill lands after the first
+
+
 @pytest.mark.slow
 @pytest.mark.prefect_server
-def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_once(tmp_path_factory, request):
+def test_sigkilled_workers_mid_finetune_and_mid_group_are_re_run_and_the_build_completes_exactly_once(
+        tmp_path_factory, request):
     from tests.support.prefect_server import (
         close_shared_stack,
         miniature_params,
@@ -164,19 +181,56 @@ def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_on
     root = tmp_path_factory.mktemp("datasets")
     main = stack.start_worker("realfake-process", "preempt-main", queue="default", limit=2)
     gpus = [stack.start_worker("realfake-process", f"preempt-gpu-{i}", queue="gpu", limit=1) for i in range(2)]
+    started = list(gpus)
     try:
         params = miniature_params(
             root, models, "lost", measure=False,
-            overrides=[*miniature_params(root, models, "x")["overrides"], "shards.max_count=3"],
+            overrides=[*miniature_params(root, models, "x")["overrides"], "shards.max_count=3",
+                       f"finetune.max_steps={FINETUNE_STEPS}", "finetune.checkpoint_every=1"],
             fanout={"mode": "deployment", "groups": 2, "poll_seconds": 1.0,
-                    "shard_deployment": "synthesize-shards/synthesize-shards-process"},
+                    "shard_deployment": "synthesize-shards/synthesize-shards-process",
+                    "finetune_deployment": "finetune/finetune-process"},
         )
         build_id = run_deployment_cli(stack, "build/build", params)
         store = version_store(str(root), "mini", "lost")
 
+        # 1. a node lost while its child run fine-tunes the adapter (one lane: finetune.scope all)
+        def finetuning_child_with_a_checkpoint():
+            for child in stack.child_runs(build_id):
+                if child["state"]["type"] == "RUNNING" and not _is_shard_group(child):
+                    step = _checkpoint_step(store)
+                    if step:
+                        return child, step
+            assert stack.flow_run(build_id)["state"]["type"] not in ("FAILED", "CRASHED", "COMPLETED"), \
+                stack.run_logs(build_id)[-4000:]
+            return None
+
+        ft_child, step_at_kill = _until("a fine-tuning child run with a committed checkpoint",
+                                        finetuning_child_with_a_checkpoint, 900, every=0.1)
+        (ft_victim,) = [w for w in gpus if w.ran(ft_child["id"])]
+        ft_killed_at = dt.datetime.now(dt.UTC)
+        _kill_node(ft_victim.proc.pid)
+        ft_victim.proc.wait(timeout=30)
+        assert not store.exists("adapters", "all", "train_log.json"), "the adapter was done before the kill"
+        # the pool replaces the reclaimed node (as a spot pool does), while the lost run is being detected
+        gpus = [w for w in gpus if w is not ft_victim]
+        gpus.append(stack.start_worker("realfake-process", "preempt-gpu-2", queue="gpu", limit=1))
+        started.append(gpus[-1])
+
+        def ft_crashed():
+            run = stack.flow_run(ft_child["id"])
+            return run if run["state"]["type"] != "RUNNING" else None
+
+        ft_lost = _until("the killed fine-tune child leaving Running", ft_crashed, CRASHED_BOUND_S + 60, every=0.5)
+        assert ft_lost["state"]["type"] == "CRASHED" and ft_lost["state"]["message"] == CRASHED_MESSAGE, \
+            ft_lost["state"]
+        ft_crashed_after = dt.datetime.fromisoformat(ft_lost["state"]["timestamp"]) - ft_killed_at
+        assert ft_crashed_after.total_seconds() <= CRASHED_BOUND_S
+
+        # 2. a node lost while its child run writes shards
         def running_child_with_a_commit():
             for child in stack.child_runs(build_id):
-                if child["state"]["type"] != "RUNNING":
+                if child["state"]["type"] != "RUNNING" or not _is_shard_group(child):
                     continue
                 names = set(child["parameters"]["params"]["shard_names"])
                 done = {c.name for c in committed_shards(store)} & names
@@ -219,7 +273,8 @@ def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_on
         survivor = next(w for w in gpus if w is not victim)
 
         def second_run_running():
-            runs = [c for c in stack.child_runs(build_id) if set(c["parameters"]["params"]["shard_names"]) == group]
+            runs = [c for c in stack.child_runs(build_id)
+                    if _is_shard_group(c) and set(c["parameters"]["params"]["shard_names"]) == group]
             second = [c for c in runs if c["id"] != child["id"]]
             return second[0] if second and second[0]["state"]["type"] == "RUNNING" else None
 
@@ -229,12 +284,26 @@ def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_on
             os.kill(pid, signal.SIGKILL)
         build = stack.wait_flow_run(build_id, timeout=900)
         completed_after = dt.datetime.fromisoformat(build["end_time"]) - killed_at
-        print(f"\nkill -> Crashed {crashed_after.total_seconds():.0f} s; kill -> build Completed "
+        print(f"\nfine-tune: kill at checkpoint step {step_at_kill}/{FINETUNE_STEPS} -> Crashed "
+              f"{ft_crashed_after.total_seconds():.0f} s; shards: "
+              f"kill -> Crashed {crashed_after.total_seconds():.0f} s; kill -> build Completed "
               f"{completed_after.total_seconds():.0f} s (the group lost a second time on the way); "
               f"{len(done_at_kill)}/{len(group)} shards of the lost group were committed at the kill")
 
+        # the lost fine-tune lane ran twice, the second run on another node resumed from the checkpoint committed
+        # before the kill (or a later one), and trained every step once
+        every_child = stack.child_runs(build_id)
+        ft_runs = [c for c in every_child if not _is_shard_group(c)]
+        assert sorted(c["state"]["type"] for c in ft_runs) == ["COMPLETED", "CRASHED"], ft_runs
+        (ft_done,) = [c for c in ft_runs if c["state"]["type"] == "COMPLETED"]
+        assert not ft_victim.ran(ft_done["id"])
+        train_log = store.read_json("adapters", "all", "train_log.json")
+        assert step_at_kill <= train_log["resumed_from"] < FINETUNE_STEPS, (step_at_kill, train_log["resumed_from"])
+        assert [h["step"] for h in train_log["history"]] == list(range(1, FINETUNE_STEPS + 1))
+        assert not store.exists("adapters", "all", "checkpoint", CHECKPOINT_STATE)
+
         # the lost group ran three times, the last one completed; the other group ran once
-        children = stack.child_runs(build_id)
+        children = [c for c in every_child if _is_shard_group(c)]
         reruns = [c for c in children if set(c["parameters"]["params"]["shard_names"]) == group]
         assert sorted(c["state"]["type"] for c in reruns) == ["COMPLETED", "CRASHED", "CRASHED"], reruns
         assert len(children) == 4 and sum(c["state"]["type"] == "COMPLETED" for c in children) == 2
@@ -242,6 +311,8 @@ def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_on
         # a healthy long run outside the automation's scope (the build, heartbeating at Prefect's default 180 s,
         # longer than the 90 s window) was never crashed
         assert "CRASHED" not in _state_history(stack, build_id)
+        print(f"fine-tune kill -> build Completed "
+              f"{(dt.datetime.fromisoformat(build['end_time']) - ft_killed_at).total_seconds():.0f} s")
 
         # the parent installed the automation itself, once; installing it again at deploy time changes nothing
         (installed,) = [a for a in stack.api("POST", "/automations/filter", {}) if a["name"] == AUTOMATION_NAME]
@@ -264,7 +335,7 @@ def test_sigkilled_worker_mid_group_is_re_run_and_the_build_completes_exactly_on
         keys = [s.key for c in commits for s in iter_shard(store.child("synthetic"), c)]
         assert len(keys) == len(set(keys)) == len(read_manifest(store, "train"))
     finally:
-        for w in [main, *gpus]:
+        for w in [main, *started]:
             stack.stop_worker(w)
 
 
@@ -288,3 +359,50 @@ def test_group_deadline_comes_from_the_plan_and_grows_with_the_waves_of_groups()
     demo = load_plan_config("demo")[0]
     assert group_deadline(demo, names) == (UNMEASURED_GROUP_DEADLINE_SECONDS,
                                            f"no measured rate ({generation_rate(demo)['missing']})")
+
+
+def test_finetune_deadline_comes_from_the_plan_and_says_where_an_unmeasured_bound_comes_from():
+    from realfake.finetune import training_schedule
+    from realfake.plan import finetune_rate, load_plan_config
+    from tasks.child_runs import (
+        GROUP_DEADLINE_SLACK,
+        GROUP_START_SECONDS,
+        UNMEASURED_GROUP_DEADLINE_SECONDS,
+        finetune_deadline,
+    )
+
+    cfg = load_plan_config("imagenette")[0]
+    rate = finetune_rate(cfg)["per_s"]  # measured (benchmarks/results/gpu_finetune.json) at the presets' 512 px
+    images = [960, 310, 0]  # a lane of three adapters: their training images (a class with none trains nothing)
+    samples = sum(training_schedule(cfg.finetune, n).samples for n in images[:2])
+    one, why = finetune_deadline(cfg, images)
+    assert one == pytest.approx(GROUP_START_SECONDS + GROUP_DEADLINE_SLACK * samples / rate)
+    assert f"{samples} fine-tuning samples" in why and "benchmarks/results/gpu_finetune.json" in why
+    two, _ = finetune_deadline(cfg, images, waves=2)  # lanes queued behind another round on the GPU slots
+    assert two - GROUP_START_SECONDS == pytest.approx(2 * (one - GROUP_START_SECONDS))
+    demo = load_plan_config("demo")[0]
+    assert finetune_deadline(demo, images) == (UNMEASURED_GROUP_DEADLINE_SECONDS,
+                                               f"no measured rate ({finetune_rate(demo)['missing']})")
+
+
+def test_a_finetune_lane_child_gets_the_pinned_config_its_scopes_and_local_fan_out(tmp_path):
+    from flows.finetune import lane_parameters, select_scopes
+    from flows.params import BuildParams, FinetuneParams
+
+    params = BuildParams(preset="demo", dataset="lanes", version="v1", root=str(tmp_path),
+                         overrides=["finetune.scope=per_class"],
+                         fanout={"mode": "deployment", "groups": 2, "gpu_limit": "pool-x",
+                                 "finetune_deployment": "finetune/finetune-process"})
+    cfg = params.to_config()
+    sent = lane_parameters(params.pinned(cfg), params.fanout, ["1", "3"])
+    child = FinetuneParams.model_validate(sent["params"])  # what the child run's flow receives
+    assert child.scopes == ["1", "3"] and child.to_config() == cfg
+    assert (child.fanout.mode, child.fanout.groups, child.fanout.gpu_limit) == ("local", None, "pool-x")
+    assert FinetuneParams().scopes is None and "scopes" not in lane_parameters(
+        params.pinned(cfg), params.fanout, ["0"])["params"]["fanout"]
+    every = ["0", "1", "2", "3"]
+    assert select_scopes(cfg, every, None) == every
+    assert select_scopes(cfg, every, ["3", "1"]) == ["1", "3"]  # the config's order
+    with pytest.raises(ValueError, match=r"^scopes: '7' is not an adapter scope of lanes/v1 \(finetune.scope="
+                                         r"per_class: 0, 1, 2, 3\); name one of them or leave scopes empty for all$"):
+        select_scopes(cfg, every, ["1", "7"])
