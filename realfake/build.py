@@ -260,22 +260,35 @@ def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> lis
     """Names of every shard the version will hold, in order (deterministic from the manifest and config).
 
     Run once per build before its shard groups start (under the version's lease): committed shards made under
-    another recipe are refused, or deleted with ``mode`` overwrite, crash leftovers are removed and the recipe is
-    recorded, so the groups find the version settled (see :func:`realfake.synthesize.synthesize`).
+    another recipe are refused, or deleted with ``mode`` overwrite, crash leftovers are removed, the recipe is
+    recorded and the plan of the pending shards is written beside it (``synthetic/_plan.parquet``), so the groups
+    find the version settled and each reads only its own shards' plans instead of planning the whole version again
+    (see :func:`realfake.synthesize.synthesize`; benchmarks/results/scale.md, finding 3).
     """
-    from realfake.data.shards import committed_shards, plan_pending
+    from realfake.data.shards import plan_pending, plan_shards
     from realfake.quality import load_judge, may_drop
-    from realfake.synthesize import MAY_GROW, plan_work, synthesis_recipe
+    from realfake.synthesize import MAY_GROW, plan_work, synthesis_recipe, write_group_plans
 
     store = store_of(cfg, storage_options)
     recipe = _check_before_synthesis(cfg, store)
+    recipe = recipe if recipe is not None else synthesis_recipe(cfg, store)
     items = plan_work(cfg, store)
     pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=cfg.mode,
-                           recipe=recipe if recipe is not None else synthesis_recipe(cfg, store), may_grow=MAY_GROW,
-                           may_drop=may_drop(cfg))
+                           recipe=recipe, may_grow=MAY_GROW, may_drop=may_drop(cfg))
+    write_group_plans(cfg, store, pending, recipe, len(plan_shards(items, cfg.shards.max_count)))
     if pending and cfg.quality.gated:
         load_judge(cfg, store)  # a classifier judge is trained here, once, before the shard groups load it
-    return sorted({c.name for c in committed_shards(store)} | {p.name for p in pending})
+    return sorted(set(_committed_names(store)) | {p.name for p in pending})
+
+
+def _committed_names(store: Store) -> list[str]:
+    """Names of the committed shards, from one listing of their commit records (no record read)."""
+    from realfake.data.shards import COMMITS_DIR, io_retry
+
+    s = store.child("synthetic")
+    io_retry(lambda: s.fs.invalidate_cache(s.path(COMMITS_DIR)), "invalidate listing cache")
+    listed = io_retry(lambda: s.listdir(COMMITS_DIR), f"list {s.uri(COMMITS_DIR)}")
+    return [n[: -len(".json")] for n in listed if n.endswith(".json")]
 
 
 def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress: bool = False,
@@ -292,6 +305,14 @@ def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress:
     storage_options = resolve_storage_options(cfg.storage, storage_options)
     store = store_of(cfg, storage_options)
     lease = VersionLease(store, owner=lease_owner, heartbeat=False).join() if lease_owner else None
+    if shard_names is not None:
+        from realfake.synthesize import read_group_plans
+
+        # a shard group of a build: its shards' part of the plan the build recorded, checked against the recipe
+        group = read_group_plans(cfg, store, shard_names)
+        if group is not None:
+            return run(cfg, store, shard_names, engine=engine, on_shard=on_shard, progress=progress,
+                       storage_options=storage_options, lease=lease, group=group)
     recipe = _check_before_synthesis(cfg, store)
     return run(cfg, store, shard_names, engine=engine, on_shard=on_shard, progress=progress,
                storage_options=storage_options, lease=lease, recipe=recipe)
@@ -305,19 +326,23 @@ def finalize(cfg: BuildConfig, stats: dict | None = None, storage_options: dict 
     it (verification reports a lease still present as a problem).
     """
     from realfake.data.card import write_card
-    from realfake.data.shards import write_wds_info
+    from realfake.data.shards import PLAN_FILE, committed_shards, io_retry, write_wds_info
     from realfake.synthesize import check_synthesis_recipe
 
     store = store_of(cfg, storage_options)
-    check_synthesis_recipe(cfg, store, "finalize")  # the card describes the config: it must be the shards' recipe
+    commits = committed_shards(store)  # read once for the whole finalize (under the lease: none commits meanwhile)
+    # the card describes the config: it must be the shards' recipe
+    check_synthesis_recipe(cfg, store, "finalize", commits=commits)
     if cfg.shards.format == "webdataset":
-        write_wds_info(store)
+        write_wds_info(store, commits=commits)
     quality = None
     if cfg.quality.enabled:  # per-image scores and the per-class table (realfake.quality); off: the card as before
         from realfake.quality import measure_quality
 
         quality = measure_quality(cfg, store, store.storage_options)
-    card = write_card(store, cfg.model_dump(mode="json"), stats or {}, quality=quality)
+    card = write_card(store, cfg.model_dump(mode="json"), stats or {}, quality=quality, commits=commits)
+    # the build's plan for its shard groups is spent: a later build plans again (plan_synthesis)
+    io_retry(lambda: store.remove("synthetic", PLAN_FILE), f"remove {store.uri('synthetic', PLAN_FILE)}")
     if verify:
         verify_or_raise(cfg, storage_options)
     return card

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -33,6 +35,8 @@ from realfake.conditioning import encode_prompts, generation_prompt, inject_guid
 from realfake.config import BuildConfig
 from realfake.data.manifest import CAPTIONS, GUIDANCE, load_real_image, read_captions, read_guidance, read_manifest
 from realfake.data.shards import (
+    PLAN_FILE,
+    ShardPlan,
     ShardWriter,
     SyntheticRecord,
     committed_shards,
@@ -40,22 +44,34 @@ from realfake.data.shards import (
     plan_pending,
     plan_shards,
     read_recipe,
+    remove_partial_shards,
 )
-from realfake.data.storage import Store
+from realfake.data.storage import Store, io_retry
 from realfake.finetune import adapter_hash, load_adapter
 from realfake.quality import QualityGate, gate_recipe, may_drop
-from realfake.recipe import RecipeMismatchError, manifest_class_map, mismatch_message, recipe_diff
+from realfake.recipe import (
+    RecipeMismatchError,
+    canonical,
+    manifest_class_map,
+    mismatch_message,
+    recipe_bytes,
+    recipe_diff,
+)
 
 __all__ = [
     "MAY_GROW",
     "SCHEDULERS",
+    "GroupPlan",
     "SynthesisEngine",
     "WorkItem",
     "check_synthesis_recipe",
+    "group_pending",
     "image_seed",
     "plan_work",
+    "read_group_plans",
     "synthesis_recipe",
     "synthesize",
+    "write_group_plans",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,15 +195,125 @@ def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
     return recipe
 
 
-def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str, mode: str = "resume") -> dict[str, Any] | None:
+def _config_recipe(cfg: BuildConfig) -> dict[str, Any]:
+    """The fields of :func:`synthesis_recipe` that come from the config and this node's base weights alone, without
+    reading the version's data (manifest, feature files, adapters): what a shard group checks itself."""
+    from realfake.models.loading import model_fingerprint
+
+    out: dict[str, Any] = {"version (image seeds)": cfg.version, **_section(cfg, "synthesis"),
+                           "models.base (weights fingerprint)": model_fingerprint(cfg.models.base,
+                                                                                  cfg.models.base_revision),
+                           "caption.enabled": cfg.caption.enabled, "finetune.enabled": cfg.finetune.enabled}
+    out.update(_section(cfg, "guidance") if cfg.guidance.enabled else {"guidance.enabled": False})
+    out.update(_section(cfg, "shards"))
+    out.update(gate_recipe(cfg))
+    return out
+
+
+# The build's plan of the shards still to write (realfake.build.plan_synthesis writes it once, before its shard
+# groups start; each group reads its own shards' rows): one row group per shard, in plan order.
+_PLAN_SCHEMA = pa.schema([("shard", pa.string()), ("sample_id", pa.string()), ("label", pa.int32()),
+                          ("class_name", pa.string()), ("uri", pa.string()), ("replica", pa.int32())])
+_PLAN_META = b"realfake.plan"
+
+
+def write_group_plans(cfg: BuildConfig, store: Store, pending: Sequence[ShardPlan], recipe: dict[str, Any],
+                      shards_total: int) -> None:
+    """Record the build's plan (``synthetic/_plan.parquet``) for its shard groups: the items of every pending shard,
+    one row group per shard, keyed by the recipe recorded with the shards and the mode it was planned in, so that
+    a group (:func:`read_group_plans`) reads only its own shards' rows and never uses a plan made under another."""
+    import io
+
+    meta = {"format": 1, "recipe_sha256": hashlib.sha256(recipe_bytes(recipe)).hexdigest(), "mode": cfg.mode,
+            "shards_total": shards_total, "shards": [[p.name, p.index] for p in pending]}
+    schema = _PLAN_SCHEMA.with_metadata({_PLAN_META: json.dumps(meta).encode()})
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, schema, compression="zstd") as w:
+        for p in pending:
+            its: tuple[WorkItem, ...] = p.items
+            w.write_table(pa.table({"shard": [p.name] * len(its), "sample_id": [i.sample_id for i in its],
+                                    "label": [i.label for i in its], "class_name": [i.class_name for i in its],
+                                    "uri": [i.uri for i in its], "replica": [i.replica for i in its]},
+                                   schema=schema), row_group_size=max(1, len(its)))
+    target = store.child("synthetic")
+    io_retry(lambda: target.write_bytes(buf.getvalue(), PLAN_FILE), f"write {target.uri(PLAN_FILE)}")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """A shard group's part of the build's plan (:func:`read_group_plans`)."""
+
+    plans: tuple[ShardPlan, ...]  # the group's shards that were pending when the build planned, in plan order
+    recipe: dict[str, Any]  # the recipe recorded with the shards
+    shards_total: int
+
+
+def read_group_plans(cfg: BuildConfig, store: Store, names: Sequence[str]) -> GroupPlan | None:
+    """The plans of the shards ``names`` from the build's recorded plan (:func:`write_group_plans`), or None when
+    there is none to use: no plan, one made under another recipe or mode, a ``cfg`` whose own settings or base
+    weights differ from the recorded recipe, or a named shard neither planned nor committed. The caller then plans
+    the whole version itself (:func:`plan_work`), which names any mismatch.
+
+    Reads the recipe once, the plan's footer, the rows of the group's own shards and the commit listing."""
+    from realfake.data.shards.reader import commit_records
+
+    target = store.child("synthetic")
+    try:
+        with io_retry(lambda: target.fs.open(target.path(PLAN_FILE), "rb"), f"open {target.uri(PLAN_FILE)}") as f:
+            pf = pq.ParquetFile(f)
+            meta = json.loads((pf.schema_arrow.metadata or {}).get(_PLAN_META, b"{}"))
+            recorded = read_recipe(store)
+            why = _stale(cfg, meta, recorded)
+            if why:
+                log.info("shard group: the build's plan %s is not used (%s): planning the version here",
+                         target.uri(PLAN_FILE), why)
+                return None
+            position = {name: (k, index) for k, (name, index) in enumerate(meta["shards"])}
+            mine = [n for n in names if n in position]
+            rows = pf.read_row_groups([position[n][0] for n in mine], use_threads=False) if mine else None
+    except FileNotFoundError:
+        return None
+    unplanned = set(names) - set(mine)
+    lost = unplanned - {c.name for c in commit_records(store, unplanned)} if unplanned else set()
+    if lost:
+        log.info("shard group: %d of its shards (e.g. %s) are neither in the build's plan nor committed: planning "
+                 "the version here", len(lost), min(lost))
+        return None
+    items: dict[str, list[WorkItem]] = {n: [] for n in mine}
+    if rows is not None:
+        cols = [rows.column(c).to_pylist() for c in _PLAN_SCHEMA.names]
+        for shard, sample_id, label, class_name, uri, replica in zip(*cols, strict=True):
+            items[shard].append(WorkItem(sample_id, label, class_name, uri, replica))
+    plans = tuple(ShardPlan(n, position[n][1], tuple(items[n])) for n in mine)
+    return GroupPlan(plans, recorded, int(meta["shards_total"]))  # type: ignore[arg-type]
+
+
+def _stale(cfg: BuildConfig, meta: dict[str, Any], recorded: dict[str, Any] | None) -> str:
+    """Why a recorded plan may not be used by a shard group of ``cfg`` (empty: it may)."""
+    if meta.get("format") != 1:
+        return "not a plan of this realfake"
+    if recorded is None or hashlib.sha256(recipe_bytes(recorded)).hexdigest() != meta.get("recipe_sha256"):
+        return "made under another recipe than the one recorded with the shards"
+    if meta.get("mode") != cfg.mode:
+        return f"planned with mode={meta.get('mode')}, this group runs with mode={cfg.mode}"
+    own = canonical(_config_recipe(cfg))
+    differ = sorted(k for k, v in own.items() if k not in recorded or canonical({k: recorded[k]})[k] != v)
+    if differ:
+        return f"this group's config differs from the recorded recipe in {', '.join(differ[:3])}"
+    return ""
+
+
+def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str, mode: str = "resume",
+                           commits: Sequence | None = None) -> dict[str, Any] | None:
     """Refuse (:class:`~realfake.recipe.RecipeMismatchError`) when the version's committed shards were made under
     another recipe than ``cfg``'s (but for the :data:`MAY_GROW` fields in ``extend`` mode): what ``stage`` would
     describe (finalize) or add to (synthesize) is not what the shards hold. Reads only, as plan_pending's check.
 
     Returns ``cfg``'s :func:`synthesis_recipe` when it was computed for the check (None when nothing was compared),
-    so that a caller going on to plan the shards does not hash the version's feature files a second time."""
+    so that a caller going on to plan the shards does not hash the version's feature files a second time.
+    ``commits``: the version's commit records where the caller already read them (read here otherwise)."""
     recorded = read_recipe(store)
-    commits = committed_shards(store)
+    commits = committed_shards(store) if commits is None else commits
     if recorded is None or not commits:
         return None  # nothing made yet, or made by an earlier realfake (synthesize itself refuses to resume those)
     current = synthesis_recipe(cfg, store)
@@ -380,23 +506,30 @@ def _as_sample(w: WorkItem):
 def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None = None,
                engine: SynthesisEngine | None = None, mode: str | None = None, lease=None,
                on_shard: Callable[[str, int, float], None] | None = None, progress: bool = False,
-               storage_options: dict | None = None, recipe: dict[str, Any] | None = None) -> dict:
+               storage_options: dict | None = None, recipe: dict[str, Any] | None = None,
+               group: GroupPlan | None = None) -> dict:
     """Write and commit the shards of a version that are still missing (all, or those named).
 
     ``mode`` (default ``cfg.mode``) says what happens to committed shards made under another recipe (see
     :func:`synthesis_recipe` and :func:`~realfake.data.shards.plan_pending`): refused (resume, extend) or deleted
     and rebuilt (overwrite). ``recipe`` is ``synthesis_recipe(cfg, store)`` where the caller already computed it
-    (computed here otherwise). Returns counts and timings: shards written and skipped, images, seconds, images/s.
+    (computed here otherwise). ``group``: the named shards' part of the build's plan (:func:`read_group_plans`);
+    then the version is not planned again, only the group's own shards' leftovers are removed and its committed
+    shards skipped. Returns counts and timings: shards written and skipped, images, seconds, images/s.
     """
     t0 = time.time()
-    items = plan_work(cfg, store)
-    recipe = recipe if recipe is not None else synthesis_recipe(cfg, store)
-    pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=mode or cfg.mode,
-                           lease=lease, recipe=recipe, may_grow=MAY_GROW, may_drop=may_drop(cfg),
-                           shards=shard_names)
-    if shard_names is not None:
-        wanted = set(shard_names)
-        pending = [p for p in pending if p.name in wanted]
+    if group is not None and shard_names is not None:
+        pending, recipe, total = group_pending(store, group, shard_names, lease), group.recipe, group.shards_total
+    else:
+        items = plan_work(cfg, store)
+        recipe = recipe if recipe is not None else synthesis_recipe(cfg, store)
+        pending = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count,
+                               mode=mode or cfg.mode, lease=lease, recipe=recipe, may_grow=MAY_GROW,
+                               may_drop=may_drop(cfg), shards=shard_names)
+        if shard_names is not None:
+            wanted = set(shard_names)
+            pending = [p for p in pending if p.name in wanted]
+        total = len(plan_shards(items, cfg.shards.max_count))
     writer = ShardWriter(store, cfg.shards, class_names=list(recipe["class names"].values()), lease=lease)
     if pending and engine is None:
         engine = SynthesisEngine(cfg, store, storage_options=storage_options)
@@ -430,11 +563,22 @@ def synthesize(cfg: BuildConfig, store: Store, shard_names: Sequence[str] | None
         if bar is not None:
             bar.close()
     seconds = time.time() - t0
-    total = len(plan_shards(items, cfg.shards.max_count))
     return {"shards_written": [p.name for p in pending], "shards_total": total, "images": images,
             "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 3) if images else 0.0,
             "oom_retries": getattr(engine, "oom_retries", 0),
             **({"quality_gate": gate.stats.to_dict()} if gate is not None else {})}
+
+
+def group_pending(store: Store, group: GroupPlan, shard_names: Sequence[str], lease=None) -> list[ShardPlan]:
+    """What a shard group still has to write of its part of the build's plan: its shards' leftovers removed (only
+    theirs, other groups write meanwhile), its committed shards skipped (a retried or resumed group)."""
+    from realfake.data.shards.reader import commit_records
+
+    if lease is not None:
+        lease.check()
+    remove_partial_shards(store, "synthetic", set(shard_names))
+    done = {c.name for c in commit_records(store, shard_names)}
+    return [p for p in group.plans if p.name not in done]
 
 
 class _GenerateAhead:

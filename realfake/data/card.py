@@ -144,7 +144,7 @@ def read_card(uri_or_store: str | Store, storage_options: dict[str, Any] | None 
 
 def write_card(
     store: Store, config: dict[str, Any], stats: dict[str, Any], folder: str = "synthetic",
-    quality: dict[str, Any] | None = None,
+    quality: dict[str, Any] | None = None, commits: list[CommitRecord] | None = None,
 ) -> dict[str, Any]:
     """Write ``dataset.json`` for the version in ``store`` and return it.
 
@@ -158,13 +158,11 @@ def write_card(
         folder: The shard folder.
         quality: The per-class quality section (:func:`realfake.quality.measure_quality`); absent from the card
             when None, so a version built without ``quality`` has the card it always had.
+        commits: The version's commit records where the caller already read them (read here otherwise).
     """
-    commits = committed_shards(store, folder)
-    index = write_index(store, folder)
-    index_bytes = _call(store, "read_bytes", folder, INDEX_FILE)
-    labels = index.column("label").to_pylist()
-    names = dict(zip(labels, index.column("class_name").to_pylist(), strict=True))
-    per_class = Counter(labels)
+    commits = committed_shards(store, folder) if commits is None else commits
+    index = write_index(store, folder, commits)  # streamed: the index is never held whole
+    names, per_class = index.class_names, index.class_counts
     fmt = commits[0].format if commits else config.get("shards", {}).get("format")
     card = {
         "format": CARD_FORMAT,
@@ -177,14 +175,14 @@ def write_card(
             "folder": folder,
             "format": fmt,
             "image_format": commits[0].image_format if commits else None,
-            "num_images": index.num_rows,
+            "num_images": index.rows,
             "num_shards": len(commits),
             "bytes": sum(c.bytes for c in commits),
             "classes": {str(k): {"class_name": names[k], "count": per_class[k]} for k in sorted(per_class)},
             "index": {
                 "path": f"{folder}/{INDEX_FILE}",
-                "rows": index.num_rows,
-                "sha256": hashlib.sha256(index_bytes).hexdigest(),
+                "rows": index.rows,
+                "sha256": index.sha256,
             },
             "load_with": _load_hint(fmt, folder),
             # what every image was made from (class names, prompts, models, sampler, seeds): verify checks it

@@ -31,6 +31,7 @@ from realfake.data.shards.records import (
     INDEX_FILE,
     INDEX_PARTS_DIR,
     INDEX_SCHEMA,
+    PLAN_FILE,
     RECIPE_FILE,
     WDS_INFO_FILE,
     WDS_SPLIT,
@@ -49,8 +50,8 @@ from realfake.data.shards.writer import ShardWriter
 from realfake.data.storage import io_retry
 
 __all__ = [
-    "COMMITS_DIR", "INDEX_FILE", "INDEX_PARTS_DIR", "INDEX_SCHEMA", "LEASE_FILE", "RECIPE_FILE", "WDS_INFO_FILE",
-    "WDS_SPLIT", "CommitRecord", "LeaseHeldError", "LeaseLostError", "ShardExistsError", "ShardFile",
+    "COMMITS_DIR", "INDEX_FILE", "INDEX_PARTS_DIR", "INDEX_SCHEMA", "LEASE_FILE", "PLAN_FILE", "RECIPE_FILE",
+    "WDS_INFO_FILE", "WDS_SPLIT", "CommitRecord", "LeaseHeldError", "LeaseLostError", "ShardExistsError", "ShardFile",
     "ShardIntegrityError", "ShardPlan", "ShardSample", "ShardWriter", "SyntheticRecord", "VersionLease",
     "committed_keys", "committed_shards", "encode_image", "check_file_size", "iter_shard", "io_retry",
     "iter_synthetic", "make_key", "partial_shards", "plan_pending", "plan_shards", "read_index", "read_recipe",

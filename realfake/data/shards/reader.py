@@ -21,6 +21,7 @@ from realfake.data.shards.records import (
     COMMITS_DIR,
     INDEX_FILE,
     INDEX_PARTS_DIR,
+    PLAN_FILE,
     RECIPE_FILE,
     WDS_INFO_FILE,
     CommitRecord,
@@ -34,6 +35,7 @@ from realfake.data.storage import Store, io_retry, read_parquet
 __all__ = [
     "cat_whole",
     "check_file_size",
+    "commit_records",
     "committed_shards",
     "iter_shard",
     "iter_synthetic",
@@ -78,10 +80,30 @@ def committed_shards(store: Store, folder: str = "synthetic") -> list[CommitReco
     return sorted(out, key=lambda c: c.name)
 
 
-def _named(store: Store, folder: str) -> dict[tuple[str, ...], set[str]]:
-    """Per sub-folder of the shard folder, the entries that committed shards (or the version's own files) name."""
-    committed = committed_shards(store, folder)
-    owned = {f.path for c in committed for f in c.files} | {INDEX_FILE, WDS_INFO_FILE, RECIPE_FILE}
+def commit_records(store: Store, names: Collection[str], folder: str = "synthetic") -> list[CommitRecord]:
+    """Commit records of those of ``names`` that are committed, sorted by name: one listing, then only their
+    records are read (a shard group's own shards; :func:`committed_shards` reads every record of the version)."""
+    s = store.child(folder)
+    io_retry(lambda: s.fs.invalidate_cache(s.path(COMMITS_DIR)), "invalidate listing cache")
+    wanted = set(names)
+    listed = io_retry(lambda: s.listdir(COMMITS_DIR), f"list {s.uri(COMMITS_DIR)}")
+    paths = [s.path(COMMITS_DIR, n) for n in sorted(listed) if n.endswith(".json") and n[:-5] in wanted]
+    blobs = cat_whole(s, paths) if paths else {}
+    out = []
+    for p in paths:
+        try:
+            out.append(CommitRecord.from_json(json.loads(blobs[p])))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ShardIntegrityError(f"commit record {s.uri(COMMITS_DIR, os.path.basename(p))} is unreadable: "
+                                      f"{e}") from e
+    return out
+
+
+def _named(store: Store, folder: str, shards: Collection[str] | None = None) -> dict[tuple[str, ...], set[str]]:
+    """Per sub-folder of the shard folder, the entries that committed shards (or the version's own files) name;
+    with ``shards``, only the commit records of those shards are read (their leftovers are the only ones asked)."""
+    committed = committed_shards(store, folder) if shards is None else commit_records(store, shards, folder)
+    owned = {f.path for c in committed for f in c.files} | {INDEX_FILE, WDS_INFO_FILE, RECIPE_FILE, PLAN_FILE}
     return {
         (): owned | {COMMITS_DIR, INDEX_PARTS_DIR},
         (INDEX_PARTS_DIR,): {os.path.basename(c.index_part) for c in committed},
@@ -119,7 +141,7 @@ def remove_partial_shards(store: Store, folder: str = "synthetic", shards: Colle
     s = store.child(folder)
     io_retry(lambda: s.fs.invalidate_cache(s.path()), "invalidate listing cache")
     leftovers = []
-    for sub, keep in _named(store, folder).items():
+    for sub, keep in _named(store, folder, shards).items():
         if shards is None:
             leftovers += ["/".join((*sub, n)) for n in sweep(s, keep, *sub)]
             continue

@@ -21,6 +21,7 @@ INDEX_PARTS_DIR = "_index"
 INDEX_FILE = "index.parquet"
 WDS_INFO_FILE = "_info.json"
 RECIPE_FILE = "_recipe.json"  # in the shard folder: the recipe every committed shard of the version was made under
+PLAN_FILE = "_plan.parquet"  # in the shard folder: the build's plan of the shards still to write, for its shard groups
 WDS_SPLIT = "train"  # synthetic data is training data; timm's `wds/` reader defaults to split "train"
 EXT = {"webdataset": "tar", "parquet": "parquet"}
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
