@@ -651,28 +651,85 @@ def all_main(a: argparse.Namespace) -> int:
     return 0
 
 
+def _measured(fn) -> tuple[Any, dict[str, Any]]:
+    """``fn()`` with its wall and CPU seconds, memory growth and storage requests."""
+    s0, t, cpu = STORAGE.snapshot(), time.perf_counter(), time.process_time()
+    with RssPeak() as mem:
+        out = fn()
+    return out, {"s": round(time.perf_counter() - t, 2), "cpu_s": round(time.process_time() - cpu, 2),
+                 "rss_growth_mb": mem.growth_mb, "storage": STORAGE.since(s0)}
+
+
 def plan_main(a: argparse.Namespace) -> int:
-    """Planning alone at N images (local disk): write the source, then ``plan_synthesis`` as the plan task and as
-    a shard group's start (nothing committed yet); prints one JSON line."""
+    """Planning alone at N images (local disk): write the source, then ``plan_synthesis`` as the build's plan task,
+    then the start of one shard group (group 0 of G, nothing committed yet) for each G: what ``synthesize`` does
+    before its first shard, from the build's recorded plan (``read_group_plans`` + ``group_pending``) and, with
+    ``--replan``, as it did before (planning the whole version: the recipe check, ``plan_work``, ``plan_pending``
+    with the group's shards); prints one JSON line."""
     count_local_fs()
     imports_s = warm_imports()
-    from realfake.build import plan_synthesis, store_of
+    from realfake.build import _check_before_synthesis, plan_synthesis, store_of
+    from realfake.data.shards import plan_pending
+    from realfake.quality import may_drop
+    from realfake.synthesize import MAY_GROW, group_pending, plan_work, read_group_plans, synthesis_recipe
+    from tasks.gpu import split_groups
 
     cfg = load_cfg(scale_overrides(a.root, f"plan-n{a.n}-{uuid.uuid4().hex[:6]}"))
+    store = store_of(cfg)
     t = time.perf_counter()
     write_source(cfg, a.n)
-    rec: dict[str, Any] = {"n": a.n, "imports_s": imports_s, "source_s": round(time.perf_counter() - t, 2)}
-    for run in ("plan", "replan"):
-        s0, t, cpu = STORAGE.snapshot(), time.perf_counter(), time.process_time()
-        with RssPeak() as mem:
-            names = plan_synthesis(cfg)
-        rec[run] = {"s": round(time.perf_counter() - t, 2), "cpu_s": round(time.process_time() - cpu, 2),
-                    "rss_growth_mb": mem.growth_mb,
-                    "storage": STORAGE.since(s0), "shards": len(names)}
+    rec: dict[str, Any] = {"n": a.n, "imports_s": imports_s, "source_s": round(time.perf_counter() - t, 2),
+                           "load_at_start": round(os.getloadavg()[0], 2)}
+    names, rec["plan"] = _measured(lambda: plan_synthesis(cfg))
+    rec["plan"]["shards"] = len(names)
+    rec["plan"]["plan_file_bytes"] = store.size("synthetic", "_plan.parquet")
+    for g in a.groups:
+        mine = split_groups(names, g)[0]
+
+        def start(mine=mine):
+            group = read_group_plans(cfg, store, mine)
+            assert group is not None, "the recorded plan was not used"
+            return group_pending(store, group, mine)
+
+        pending, rec[f"group_start_g{g}"] = _measured(start)
+        rec[f"group_start_g{g}"].update(shards=len(mine), pending=len(pending),
+                                        images=sum(len(p.items) for p in pending))
+        del pending
+    if a.replan:
+        mine = split_groups(names, a.groups[0])[0]
+
+        def replan():
+            recipe = _check_before_synthesis(cfg, store)
+            items = plan_work(cfg, store)
+            out = plan_pending(store, items, key=lambda w: w.key, max_count=cfg.shards.max_count, mode=cfg.mode,
+                               recipe=recipe if recipe is not None else synthesis_recipe(cfg, store),
+                               may_grow=MAY_GROW, may_drop=may_drop(cfg), shards=mine)
+            return [p for p in out if p.name in set(mine)]
+
+        pending, rec[f"replan_g{a.groups[0]}"] = _measured(replan)
+        rec[f"replan_g{a.groups[0]}"]["pending"] = len(pending)
+        del pending
+    rec["load_at_end"] = round(os.getloadavg()[0], 2)
     print("RESULT " + json.dumps(rec), flush=True)
     import shutil
 
-    shutil.rmtree(store_of(cfg).path(), ignore_errors=True)
+    shutil.rmtree(store.path(), ignore_errors=True)
+    return 0
+
+
+def finalize_main(a: argparse.Namespace) -> int:
+    """finalize (streamed index, ``_info.json``, card) and verify of a version left on local disk (a case run with
+    ``--keep``, or one stopped part way: its committed shards), each step in this process; prints one JSON line."""
+    count_local_fs()
+    imports_s = warm_imports()
+    cfg = load_cfg(scale_overrides(a.root, a.version))
+    rec: dict[str, Any] = {"version": a.version, "imports_s": imports_s, "rss_before_mb": rss_mb(),
+                           "load_at_start": round(os.getloadavg()[0], 2)}
+    rec["finalize"] = do_step("finalize", cfg)
+    rec["verify"] = do_step("verify", cfg)
+    rec["case_rss_peak_mb"] = peak_rss_mb()
+    rec["load_at_end"] = round(os.getloadavg()[0], 2)
+    print("RESULT " + json.dumps(rec), flush=True)
     return 0
 
 
@@ -738,10 +795,15 @@ def main(argv: list[str] | None = None) -> int:
     pp = sub.add_parser("plan", help="planning alone at N images on local disk")
     pp.add_argument("--n", type=int, required=True)
     pp.add_argument("--root", required=True)
+    pp.add_argument("--groups", type=int, nargs="*", default=[8, 64], help="group counts whose start is measured")
+    pp.add_argument("--replan", action="store_true", help="also a group's start as before: the whole version")
+    pf = sub.add_parser("finalize", help="finalize and verify of a version on local disk")
+    pf.add_argument("--root", required=True)
+    pf.add_argument("--version", required=True)
     pt = sub.add_parser("table", help="markdown table of result files")
     pt.add_argument("files", nargs="+")
     a = p.parse_args(argv)
-    return {"all": all_main, "case": case_main, "step": step_main, "plan": plan_main,
+    return {"all": all_main, "case": case_main, "step": step_main, "plan": plan_main, "finalize": finalize_main,
             "table": table_main}[a.cmd](a)
 
 
