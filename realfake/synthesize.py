@@ -33,7 +33,15 @@ from PIL import Image
 
 from realfake.conditioning import encode_prompts, generation_prompt, inject_guidance
 from realfake.config import BuildConfig
-from realfake.data.manifest import CAPTIONS, GUIDANCE, load_real_image, read_captions, read_guidance, read_manifest
+from realfake.data.manifest import (
+    CAPTIONS,
+    GUIDANCE,
+    MANIFEST,
+    load_real_image,
+    read_captions,
+    read_guidance,
+    read_manifest,
+)
 from realfake.data.shards import (
     PLAN_FILE,
     ShardPlan,
@@ -168,14 +176,10 @@ def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
     """
     from realfake.models.loading import model_fingerprint
 
-    train = read_manifest(store, "train")
-    per_class: dict[int, list[list[str]]] = {}
-    for s in train:  # each source image by identity and content (the latent prior starts from it), per class
-        per_class.setdefault(s.label, []).append([s.sample_id, s.sha256])
+    per_class = _real_image_hashes(store)
     recipe: dict[str, Any] = {
         "class names": manifest_class_map(store),
-        "real images (sha256 per class)": {
-            str(k): hashlib.sha256(json.dumps(per_class[k]).encode()).hexdigest()[:16] for k in sorted(per_class)},
+        "real images (sha256 per class)": per_class,
         "version (image seeds)": cfg.version,
     }
     recipe.update(_section(cfg, "synthesis"))
@@ -188,7 +192,7 @@ def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
         if cfg.guidance.enabled else None
     recipe["finetune.enabled"] = cfg.finetune.enabled
     scopes = [] if not cfg.finetune.enabled else ["all"] if cfg.finetune.scope == "all" else \
-        sorted({str(s.label) for s in train}, key=int)  # as the fine-tune stage's
+        list(per_class)  # as the fine-tune stage's: every label with a training image, in label order
     recipe["adapters (weights sha256)"] = {s: adapter_hash(store, s) for s in scopes} or None
     recipe.update(_section(cfg, "shards"))
     recipe.update(gate_recipe(cfg))  # empty without quality gates: an ungated version's recipe is unchanged
@@ -301,6 +305,28 @@ def _stale(cfg: BuildConfig, meta: dict[str, Any], recorded: dict[str, Any] | No
     if differ:
         return f"this group's config differs from the recorded recipe in {', '.join(differ[:3])}"
     return ""
+
+
+def _real_image_hashes(store: Store) -> dict[str, str]:
+    """Per label (in label order), the first 16 hex digits of the sha256 of the JSON list ``[[sample_id, sha256],
+    ...]`` of its training images in sample_id order: each source image by identity and content (the latent prior
+    starts from it). Computed class by class from the manifest's columns, never its rows as Python objects (1.3 GB
+    at ImageNet-1K's size, benchmarks/results/scale.md); the same digests as from ``read_manifest``'s samples."""
+    import pyarrow.compute as pc
+
+    if not store.exists(*MANIFEST):
+        raise FileNotFoundError(f"{store.uri(*MANIFEST)} does not exist: run the prepare stage first")
+    t = store.read_table(*MANIFEST).select(["split", "label", "sample_id", "sha256"])
+    t = t.filter(pc.equal(t.column("split"), "train")).sort_by([("label", "ascending"), ("sample_id", "ascending")])
+    labels = t.column("label").to_numpy()
+    starts = [0, *(np.flatnonzero(np.diff(labels)) + 1).tolist(), len(labels)] if len(labels) else [0]
+    out: dict[str, str] = {}
+    for a, b in zip(starts, starts[1:], strict=False):
+        part = t.slice(a, b - a)
+        pairs = [[i, h] for i, h in zip(part.column("sample_id").to_pylist(), part.column("sha256").to_pylist(),
+                                        strict=True)]
+        out[str(int(labels[a]))] = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+    return out
 
 
 def check_synthesis_recipe(cfg: BuildConfig, store: Store, stage: str, mode: str = "resume",

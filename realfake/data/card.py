@@ -92,21 +92,32 @@ def _as_store(uri_or_store: str | Store, storage_options: dict[str, Any] | None)
 
 
 def _real_counts(store: Store) -> dict[str, Any] | None:
+    """The manifest's images per split and class, class names and folders: counted on its columns (its rows as
+    Python dicts were ~1 GB of finalize's memory at ImageNet-1K's size, benchmarks/results/scale.md)."""
     if not _call(store, "exists", *_MANIFEST):
         return None
     table = _call(store, "read_table", *_MANIFEST)
     has_folder = "folder" in table.column_names  # manifests written before the column lack it
-    t = table.select(["split", "label", "class_name", *(["folder"] if has_folder else [])]).to_pylist()
     splits: dict[str, Counter[int]] = {}
-    names: dict[int, str] = {}
+    counted = table.group_by(["split", "label"], use_threads=False).aggregate([([], "count_all")])
+    for split, label, n in zip(*(counted.column(c).to_pylist() for c in ("split", "label", "count_all")),
+                               strict=True):
+        splits.setdefault(split, Counter())[int(label)] += n
+
+    def last(column: str, t: Any) -> dict[int, str]:  # per label, the value of its last row (in manifest order)
+        g = t.group_by("label", use_threads=False).aggregate([(column, "last")])
+        return dict(zip((int(k) for k in g.column("label").to_pylist()), g.column(f"{column}_last").to_pylist(),
+                        strict=True))
+
+    names = last("class_name", table)
     folders: dict[int, str] = {}
-    for r in t:
-        splits.setdefault(r["split"], Counter())[int(r["label"])] += 1
-        names[int(r["label"])] = r["class_name"]
-        if r.get("folder"):
-            folders[int(r["label"])] = r["folder"]
+    if has_folder:
+        import pyarrow.compute as pc
+
+        named = table.filter(pc.invert(pc.fill_null(pc.equal(table.column("folder"), ""), True)))
+        folders = last("folder", named)
     out = {
-        "num_images": len(t),
+        "num_images": table.num_rows,
         "class_names": {str(k): names[k] for k in sorted(names)},
         "splits": {s: {str(k): c[k] for k in sorted(c)} for s, c in sorted(splits.items())},
     }
