@@ -26,7 +26,7 @@ from realfake.build import store_of
 from realfake.config import BuildConfig
 from realfake.data.storage import resolve_storage_options
 from realfake.redact import redacting_errors
-from tasks.child_runs import finetune_deadlines, run_child_deployment
+from tasks.child_runs import finetune_deadlines, require_deployment, run_child_deployment
 from tasks.gpu import ensure_gpu_limit, split_groups, visible_gpus
 from tasks.stages import adapter_exists, finetune_scopes_task, finetune_task
 
@@ -141,6 +141,7 @@ def _run_finetune_children(cfg: BuildConfig, fanout: FanoutParams, pinned: dict,
     log = get_run_logger()
     if not scopes:
         return {}
+    require_deployment(fanout.finetune_deployment, "fanout.finetune_deployment")
     ensure_gpu_limit(fanout.gpu_limit, len(visible_gpus()) or 1)
     lanes = split_groups(scopes, fanout.groups or max(1, len(visible_gpus())))
     deadlines = finetune_deadlines(cfg, lanes, _scope_images(cfg, scopes), fanout.gpu_limit)

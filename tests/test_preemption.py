@@ -160,7 +160,7 @@ def _checkpoint_step(store) -> int:
     return int(state["step"]) if state else 0
 
 
-FINETUNE_STEPS = 4  # the killed run commits a checkpoint after each step; the kill lands after the first
+FINETUNE_STEPS = 8  # a checkpoint after each step; the kill lands after the first, ~7 steps (seconds) before the end
 
 
 @pytest.mark.slow
