@@ -262,21 +262,29 @@ def read_group_plans(cfg: BuildConfig, store: Store, names: Sequence[str]) -> Gr
     from realfake.data.shards.reader import commit_records
 
     target = store.child("synthetic")
-    try:
-        with io_retry(lambda: target.fs.open(target.path(PLAN_FILE), "rb"), f"open {target.uri(PLAN_FILE)}") as f:
+    recorded = read_recipe(store)
+
+    def load() -> tuple[str, dict[str, Any], list[str], pa.Table | None]:
+        with target.fs.open(target.path(PLAN_FILE), "rb") as f:
             pf = pq.ParquetFile(f)
             meta = json.loads((pf.schema_arrow.metadata or {}).get(_PLAN_META, b"{}"))
-            recorded = read_recipe(store)
             why = _stale(cfg, meta, recorded)
             if why:
-                log.info("shard group: the build's plan %s is not used (%s): planning the version here",
-                         target.uri(PLAN_FILE), why)
-                return None
-            position = {name: (k, index) for k, (name, index) in enumerate(meta["shards"])}
+                return why, meta, [], None
+            position = {name: k for k, (name, _) in enumerate(meta["shards"])}
             mine = [n for n in names if n in position]
-            rows = pf.read_row_groups([position[n][0] for n in mine], use_threads=False) if mine else None
+            rows = pf.read_row_groups([position[n] for n in mine], use_threads=False) if mine else None
+            return "", meta, mine, rows
+
+    try:
+        why, meta, mine, rows = io_retry(load, f"read {target.uri(PLAN_FILE)}")
     except FileNotFoundError:
         return None
+    if why:
+        log.info("shard group: the build's plan %s is not used (%s): planning the version here",
+                 target.uri(PLAN_FILE), why)
+        return None
+    position = {name: index for name, index in meta["shards"]}
     unplanned = set(names) - set(mine)
     lost = unplanned - {c.name for c in commit_records(store, unplanned)} if unplanned else set()
     if lost:
@@ -288,7 +296,7 @@ def read_group_plans(cfg: BuildConfig, store: Store, names: Sequence[str]) -> Gr
         cols = [rows.column(c).to_pylist() for c in _PLAN_SCHEMA.names]
         for shard, sample_id, label, class_name, uri, replica in zip(*cols, strict=True):
             items[shard].append(WorkItem(sample_id, label, class_name, uri, replica))
-    plans = tuple(ShardPlan(n, position[n][1], tuple(items[n])) for n in mine)
+    plans = tuple(ShardPlan(n, position[n], tuple(items[n])) for n in mine)
     return GroupPlan(plans, recorded, int(meta["shards_total"]))  # type: ignore[arg-type]
 
 
