@@ -81,11 +81,13 @@ def test_two_workers_each_pick_up_a_child_shard_group(stack, main_worker, models
         params = miniature_params(
             root, models, "v2", measure=False,
             fanout={"mode": "deployment", "groups": 2, "poll_seconds": 1.0,
-                    "shard_deployment": "synthesize-shards/synthesize-shards-process"},
+                    "shard_deployment": "synthesize-shards/synthesize-shards-process",
+                    "finetune_deployment": "finetune/finetune-process"},
         )
         run_id = run_deployment_cli(stack, "build/build", params)
-        stack.wait_flow_run(run_id, timeout=300)
-        children = stack.child_runs(run_id)
+        stack.wait_flow_run(run_id, timeout=600)  # 300 before fine-tuning became a child run too
+        # the shard groups' child runs (the fine-tune lane is a child run too: tests/test_preemption.py)
+        children = [c for c in stack.child_runs(run_id) if "shard_names" in c["parameters"]["params"]]
         assert len(children) == 2 and all(c["state"]["type"] == "COMPLETED" for c in children)
         assert all(c["deployment_id"] == deployment(stack, "synthesize-shards-process")["id"] for c in children)
         picked = {w.name: {c["id"] for c in children if w.ran(c["id"])} for w in gpu_workers}
