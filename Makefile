@@ -17,11 +17,13 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m flows.build --preset demo
 
+# Two worker processes, a test file each at a time: the end-to-end tests spend much of their time waiting on
+# servers, workers and subprocesses, which the other worker's tests use.
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -n 2 --dist loadfile -m "not slow"
 
 # Named deliberate bugs in the mechanism and contract modules, each run against its targeted tests in a temporary
 # copy of the tree (slow: about 30 minutes on 2 cores; not part of `make test`). Result: benchmarks/results/mutants.md
