@@ -18,12 +18,13 @@ demo: install
 	$(PY) -m flows.build --preset demo
 
 # Two worker processes, a test file each at a time: the end-to-end tests spend much of their time waiting on
-# servers, workers and subprocesses, which the other worker's tests use.
+# servers, workers and subprocesses, which the other worker's tests use. Files in collection order, the longest first
+# (tests/conftest.py LONGEST_FILES), not xdist's default order by number of tests.
 test: install
-	$(PY) -m pytest tests -n 2 --dist loadfile
+	$(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install
-	$(PY) -m pytest tests -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # Named deliberate bugs in the mechanism and contract modules, each run against its targeted tests in a temporary
 # copy of the tree (slow: about 30 minutes on 2 cores; not part of `make test`). Result: benchmarks/results/mutants.md
