@@ -104,13 +104,17 @@ def group_deadline(cfg: Any, shard_names: list[str], waves: int = 1) -> tuple[fl
     """
     from realfake.plan import generation_rate
 
-    images = len(shard_names) * cfg.shards.max_count
-    rate = generation_rate(cfg)
+    return _deadline(len(shard_names) * cfg.shards.max_count, "images", generation_rate(cfg), waves)
+
+
+def _deadline(units: int, unit: str, rate: dict, waves: int) -> tuple[float, str]:
+    """The deadline formula of :func:`group_deadline` and :func:`finetune_deadline`: ``units`` of work (``unit``:
+    images, fine-tuning samples) at ``rate`` (``realfake.plan``'s measured rate, or why there is none)."""
     if "per_s" not in rate:
         return UNMEASURED_GROUP_DEADLINE_SECONDS, f"no measured rate ({rate.get('missing', 'not measured')})"
-    seconds = GROUP_START_SECONDS + GROUP_DEADLINE_SLACK * max(1, waves) * images / rate["per_s"]
+    seconds = GROUP_START_SECONDS + GROUP_DEADLINE_SLACK * max(1, waves) * units / rate["per_s"]
     return seconds, (f"{GROUP_START_SECONDS:.0f} s start-up + {GROUP_DEADLINE_SLACK:g} x {max(1, waves)} wave(s) x "
-                     f"{images} images at {rate['per_s']:.3g} images/s ({rate['file']})")
+                     f"{units} {unit} at {rate['per_s']:.3g} {unit.rsplit(' ', 1)[-1]}/s ({rate['file']})")
 
 
 def group_deadlines(cfg: Any, groups: list[list[str]], gpu_limit: str) -> list[float]:
@@ -141,12 +145,7 @@ def finetune_deadline(cfg: Any, images: list[int], waves: int = 1) -> tuple[floa
     from realfake.plan import finetune_rate
 
     samples = sum(training_schedule(cfg.finetune, n).samples for n in images if n)
-    rate = finetune_rate(cfg)
-    if "per_s" not in rate:
-        return UNMEASURED_GROUP_DEADLINE_SECONDS, f"no measured rate ({rate.get('missing', 'not measured')})"
-    seconds = GROUP_START_SECONDS + GROUP_DEADLINE_SLACK * max(1, waves) * samples / rate["per_s"]
-    return seconds, (f"{GROUP_START_SECONDS:.0f} s start-up + {GROUP_DEADLINE_SLACK:g} x {max(1, waves)} wave(s) x "
-                     f"{samples} fine-tuning samples at {rate['per_s']:.3g} samples/s ({rate['file']})")
+    return _deadline(samples, "fine-tuning samples", finetune_rate(cfg), waves)
 
 
 def finetune_deadlines(cfg: Any, lanes: list[list[str]], images: dict[str, int], gpu_limit: str) -> list[float]:
