@@ -35,23 +35,16 @@ def _progress_counter(cfg: BuildConfig, names: list[str]):
     it has not read before: one listing per poll however far the build is (re-reading every record, as
     ``committed_shards`` does, made a poll cost one request per committed shard, benchmarks/results/scale.md).
     """
-    import json
-
-    from realfake.data.shards import COMMITS_DIR, CommitRecord, io_retry
-    from realfake.data.shards.reader import cat_whole
+    from realfake.data.shards.reader import commit_records
 
     wanted = set(names)
-    folder = store_of(cfg).child("synthetic")
+    store = store_of(cfg)
     counts: dict[str, int] = {}
 
     def count() -> tuple[int, int]:
-        io_retry(lambda: folder.fs.invalidate_cache(folder.path(COMMITS_DIR)), "invalidate listing cache")
-        listed = io_retry(lambda: folder.listdir(COMMITS_DIR), f"list {folder.uri(COMMITS_DIR)}")
-        new = sorted({n[: -len(".json")] for n in listed if n.endswith(".json")} & wanted - counts.keys())
-        paths = {folder.path(COMMITS_DIR, f"{n}.json"): n for n in new}
-        blobs = cat_whole(folder, list(paths)) if paths else {}  # one batched read: s3fs fetches them concurrently
-        for path, name in paths.items():
-            counts[name] = CommitRecord.from_json(json.loads(blobs[path])).count
+        # one listing; then one batched read of the records not read yet (s3fs fetches them concurrently)
+        for record in commit_records(store, wanted - counts.keys()):
+            counts[record.name] = record.count
         return len(counts), sum(counts.values())
 
     return count

@@ -266,6 +266,7 @@ def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> lis
     (see :func:`realfake.synthesize.synthesize`; benchmarks/results/scale.md, finding 3).
     """
     from realfake.data.shards import plan_pending, plan_shards
+    from realfake.data.shards.reader import committed_names
     from realfake.quality import load_judge, may_drop
     from realfake.synthesize import MAY_GROW, plan_work, synthesis_recipe, write_group_plans
 
@@ -278,17 +279,8 @@ def plan_synthesis(cfg: BuildConfig, storage_options: dict | None = None) -> lis
     write_group_plans(cfg, store, pending, recipe, len(plan_shards(items, cfg.shards.max_count)))
     if pending and cfg.quality.gated:
         load_judge(cfg, store)  # a classifier judge is trained here, once, before the shard groups load it
-    return sorted(set(_committed_names(store)) | {p.name for p in pending})
+    return sorted(set(committed_names(store)) | {p.name for p in pending})
 
-
-def _committed_names(store: Store) -> list[str]:
-    """Names of the committed shards, from one listing of their commit records (no record read)."""
-    from realfake.data.shards import COMMITS_DIR, io_retry
-
-    s = store.child("synthetic")
-    io_retry(lambda: s.fs.invalidate_cache(s.path(COMMITS_DIR)), "invalidate listing cache")
-    listed = io_retry(lambda: s.listdir(COMMITS_DIR), f"list {s.uri(COMMITS_DIR)}")
-    return [n[: -len(".json")] for n in listed if n.endswith(".json")]
 
 
 def synthesize(cfg: BuildConfig, shard_names: list[str] | None = None, progress: bool = False,

@@ -36,6 +36,7 @@ __all__ = [
     "cat_whole",
     "check_file_size",
     "commit_records",
+    "committed_names",
     "committed_shards",
     "iter_shard",
     "iter_synthetic",
@@ -61,14 +62,31 @@ def cat_whole(s: Store, paths: list[str]) -> dict[str, bytes]:
     return out
 
 
-def committed_shards(store: Store, folder: str = "synthetic") -> list[CommitRecord]:
-    """Commit records of every committed shard, sorted by name."""
+def committed_names(store: Store, folder: str = "synthetic") -> list[str]:
+    """Names of the committed shards, sorted: one listing of their commit records (none of them is read)."""
     s = store.child(folder)
     io_retry(lambda: s.fs.invalidate_cache(s.path(COMMITS_DIR)), "invalidate listing cache")  # other workers commit too
-    names = [n for n in io_retry(lambda: s.listdir(COMMITS_DIR), f"list {s.uri(COMMITS_DIR)}") if n.endswith(".json")]
+    listed = io_retry(lambda: s.listdir(COMMITS_DIR), f"list {s.uri(COMMITS_DIR)}")
+    return sorted(n[: -len(".json")] for n in listed if n.endswith(".json"))
+
+
+def committed_shards(store: Store, folder: str = "synthetic") -> list[CommitRecord]:
+    """Commit records of every committed shard, sorted by name."""
+    return _read_records(store.child(folder), committed_names(store, folder))
+
+
+def commit_records(store: Store, names: Collection[str], folder: str = "synthetic") -> list[CommitRecord]:
+    """Commit records of those of ``names`` that are committed, sorted by name: one listing, then only their
+    records are read (a shard group's own shards; :func:`committed_shards` reads every record of the version)."""
+    wanted = set(names)
+    return _read_records(store.child(folder), [n for n in committed_names(store, folder) if n in wanted])
+
+
+def _read_records(s: Store, names: list[str]) -> list[CommitRecord]:
+    """The commit records of the shards ``names`` of the shard folder ``s``, in one batched read, sorted by name."""
     if not names:
         return []
-    paths = [s.path(COMMITS_DIR, n) for n in names]
+    paths = [s.path(COMMITS_DIR, f"{n}.json") for n in names]
     blobs = cat_whole(s, paths)
     out = []
     for p in paths:
@@ -78,25 +96,6 @@ def committed_shards(store: Store, folder: str = "synthetic") -> list[CommitReco
             rel = s.uri(COMMITS_DIR, os.path.basename(p))
             raise ShardIntegrityError(f"commit record {rel} is unreadable: {e}") from e
     return sorted(out, key=lambda c: c.name)
-
-
-def commit_records(store: Store, names: Collection[str], folder: str = "synthetic") -> list[CommitRecord]:
-    """Commit records of those of ``names`` that are committed, sorted by name: one listing, then only their
-    records are read (a shard group's own shards; :func:`committed_shards` reads every record of the version)."""
-    s = store.child(folder)
-    io_retry(lambda: s.fs.invalidate_cache(s.path(COMMITS_DIR)), "invalidate listing cache")
-    wanted = set(names)
-    listed = io_retry(lambda: s.listdir(COMMITS_DIR), f"list {s.uri(COMMITS_DIR)}")
-    paths = [s.path(COMMITS_DIR, n) for n in sorted(listed) if n.endswith(".json") and n[:-5] in wanted]
-    blobs = cat_whole(s, paths) if paths else {}
-    out = []
-    for p in paths:
-        try:
-            out.append(CommitRecord.from_json(json.loads(blobs[p])))
-        except (KeyError, ValueError, TypeError) as e:
-            raise ShardIntegrityError(f"commit record {s.uri(COMMITS_DIR, os.path.basename(p))} is unreadable: "
-                                      f"{e}") from e
-    return out
 
 
 def _named(store: Store, folder: str, shards: Collection[str] | None = None) -> dict[tuple[str, ...], set[str]]:
