@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -268,6 +269,30 @@ class Store:
             if isinstance(e, PermissionError):  # an answer, not a fault: keep its type so nobody retries it
                 raise PermissionError(e.errno, f"cannot write {self.uri(*parts)}: {e}") from e
             raise StorageError(f"cannot write {self.uri(*parts)}: {e}") from e
+
+    @contextmanager
+    def staged(self, *parts: str) -> Iterator[str]:
+        """A local file for a streamed writer to write the object ``parts`` into; on a clean exit it replaces the
+        object whole, as :meth:`write_bytes` does (local: fsync, then rename beside it; object stores: one upload,
+        retried like every other write). On an error nothing is replaced; the temp file is always removed."""
+        target = self.path(*parts)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        else:
+            fd, tmp = tempfile.mkstemp(prefix="realfake-", suffix=f"-{posixpath.basename(target)}")
+            os.close(fd)
+        try:
+            yield tmp
+            if self.local:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            else:
+                io_retry(lambda: self.fs.put_file(tmp, target), f"write {self.uri(*parts)}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(*parts))

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -98,7 +93,7 @@ def write_index(store: Store, folder: str = "synthetic", commits: list[CommitRec
         io_retry(lambda: s.write_bytes(data, INDEX_FILE), f"write {s.uri(INDEX_FILE)}")
         return IndexSummary(0, {}, {}, hashlib.sha256(data).hexdigest())
     rows = 0
-    with _staged(s, INDEX_FILE) as tmp:
+    with s.staged(INDEX_FILE) as tmp:
         with pq.ParquetWriter(tmp, INDEX_SCHEMA, compression="zstd") as writer:
             for i in range(0, len(commits), PARTS_PER_READ):
                 batch = commits[i : i + PARTS_PER_READ]
@@ -129,29 +124,6 @@ def _table_bytes(table: pa.Table) -> bytes:
 def _file_sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-@contextmanager
-def _staged(s: Store, name: str) -> Iterator[str]:
-    """A local file to write ``name`` of ``s`` into; on a clean exit it replaces ``name`` whole (local folders:
-    fsync and rename beside it, as :meth:`Store.write_bytes`; object stores: one upload of the file)."""
-    if s.local:
-        os.makedirs(s.path(), exist_ok=True)
-        tmp = f"{s.path(name)}.tmp-{uuid.uuid4().hex[:8]}"
-    else:
-        fd, tmp = tempfile.mkstemp(prefix="realfake-index-", suffix=".parquet")
-        os.close(fd)
-    try:
-        yield tmp
-        if s.local:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, s.path(name))
-        else:
-            io_retry(lambda: s.fs.put_file(tmp, s.path(name)), f"write {s.uri(name)}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_wds_info(store: Store, folder: str = "synthetic", commits: list[CommitRecord] | None = None) -> dict:
