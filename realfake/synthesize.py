@@ -174,34 +174,27 @@ def synthesis_recipe(cfg: BuildConfig, store: Store) -> dict[str, Any]:
     version name (every image seed derives from it). Computed from the config and the version alone, so every
     worker of a build gets the same recipe; recorded with the shards by :func:`~realfake.data.shards.plan_pending`.
     """
-    from realfake.models.loading import model_fingerprint
-
     per_class = _real_image_hashes(store)
-    recipe: dict[str, Any] = {
-        "class names": manifest_class_map(store),
-        "real images (sha256 per class)": per_class,
-        "version (image seeds)": cfg.version,
-    }
-    recipe.update(_section(cfg, "synthesis"))
-    recipe["models.base (weights fingerprint)"] = model_fingerprint(cfg.models.base, cfg.models.base_revision)
-    recipe["caption.enabled"] = cfg.caption.enabled
-    recipe["captions (features/captions.parquet sha256)"] = _file_sha256(store, *CAPTIONS) if cfg.caption.enabled \
-        else None
-    recipe.update(_section(cfg, "guidance") if cfg.guidance.enabled else {"guidance.enabled": False})
-    recipe["guidance vectors (features/guidance.parquet sha256)"] = _file_sha256(store, *GUIDANCE) \
-        if cfg.guidance.enabled else None
-    recipe["finetune.enabled"] = cfg.finetune.enabled
     scopes = [] if not cfg.finetune.enabled else ["all"] if cfg.finetune.scope == "all" else \
         list(per_class)  # as the fine-tune stage's: every label with a training image, in label order
-    recipe["adapters (weights sha256)"] = {s: adapter_hash(store, s) for s in scopes} or None
-    recipe.update(_section(cfg, "shards"))
-    recipe.update(gate_recipe(cfg))  # empty without quality gates: an ungated version's recipe is unchanged
-    return recipe
+    # the config's own fields (gate fields are empty without quality gates: an ungated version's recipe is
+    # unchanged), then what the version's data adds; recorded with sorted keys (realfake.recipe.recipe_bytes)
+    return {
+        "class names": manifest_class_map(store),
+        "real images (sha256 per class)": per_class,
+        **_config_recipe(cfg),
+        "captions (features/captions.parquet sha256)": _file_sha256(store, *CAPTIONS) if cfg.caption.enabled
+        else None,
+        "guidance vectors (features/guidance.parquet sha256)": _file_sha256(store, *GUIDANCE)
+        if cfg.guidance.enabled else None,
+        "adapters (weights sha256)": {s: adapter_hash(store, s) for s in scopes} or None,
+    }
 
 
 def _config_recipe(cfg: BuildConfig) -> dict[str, Any]:
     """The fields of :func:`synthesis_recipe` that come from the config and this node's base weights alone, without
-    reading the version's data (manifest, feature files, adapters): what a shard group checks itself."""
+    reading the version's data (manifest, feature files, adapters): what a shard group checks itself, and the
+    part of every recipe that :func:`synthesis_recipe` adds the data's fields to."""
     from realfake.models.loading import model_fingerprint
 
     out: dict[str, Any] = {"version (image seeds)": cfg.version, **_section(cfg, "synthesis"),
