@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 
 from flows.cli import flow_main
 from flows.finetune import run_finetune
+from flows.measure import run_measure
 from flows.params import BuildParams
 from flows.prepare import run_prepare
 from flows.synthesize import run_synthesis
@@ -33,15 +34,15 @@ from tasks.artifacts import (
     publish_report,
 )
 from tasks.lease import build_lease
-from tasks.stages import finalize_task, measure_task, report_task, verify_task
+from tasks.stages import finalize_task, report_task, verify_task
 
 __all__ = ["build_flow", "flow_stages", "main", "publish_build_plan", "run_build_stages"]
 
 
 def flow_stages(params: BuildParams) -> Stages:
-    """The stages of :func:`realfake.build.build_and_report` as this flow's tasks: cached prepare, fine-tune and
-    shard groups spread as ``params.fanout`` says, finalize, verify, measure and report; the lease is this flow
-    run's (one build writes a version at a time: a second one fails naming this one)."""
+    """The stages of :func:`realfake.build.build_and_report` as this flow's tasks: cached prepare, fine-tune, shard
+    groups and measure spread as ``params.fanout`` says, finalize, verify and report; the lease is this flow run's
+    (one build writes a version at a time: a second one fails naming this one)."""
 
     def lease(cfg: BuildConfig):
         get_run_logger().info("building %s (device %s)", version_store(cfg.root, cfg.dataset, cfg.version).uri(),
@@ -53,6 +54,9 @@ def flow_stages(params: BuildParams) -> Stages:
         synthesis = {k: v for k, v in stats["synthesis"].items() if not isinstance(v, list | dict)}
         return finalize_task(cfg, stats | {"synthesis": synthesis}, False)
 
+    def cfg_of(configs: dict[str, BuildConfig]) -> BuildConfig:
+        return next(iter(configs.values()))
+
     return Stages(
         lease=lease,
         prepare=run_prepare,
@@ -60,7 +64,8 @@ def flow_stages(params: BuildParams) -> Stages:
         synthesize=lambda cfg, lease: run_synthesis(cfg, params.fanout, params.pinned(cfg), lease.owner),
         finalize=finalize,
         verify=verify_task,
-        measure=lambda configs: measure_task(configs, params.fanout.gpu_limit),
+        measure=lambda configs: run_measure(configs, params.fanout, params.pinned(cfg_of(configs)),
+                                            params.baseline_prompt),
         report=report_task,
     )
 

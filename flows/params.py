@@ -52,6 +52,7 @@ __all__ = [
     "EvalData",
     "FanoutParams",
     "FinetuneParams",
+    "MeasureParams",
     "PrepareParams",
     "RegenerateParams",
     "ShardGroupParams",
@@ -173,6 +174,11 @@ class FanoutParams(_Params):
     shard_deployment: str = Field(
         "synthesize-shards/synthesize-shards",
         description="Deployment ('flow name/deployment name') that runs one shard group in deployment mode.",
+    )
+    measure_deployment: str = Field(
+        "measure/measure",
+        description="Deployment ('flow name/deployment name') that measures the built versions in deployment mode "
+        "(one child run: the classifiers on real and on synthetic data, label fidelity, MMD and Frechet).",
     )
     finetune_deployment: str = Field(
         "finetune/finetune",
@@ -422,6 +428,19 @@ class TrainEvalParams(ConfigParams):
             raise ValueError(f"synthetic_scales must lie in 1..10 (train_data.synthetic_scale), got {bad[0]}")
         return list(dict.fromkeys(v))
 
+
+
+class MeasureParams(ConfigParams):
+    """Parameters of the measure flow: the measures of a built version (and its baseline) on the real test split."""
+
+    compare_baseline: bool = Field(
+        False, description="Also measure the version's text-to-image baseline ({version}-baseline, built before).",
+    )
+    baseline_prompt: BaselineKind = Field(
+        "caption", description="Which baseline version (as the build's baseline_prompt): caption, class_name or "
+        "a_photo_of.",
+    )
+    gpu_limit: str = Field("realfake-gpu", description="Global concurrency limit whose slot the measure holds.")
 
 
 class BuildParams(ConfigParams):

@@ -22,6 +22,7 @@ from realfake.data.storage import Store, resolve_storage_options, version_store
 
 __all__ = [
     "BASELINE_PROMPTS",
+    "MEASURES",
     "BaselineKind",
     "Stages",
     "ablation_config",
@@ -35,6 +36,7 @@ __all__ = [
     "measure_versions",
     "plan_synthesis",
     "prepare",
+    "read_measures",
     "report_markdown",
     "run_build",
     "store_of",
@@ -42,6 +44,7 @@ __all__ = [
     "synthetic_dataset",
     "train_eval",
     "verify_or_raise",
+    "write_measures",
 ]
 
 log = logging.getLogger(__name__)
@@ -359,7 +362,7 @@ def synthetic_dataset(store: Store):
 
 
 def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None, progress: bool = False,
-               storage_options: dict | None = None, return_model: bool = False) -> dict:
+               storage_options: dict | None = None, return_model: bool = False, keep_checkpoint: bool = False) -> dict:
     """Train ``cfg.classifier`` on real, synthetic or real+synthetic data; evaluate on the real test split.
 
     ``cfg.train_data`` refines the mode (see :func:`realfake.data.loaders.training_data`): the synthetic
@@ -367,8 +370,10 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
 
     Writes ``runs/{run}/metrics.json`` (config, data version, seed, metrics) and returns the metrics. Training
     checkpoints to ``runs/{run}/checkpoint`` and a re-run resumes from it; the checkpoint is removed once the
-    metrics are written. Under torchrun (:mod:`realfake.train_dist`) every process trains and rank 0 alone
-    evaluates and writes; the other ranks return ``{"data", "rank"}``.
+    metrics are written, unless ``keep_checkpoint`` (the caller removes it: the result then carries its path in the
+    version as ``checkpoint``; a re-run restores the trained model from it without training). Under torchrun
+    (:mod:`realfake.train_dist`) every process trains and rank 0 alone evaluates and writes; the other ranks return
+    ``{"data", "rank"}``.
     """
     from realfake.classify import evaluate, train_classifier
     from realfake.data.loaders import RealImages, training_data
@@ -413,7 +418,10 @@ def train_eval(cfg: BuildConfig, data: str = "synthetic", run: str | None = None
     out["confusion_plot"] = write_confusion_plot(store, run, out)
     store.write_json({"config": cfg.model_dump(mode="json"), "version": store.uri(), "metrics": out,
                       "git_revision": _git_revision()}, "runs", run, "metrics.json")
-    store.remove("runs", run, "checkpoint", recursive=True)  # the run is recorded: nothing left to resume
+    if keep_checkpoint:
+        out["checkpoint"] = ("runs", run, "checkpoint")
+    else:
+        store.remove("runs", run, "checkpoint", recursive=True)  # the run is recorded: nothing left to resume
     if return_model:
         out["model"] = model
     return out
@@ -423,7 +431,11 @@ def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
                      storage_options: dict | None = None) -> dict[str, Any]:
     """The three measures of each version (see :mod:`realfake.report`): train on real data once, then on each
     version's synthetic data, all evaluated on the real test split; label fidelity and feature distances to the
-    real test split taken with the real-trained classifier."""
+    real test split taken with the real-trained classifier.
+
+    Resumable: every classifier checkpoints as it trains, and the real-trained one is kept until every version is
+    measured, so a measure lost while a synthetic classifier trains restores it instead of training it again.
+    """
     from realfake.classify import extract_features
     from realfake.data.loaders import RealImages
     from realfake.measure import feature_mmd, frechet_distance, label_fidelity
@@ -432,8 +444,9 @@ def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
     first = next(iter(configs.values()))
     device = resolve_device(first.device)
     t0 = time.time()
-    real = train_eval(first, "real", progress=progress, storage_options=storage_options, return_model=True)
-    real_model = real.pop("model")
+    real = train_eval(first, "real", progress=progress, storage_options=storage_options, return_model=True,
+                      keep_checkpoint=True)
+    real_model, real_checkpoint = real.pop("model"), real.pop("checkpoint")
     test = RealImages(store_of(first, storage_options), "test")
     test_feats = extract_features(real_model, test, device)
     out: dict[str, Any] = {"real": {**_row(real), "seconds": round(time.time() - t0, 2)}}
@@ -450,7 +463,25 @@ def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
             "frechet": float(frechet_distance(test_feats, feats)),
             "seconds": round(time.time() - t, 2),
         }
+    # every version is measured: nothing left to resume
+    store_of(first, storage_options).remove(*real_checkpoint, recursive=True)
     return out
+
+
+MEASURES = ("runs", "measure", "measures.json")
+
+
+def write_measures(cfg: BuildConfig, measures: dict[str, Any], storage_options: dict | None = None) -> str:
+    """Record what :func:`measure_versions` returned in the version (:data:`MEASURES`), for a parent run that
+    measured it in a child run on another node; returns its URI."""
+    store = store_of(cfg, storage_options)
+    store.write_json(measures, *MEASURES)
+    return store.uri(*MEASURES)
+
+
+def read_measures(cfg: BuildConfig, storage_options: dict | None = None) -> dict[str, Any]:
+    """The measures :func:`write_measures` recorded in the version."""
+    return store_of(cfg, storage_options).read_json(*MEASURES)
 
 
 def _row(m: dict) -> dict:

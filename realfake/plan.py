@@ -273,6 +273,28 @@ def finetune_rate(cfg: BuildConfig, results: Path = RESULTS_DIR, micro_batch: in
                       + f", {data['resolution']} px, bf16, rank 4, random-weight SD v1.5"}
 
 
+# A published ResNet-50 training rate, not one of ours (no classifier has been timed on a GPU here): NVIDIA
+# DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md, "Training performance: NVIDIA
+# DGX1-16G", 1 GPU, FP32: 380.44 img/s at 224 px (mixed precision: 893.09). The slowest row of that table on an
+# older card than a GPU pool of today, so a deadline derived from it errs long.
+PUBLISHED_CLASSIFIER_RATE = {"per_s": 380.44, "pixels": 224, "device": "NVIDIA V100 16 GB (1 GPU, FP32)",
+                             "file": "NVIDIA DeepLearningExamples resnet50v1.5 PyTorch README, training performance"}
+
+
+def classifier_rate(cfg: BuildConfig) -> dict[str, Any]:
+    """Image passes/s per GPU of classifier training for ``cfg``: the published ResNet-50 rate (
+    :data:`PUBLISHED_CLASSIFIER_RATE`) scaled down by pixels above 224 px and never up below it (small images do
+    not train proportionally faster), or why there is none (a CPU device: no GPU rate applies)."""
+    if str(cfg.device).startswith("cpu"):
+        return {"missing": "no classifier training rate on CPU (the published rate is a GPU's)"}
+    ref = PUBLISHED_CLASSIFIER_RATE
+    scale = min(1.0, (ref["pixels"] / cfg.classifier.image_size) ** 2)
+    return {"per_s": ref["per_s"] * scale, "unit": "image passes/s", "device": ref["device"], "file": ref["file"],
+            "detail": f"published ResNet-50 rate at {ref['pixels']} px"
+                      + (f", scaled to {cfg.classifier.image_size} px" if scale < 1 else "")
+                      + f" (this config: {cfg.classifier.model})"}
+
+
 def _stage(name: str, work: str, amount: float, rate: dict[str, Any] | None, gpus: int,
            enabled: bool = True) -> dict[str, Any]:
     row: dict[str, Any] = {"stage": name, "work": work if enabled else "off", "gpu_hours": None, "wall_hours": None}

@@ -41,6 +41,7 @@ __all__ = [
     "finetune_deadline",
     "finetune_deadlines",
     "group_deadlines",
+    "measure_deadline",
     "require_deployment",
     "retry_on_lost_child",
     "run_child_deployment",
@@ -159,6 +160,25 @@ def finetune_deadlines(cfg: Any, lanes: list[list[str]], images: dict[str, int],
         _logger().info("each fine-tune lane is treated as lost after %.0f s Running at most: %s",
                        max(s for s, _ in out), out[0][1])
     return [s for s, _ in out]
+
+
+def measure_deadline(configs: dict[str, Any]) -> tuple[float, str]:
+    """Seconds a Running child measuring ``configs`` (name -> config, the build's first) may take before it is
+    treated as lost, and their source.
+
+    From the plan: :data:`GROUP_START_SECONDS` + :data:`GROUP_DEADLINE_SLACK` x the classifier's image passes (its
+    epochs over the real training images, then over each version's planned synthetic images, at
+    ``synthesis.images_per_real`` per real one) at :func:`realfake.plan.classifier_rate`, a published ResNet-50
+    rate (none of ours is measured); :data:`UNMEASURED_GROUP_DEADLINE_SECONDS` on a CPU device.
+    """
+    from realfake.build import store_of
+    from realfake.data.manifest import read_manifest
+    from realfake.plan import classifier_rate
+
+    first = next(iter(configs.values()))
+    real = len(read_manifest(store_of(first), "train"))
+    images = real + sum(real * c.synthesis.images_per_real for c in configs.values())
+    return _deadline(first.classifier.epochs * images, "image passes", classifier_rate(first), 1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -224,12 +224,14 @@ def train_eval_task(
 @task(name="measure", tags=["realfake", "gpu"], **TRANSIENT_RETRY)
 @redacting_errors
 def measure_task(configs: dict[str, BuildConfig], gpu_limit: str = "realfake-gpu") -> dict:
-    """The three measures of each built version (accuracy on real test, label fidelity, feature distances)."""
-    from realfake.build import measure_versions
+    """The three measures of each built version (accuracy on real test, label fidelity, feature distances),
+    recorded in the first version (``runs/measure/measures.json``)."""
+    from realfake.build import measure_versions, write_measures
 
     with gpu_slot(gpu_limit):
         measures = measure_versions(configs)
-    get_run_logger().info("measured %s", ", ".join(configs))
+    uri = write_measures(next(iter(configs.values())), measures)
+    get_run_logger().info("measured %s: %s", ", ".join(configs), uri)
     return measures
 
 

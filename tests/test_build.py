@@ -135,3 +135,31 @@ def test_rerun_regenerates_nothing(report):
     assert again["synthesis"]["shards_written"] == []
     assert all(a["skipped"] for a in again["adapters"])
     assert again["prepare"]["guidance"]["skipped"]
+
+
+def test_a_measure_lost_after_the_real_classifier_restores_it_instead_of_training_it_again(report, monkeypatch):
+    import realfake.build as build
+
+    cfg, _ = report
+    store = build.store_of(cfg)
+    train_eval = build.train_eval
+
+    def lost_on_synthetic(c, data="synthetic", *args, **kwargs):
+        if data == "synthetic":  # the measure's node is lost once the real-trained classifier is done
+            raise ConnectionError("node lost")
+        return train_eval(c, data, *args, **kwargs)
+
+    monkeypatch.setattr(build, "train_eval", lost_on_synthetic)
+    with pytest.raises(ConnectionError):
+        build.measure_versions({"realfake": cfg})
+    (real_run,) = [r for r in store.listdir("runs") if r.startswith("real-")]
+    first = store.read_json("runs", real_run, "metrics.json")["metrics"]
+    assert first["resumed_from_epoch"] == 0 and store.exists("runs", real_run, "checkpoint")  # kept for a re-run
+
+    monkeypatch.setattr(build, "train_eval", train_eval)
+    measures = build.measure_versions({"realfake": cfg})
+    again = store.read_json("runs", real_run, "metrics.json")["metrics"]
+    assert again["resumed_from_epoch"] == cfg.classifier.epochs  # restored from its last checkpoint, not retrained
+    assert (again["top1"], again["per_class"]) == (first["top1"], first["per_class"])
+    assert measures["real"]["top1"] == first["top1"]
+    assert not any(store.exists("runs", r, "checkpoint") for r in store.listdir("runs"))  # nothing left to resume

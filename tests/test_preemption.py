@@ -1,14 +1,14 @@
-"""A lost GPU node, end to end: a real Prefect server, the shipped deployments, a build whose fine-tuning and shard
-groups are child runs on two process workers, and a worker SIGKILLed with its flow-run process while its child
-fine-tunes, then another while its child writes shards.
+"""A lost GPU node, end to end: a real Prefect server, the shipped deployments, a build whose fine-tuning, shard
+groups and measures are child runs on two process workers, and a worker SIGKILLed with its flow-run process while
+its child fine-tunes, then another while its child writes shards, then the one whose child trains a classifier.
 
 What a preempted spot node looks like to Prefect: no final state, no goodbye, the run just stops heartbeating.
 realfake's lost-run automation (:mod:`tasks.lost_runs`, installed by the fan-out parent itself) marks the child
-Crashed, the parent re-submits the lane or group on a surviving worker, the new run resumes (the adapter from its
-committed checkpoint, shards at shard granularity), and the version verifies with exactly the planned samples. Each
-kill is injected at an observed moment (a fine-tune checkpoint, then the killed group's first commit, seen on
-storage), never after a sleep. Also here, without a server: the automation's scope, checked
-with Prefect's own server-side matcher on the events the shipped deployments' runs emit.
+Crashed, the parent re-submits the lane, group or measure on a surviving worker, the new run resumes (the adapter and
+the classifier from their committed checkpoints, shards at shard granularity), and the version verifies with exactly
+the planned samples. Each kill is injected at an observed moment (a fine-tune checkpoint, the killed group's first
+commit, a classifier checkpoint, seen on storage), never after a sleep. Also here, without a server: the automation's
+scope, checked with Prefect's own server-side matcher on the events the shipped deployments' runs emit.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def test_lost_run_automation_watches_the_gpu_deployments_and_never_the_build():
     trigger = server_side.trigger
     deployments = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]
     watched = {d["name"] for d in deployments if WATCH_TAG in d["tags"]}
-    assert {"finetune", "synthesize-shards", "synthesize-shards-process", "train-eval", "privacy-shadows",
-            "privacy-shadows-process"} <= watched
+    assert {"finetune", "finetune-process", "synthesize-shards", "synthesize-shards-process", "train-eval", "measure",
+            "measure-process", "privacy-shadows", "privacy-shadows-process"} <= watched
     assert not {"build", "synthesize", "regenerate", "prepare"} & watched
     for d in deployments:
         heartbeat, completed = _heartbeat_and_crash_events(d["tags"])
@@ -154,6 +154,25 @@ def _is_shard_group(child: dict) -> bool:
     return "shard_names" in child["parameters"]["params"]
 
 
+def _is_measure(child: dict) -> bool:
+    return "compare_baseline" in child["parameters"]["params"]
+
+
+def _is_finetune(child: dict) -> bool:
+    return not _is_shard_group(child) and not _is_measure(child)
+
+
+def _classifier_checkpoint(store) -> tuple[str, int] | None:
+    """(run, epoch) of a committed classifier checkpoint of the measure stage, if one exists."""
+    if not store.exists("runs"):
+        return None
+    for run in store.listdir("runs"):
+        state = read_record(store, "runs", run, "checkpoint", CHECKPOINT_STATE)
+        if state and not store.exists("runs", run, "metrics.json"):
+            return run, int(state["epoch"])
+    return None
+
+
 def _checkpoint_step(store) -> int:
     """The step of the adapter's committed fine-tune checkpoint (0: none committed yet)."""
     state = read_record(store, "adapters", "all", "checkpoint", CHECKPOINT_STATE)
@@ -161,11 +180,12 @@ def _checkpoint_step(store) -> int:
 
 
 FINETUNE_STEPS = 8  # a checkpoint after each step; the kill lands after the first, ~7 steps (seconds) before the end
+CLASSIFIER_EPOCHS = 30  # a checkpoint after each epoch; the kill lands after the first
 
 
 @pytest.mark.slow
 @pytest.mark.prefect_server
-def test_sigkilled_workers_mid_finetune_and_mid_group_are_re_run_and_the_build_completes_exactly_once(
+def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and_the_build_completes_exactly_once(
         tmp_path_factory, request):
     from tests.support.prefect_server import (
         close_shared_stack,
@@ -184,12 +204,14 @@ def test_sigkilled_workers_mid_finetune_and_mid_group_are_re_run_and_the_build_c
     started = list(gpus)
     try:
         params = miniature_params(
-            root, models, "lost", measure=False,
+            root, models, "lost",
             overrides=[*miniature_params(root, models, "x")["overrides"], "shards.max_count=3",
-                       f"finetune.max_steps={FINETUNE_STEPS}", "finetune.checkpoint_every=1"],
+                       f"finetune.max_steps={FINETUNE_STEPS}", "finetune.checkpoint_every=1",
+                       f"classifier.epochs={CLASSIFIER_EPOCHS}", "classifier.checkpoint_every_epochs=1"],
             fanout={"mode": "deployment", "groups": 2, "poll_seconds": 1.0,
                     "shard_deployment": "synthesize-shards/synthesize-shards-process",
-                    "finetune_deployment": "finetune/finetune-process"},
+                    "finetune_deployment": "finetune/finetune-process",
+                    "measure_deployment": "measure/measure-process"},
         )
         build_id = run_deployment_cli(stack, "build/build", params)
         store = version_store(str(root), "mini", "lost")
@@ -197,7 +219,7 @@ def test_sigkilled_workers_mid_finetune_and_mid_group_are_re_run_and_the_build_c
         # 1. a node lost while its child run fine-tunes the adapter (one lane: finetune.scope all)
         def finetuning_child_with_a_checkpoint():
             for child in stack.child_runs(build_id):
-                if child["state"]["type"] == "RUNNING" and not _is_shard_group(child):
+                if child["state"]["type"] == "RUNNING" and _is_finetune(child):
                     step = _checkpoint_step(store)
                     if step:
                         return child, step
@@ -282,18 +304,46 @@ def test_sigkilled_workers_mid_finetune_and_mid_group_are_re_run_and_the_build_c
         assert survivor.ran(second["id"])
         for pid in _descendants(survivor.proc.pid):
             os.kill(pid, signal.SIGKILL)
+
+        # 3. the node lost while its child run measures the version (a classifier checkpoint committed)
+        def measuring_child_with_a_checkpoint():
+            for c in stack.child_runs(build_id):
+                if c["state"]["type"] == "RUNNING" and _is_measure(c) and (found := _classifier_checkpoint(store)):
+                    return c, found
+            assert stack.flow_run(build_id)["state"]["type"] not in ("FAILED", "CRASHED", "COMPLETED"), \
+                stack.run_logs(build_id)[-4000:]
+            return None
+
+        m_child, (m_run, epoch_at_kill) = _until("a measure child run with a classifier checkpoint",
+                                                 measuring_child_with_a_checkpoint, 900, every=0.1)
+        (m_victim,) = [w for w in gpus if w.ran(m_child["id"])]
+        m_killed_at = dt.datetime.now(dt.UTC)
+        _kill_node(m_victim.proc.pid)
+        m_victim.proc.wait(timeout=30)
+        assert not store.exists("runs", m_run, "metrics.json"), "the classifier was done before the kill"
+        gpus = [w for w in gpus if w is not m_victim]
+        gpus.append(stack.start_worker("realfake-process", "preempt-gpu-3", queue="gpu", limit=1))
+        started.append(gpus[-1])
+
         build = stack.wait_flow_run(build_id, timeout=900)
+        m_lost = stack.flow_run(m_child["id"])
+        assert m_lost["state"]["type"] == "CRASHED" and m_lost["state"]["message"] == CRASHED_MESSAGE, m_lost["state"]
+        m_crashed_after = dt.datetime.fromisoformat(m_lost["state"]["timestamp"]) - m_killed_at
+        assert m_crashed_after.total_seconds() <= CRASHED_BOUND_S
         completed_after = dt.datetime.fromisoformat(build["end_time"]) - killed_at
         print(f"\nfine-tune: kill at checkpoint step {step_at_kill}/{FINETUNE_STEPS} -> Crashed "
               f"{ft_crashed_after.total_seconds():.0f} s; shards: "
-              f"kill -> Crashed {crashed_after.total_seconds():.0f} s; kill -> build Completed "
-              f"{completed_after.total_seconds():.0f} s (the group lost a second time on the way); "
-              f"{len(done_at_kill)}/{len(group)} shards of the lost group were committed at the kill")
+              f"kill -> Crashed {crashed_after.total_seconds():.0f} s; "
+              f"{len(done_at_kill)}/{len(group)} shards of the lost group were committed at the kill (the group was "
+              f"lost a second time on the way); measure: kill at {m_run} epoch {epoch_at_kill}/{CLASSIFIER_EPOCHS} -> "
+              f"Crashed {m_crashed_after.total_seconds():.0f} s, kill -> build Completed "
+              f"{(dt.datetime.fromisoformat(build['end_time']) - m_killed_at).total_seconds():.0f} s; shard kill -> "
+              f"build Completed {completed_after.total_seconds():.0f} s")
 
         # the lost fine-tune lane ran twice, the second run on another node resumed from the checkpoint committed
         # before the kill (or a later one), and trained every step once
         every_child = stack.child_runs(build_id)
-        ft_runs = [c for c in every_child if not _is_shard_group(c)]
+        ft_runs = [c for c in every_child if _is_finetune(c)]
         assert sorted(c["state"]["type"] for c in ft_runs) == ["COMPLETED", "CRASHED"], ft_runs
         (ft_done,) = [c for c in ft_runs if c["state"]["type"] == "COMPLETED"]
         assert not ft_victim.ran(ft_done["id"])
@@ -308,6 +358,19 @@ def test_sigkilled_workers_mid_finetune_and_mid_group_are_re_run_and_the_build_c
         assert sorted(c["state"]["type"] for c in reruns) == ["COMPLETED", "CRASHED", "CRASHED"], reruns
         assert len(children) == 4 and sum(c["state"]["type"] == "COMPLETED" for c in children) == 2
         assert all(survivor.ran(c["id"]) for c in children if c["state"]["type"] == "COMPLETED")
+        # the lost measure ran twice, the second run on the new node resumed the classifier it was training from its
+        # checkpoint, and measured the version; no classifier checkpoint is left once the measures are recorded
+        m_runs = [c for c in every_child if _is_measure(c)]
+        assert sorted(c["state"]["type"] for c in m_runs) == ["COMPLETED", "CRASHED"], m_runs
+        (m_done,) = [c for c in m_runs if c["state"]["type"] == "COMPLETED"]
+        assert gpus[-1].ran(m_done["id"])
+        resumed = store.read_json("runs", m_run, "metrics.json")["metrics"]["resumed_from_epoch"]
+        assert epoch_at_kill <= resumed <= CLASSIFIER_EPOCHS, (epoch_at_kill, resumed)
+        assert all(not store.exists("runs", r, "checkpoint") for r in store.listdir("runs"))
+        report = store.read_json("report", "report.json")
+        assert report["measures"] == store.read_json("runs", "measure", "measures.json")
+        assert set(report["measures"]) == {"real", "realfake"}
+        assert {"top1", "label_fidelity", "mmd", "frechet"} <= set(report["measures"]["realfake"])
         # a healthy long run outside the automation's scope (the build, heartbeating at Prefect's default 180 s,
         # longer than the 90 s window) was never crashed
         assert "CRASHED" not in _state_history(stack, build_id)
@@ -406,3 +469,54 @@ def test_a_finetune_lane_child_gets_the_pinned_config_its_scopes_and_local_fan_o
     with pytest.raises(ValueError, match=r"^scopes: '7' is not an adapter scope of lanes/v1 \(finetune.scope="
                                          r"per_class: 0, 1, 2, 3\); name one of them or leave scopes empty for all$"):
         select_scopes(cfg, every, ["1", "7"])
+
+
+def test_measure_deadline_comes_from_the_planned_classifier_work_at_a_published_rate(tmp_path):
+    from realfake.build import baseline_config, prepare
+    from realfake.data.manifest import read_manifest
+    from realfake.plan import PUBLISHED_CLASSIFIER_RATE, classifier_rate, load_plan_config
+    from tasks.child_runs import (
+        GROUP_DEADLINE_SLACK,
+        GROUP_START_SECONDS,
+        UNMEASURED_GROUP_DEADLINE_SECONDS,
+        measure_deadline,
+    )
+
+    demo = load_plan_config("demo", overrides=[f"root={tmp_path}", "source.max_per_class=3", "caption.enabled=false",
+                                               "guidance.enabled=false"])[0]
+    prepare(demo)
+    real = len(read_manifest(version_store(str(tmp_path), demo.dataset, demo.version), "train"))
+    gpu = demo.model_copy(update={"device": "cuda"})
+    both = {"realfake": gpu, "baseline": baseline_config(gpu)}
+    seconds, why = measure_deadline(both)
+    passes = demo.classifier.epochs * real * (1 + 2 * demo.synthesis.images_per_real)  # real, then two versions
+    rate = classifier_rate(gpu)
+    assert seconds == pytest.approx(GROUP_START_SECONDS + GROUP_DEADLINE_SLACK * passes / rate["per_s"])
+    assert f"{passes} image passes" in why and PUBLISHED_CLASSIFIER_RATE["file"] in why
+    # the published rate is at 224 px: slower in proportion above it, never faster below it
+    assert rate["per_s"] == PUBLISHED_CLASSIFIER_RATE["per_s"] and demo.classifier.image_size < 224
+    big = gpu.model_copy(update={"classifier": gpu.classifier.model_copy(update={"image_size": 448})})
+    assert classifier_rate(big)["per_s"] == pytest.approx(PUBLISHED_CLASSIFIER_RATE["per_s"] / 4)
+    # on CPU no GPU rate applies: the unmeasured bound, saying why
+    cpu = demo.model_copy(update={"device": "cpu"})
+    assert measure_deadline({"realfake": cpu}) == (
+        UNMEASURED_GROUP_DEADLINE_SECONDS, f"no measured rate ({classifier_rate(cpu)['missing']})")
+
+
+def test_the_measure_child_gets_the_pinned_config_the_baseline_it_measures_and_the_gpu_limit(tmp_path):
+    from flows.measure import measure_configs, measure_parameters
+    from flows.params import BuildParams, MeasureParams
+
+    params = BuildParams(preset="demo", dataset="meas", version="v1", root=str(tmp_path), compare_baseline=True,
+                         baseline_prompt="a_photo_of",
+                         fanout={"mode": "deployment", "gpu_limit": "pool-x",
+                                 "measure_deployment": "measure/measure-process"})
+    cfg = params.to_config()
+    configs = measure_configs(cfg, params.compare_baseline, params.baseline_prompt)
+    sent = measure_parameters(params.pinned(cfg), configs, params.fanout, params.baseline_prompt)
+    child = MeasureParams.model_validate(sent["params"])  # what the child run's flow receives
+    assert child.to_config() == cfg and child.gpu_limit == "pool-x"
+    assert measure_configs(child.to_config(), child.compare_baseline, child.baseline_prompt) == configs
+    assert list(configs) == ["realfake", "baseline"] and configs["baseline"].version == "v1-baseline-a-photo-of"
+    alone = measure_parameters(params.pinned(cfg), {"realfake": cfg}, params.fanout, "caption")
+    assert MeasureParams.model_validate(alone["params"]).compare_baseline is False
