@@ -55,6 +55,7 @@ __all__ = [
     "MeasureParams",
     "PrepareParams",
     "RegenerateParams",
+    "RerunLostParams",
     "ShardGroupParams",
     "SynthesizeParams",
     "TrainEvalParams",
@@ -441,6 +442,14 @@ class MeasureParams(ConfigParams):
         "a_photo_of.",
     )
     gpu_limit: str = Field("realfake-gpu", description="Global concurrency limit whose slot the measure holds.")
+
+
+class RerunLostParams(_Params):
+    """Parameters of the rerun-lost flow (set by realfake's re-run automation from the crash event)."""
+
+    flow_run: str = Field(
+        "", description="The crashed flow run: its id, or the event's resource id prefect.flow-run.{id}.",
+    )
 
 
 class BuildParams(ConfigParams):

@@ -27,7 +27,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling, Crashed
 
-from tasks.lost_runs import ensure_lost_run_detection_once
+from tasks.lost_runs import LOST_ATTEMPTS, ensure_lost_run_detection_once
 
 __all__ = [
     "CANCEL_GRACE_SECONDS",
@@ -50,9 +50,6 @@ __all__ = [
 
 log = logging.getLogger("realfake.child_runs")
 
-# Runs of one unit of work before the parent gives up: the first and two re-submissions, so work lost twice (a
-# spot pool reclaimed twice in a row) still completes; a third loss in a row points at the node pool, not luck.
-LOST_ATTEMPTS = 3
 # Deadline of a group: start-up allowance + slack x the plan's generation time of its images. Start-up: a pod
 # scheduled, the image pulled and SD v1.5 loaded, which took minutes on a cold node (ours: 10 minutes covers a
 # 15 GB image pull at 25 MB/s plus the model load). Slack 10: the plan's rate is measured on an H200

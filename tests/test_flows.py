@@ -146,3 +146,78 @@ def test_only_transient_faults_are_retried():
 
     assert not is_transient(StorageFullError("no space left on /out", "space"))  # stays full until someone acts
     assert not is_transient(LeaseHeldError("being written by build 'other'"))
+
+
+def test_rerun_if_lost_reschedules_a_crashed_top_level_run_at_most_three_times_and_never_a_child(harness):
+    from uuid import uuid4
+
+    from prefect import flow, task
+    from prefect.states import Completed, Crashed, Running
+
+    from tasks.lost_runs import (
+        AUTOMATION_NAME,
+        LOST_ATTEMPTS,
+        RERUN_AUTOMATION_NAME,
+        RERUN_DEPLOYMENT,
+        WATCH_TAG,
+        _same,
+        ensure_lost_run_detection,
+        rerun_automation,
+        rerun_if_lost,
+    )
+
+    @flow(name="gpu-work")
+    def gpu_work() -> None:
+        pass
+
+    @task(name="lane")
+    def lane() -> None:  # a parent's task that waits on its child run
+        pass
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(gpu_work)
+        deployment_id = client.create_deployment(flow_id=flow_id, name="gpu")
+
+        def watched_run(parent_task_run_id=None):
+            run = client.create_flow_run_from_deployment(deployment_id, tags=[WATCH_TAG],
+                                                         parent_task_run_id=parent_task_run_id)
+            client.set_flow_run_state(run.id, Running(), force=True)
+            client.set_flow_run_state(run.id, Crashed(message="no heartbeat"), force=True)
+            return run
+
+        top = watched_run()
+        for crash in range(1, LOST_ATTEMPTS):
+            assert rerun_if_lost(f"prefect.flow-run.{top.id}").endswith(
+                f"crashed ({crash} of {LOST_ATTEMPTS}): scheduled again on its pool, it resumes")
+            state = client.read_flow_run(top.id).state
+            assert (state.type.value, state.name) == ("SCHEDULED", "AwaitingRetry")
+            assert "nothing to re-run" in rerun_if_lost(top.id)  # a second firing for the same crash
+            client.set_flow_run_state(top.id, Running(), force=True)
+            client.set_flow_run_state(top.id, Crashed(message="no heartbeat"), force=True)
+        assert f"crashed {LOST_ATTEMPTS} times: left Crashed" in rerun_if_lost(top.id)
+        assert client.read_flow_run(top.id).state.is_crashed()
+
+        parent = client.create_flow_run(gpu_work)
+        task_run = client.create_task_run(lane, parent.id, dynamic_key="0", id=uuid4(), state=Running())
+        child = watched_run(parent_task_run_id=task_run.id)
+        assert "is a child run: its parent re-submits it" in rerun_if_lost(child.id)
+        assert client.read_flow_run(child.id).state.is_crashed()
+
+        unwatched = client.create_flow_run_from_deployment(deployment_id)
+        client.set_flow_run_state(unwatched.id, Crashed(), force=True)
+        assert "not a watched deployment run: left Crashed" in rerun_if_lost(unwatched.id)
+        done = client.create_flow_run_from_deployment(deployment_id, tags=[WATCH_TAG])
+        client.set_flow_run_state(done.id, Completed(), force=True)
+        assert "is COMPLETED: nothing to re-run" in rerun_if_lost(done.id)
+
+        # installing: the lost-run automation always; the re-run one once the rerun-lost deployment is registered
+        ensure_lost_run_detection()
+        assert [a.name for a in client.read_automations_by_name(RERUN_AUTOMATION_NAME)] == []
+        rerun_flow_id = client.create_flow_from_name(RERUN_DEPLOYMENT.split("/")[0])
+        rerun_id = client.create_deployment(flow_id=rerun_flow_id, name=RERUN_DEPLOYMENT.split("/")[1])
+        ensure_lost_run_detection()
+        ensure_lost_run_detection()  # idempotent: one of each, the re-run one aimed at that deployment
+        (installed,) = client.read_automations_by_name(RERUN_AUTOMATION_NAME)
+        assert installed.actions[0].deployment_id == rerun_id
+        assert _same(installed, rerun_automation(rerun_id))  # as read back from the server: no update next time
+        assert len(client.read_automations_by_name(AUTOMATION_NAME)) == 1

@@ -81,6 +81,27 @@ def test_lost_run_automation_watches_the_gpu_deployments_and_never_the_build():
     assert trigger.within.total_seconds() == LOST_AFTER_SECONDS >= 3 * HEARTBEAT_SECONDS
     assert automation.actions[0].state.value == "CRASHED" and not automation.actions[0].force
 
+    # the re-run automation: a crash of a watched run (and nothing else) starts the rerun-lost deployment with it
+    from uuid import uuid4
+
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    from tasks.lost_runs import rerun_automation
+
+    target = uuid4()
+    rerun = ServerAutomation.model_validate({**rerun_automation(target).model_dump(mode="json"),
+                                             "id": "00000000-0000-0000-0000-000000000002"})
+    for d in deployments:
+        heartbeat, completed = _heartbeat_and_crash_events(d["tags"])
+        crashed = ReceivedEvent.model_validate({**completed.model_dump(), "event": "prefect.flow-run.Crashed",
+                                                "id": uuid4()})
+        assert rerun.trigger.covers(crashed) is (d["name"] in watched), d["name"]
+        assert not rerun.trigger.covers(heartbeat) and not rerun.trigger.covers(completed)
+    (action,) = rerun.actions
+    assert action.deployment_id == target
+    assert action.parameters == {"params": {"flow_run": {"__prefect_kind": "jinja",
+                                                         "template": "{{ event.resource.id }}"}}}
+
 
 # --------------------------------------------------------------------------------------------------------------
 # A worker killed while its child run writes shards
@@ -397,6 +418,47 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
         assert sorted(c.name for c in commits) == sorted(planned)
         keys = [s.key for c in commits for s in iter_shard(store.child("synthetic"), c)]
         assert len(keys) == len(set(keys)) == len(read_manifest(store, "train"))
+
+        # 4. a top-level GPU run (no parent: a measure started by hand, another classifier seed) loses its node; the
+        # re-run automation's rerun-lost run puts it back to Scheduled, a worker runs it again and it resumes
+        by_hand = {k: v for k, v in params.items() if k != "fanout"}
+        by_hand["overrides"] = [*params["overrides"], "classifier.seed=1"]
+        solo_id = run_deployment_cli(stack, "measure/measure-process", by_hand)
+
+        def solo_with_a_checkpoint():
+            run = stack.flow_run(solo_id)
+            found = _classifier_checkpoint(store)
+            assert run["state"]["type"] not in ("FAILED", "CRASHED", "COMPLETED"), stack.run_logs(solo_id)[-4000:]
+            return found if run["state"]["type"] == "RUNNING" and found else None
+
+        s_run, s_epoch = _until("the measure run by hand with a classifier checkpoint", solo_with_a_checkpoint, 900,
+                                every=0.1)
+        (s_victim,) = [w for w in gpus if w.ran(solo_id)]
+        s_killed_at = dt.datetime.now(dt.UTC)
+        _kill_node(s_victim.proc.pid)
+        s_victim.proc.wait(timeout=30)
+        gpus = [w for w in gpus if w is not s_victim]
+        gpus.append(stack.start_worker("realfake-process", "preempt-gpu-4", queue="gpu", limit=1))
+        started.append(gpus[-1])
+        solo = stack.wait_flow_run(solo_id, timeout=900)
+        history = _state_history(stack, solo_id)
+        lost_at = history.index("CRASHED")
+        assert history[lost_at + 1] == "SCHEDULED" and history[-1] == "COMPLETED", history
+        assert any(w.ran(solo_id) for w in gpus)  # run again on a live node
+        resumed = store.read_json("runs", s_run, "metrics.json")["metrics"]["resumed_from_epoch"]
+        assert s_epoch <= resumed <= CLASSIFIER_EPOCHS, (s_epoch, resumed)
+        reruns = [r for r in stack.api("POST", "/flow_runs/filter", {"limit": 200})
+                  if r["parameters"].get("params", {}).get("flow_run", "").endswith(solo_id)]
+        assert [r["state"]["type"] for r in reruns] == ["COMPLETED"], reruns
+        assert "scheduled again on its pool" in stack.run_logs(reruns[0]["id"])
+        print(f"measure by hand: kill at {s_run} epoch {s_epoch}/{CLASSIFIER_EPOCHS} -> Completed by itself "
+              f"{(dt.datetime.fromisoformat(solo['end_time']) - s_killed_at).total_seconds():.0f} s after the kill")
+        # every lost child was left to its parent: each of their rerun-lost runs re-ran nothing
+        lost_children = {c["id"] for c in every_child if c["state"]["type"] == "CRASHED"}
+        left = [r for r in stack.api("POST", "/flow_runs/filter", {"limit": 200})
+                if r["parameters"].get("params", {}).get("flow_run", "").removeprefix("prefect.flow-run.")
+                in lost_children]
+        assert left and all("is a child run: its parent re-submits it" in stack.run_logs(r["id"]) for r in left)
     finally:
         for w in [main, *started]:
             stack.stop_worker(w)
