@@ -231,16 +231,21 @@ def _ensure_once() -> UUID | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.lost_runs``: install (or update) the automation on ``PREFECT_API_URL``'s server."""
+    """``python -m tasks.lost_runs``: install (or update) the automations on ``PREFECT_API_URL``'s server (after
+    ``prefect deploy``, so that the re-run one finds the ``rerun-lost`` deployment)."""
     args = sys.argv[1:] if argv is None else argv
     if args:
-        print("usage: python -m tasks.lost_runs   (installs the lost-run automation on PREFECT_API_URL)",
+        print("usage: python -m tasks.lost_runs   (installs the lost-run automations on PREFECT_API_URL)",
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     automation_id = ensure_lost_run_detection()
     print(f"lost-run automation {AUTOMATION_NAME!r}: {automation_id} (runs tagged '{WATCH_TAG}' are crashed "
           f"{LOST_AFTER_SECONDS} s after their last heartbeat)")
+    with get_client(sync_client=True) as client:
+        for rerun in client.read_automations_by_name(RERUN_AUTOMATION_NAME):
+            print(f"re-run automation {RERUN_AUTOMATION_NAME!r}: {rerun.id} (a crashed top-level run is re-run by "
+                  f"{RERUN_DEPLOYMENT}, at most {LOST_ATTEMPTS} runs)")
     return 0
 
 

@@ -34,9 +34,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def harness():
-    """A throwaway Prefect API on loopback for in-process flow runs (prefect imported only where used)."""
+    """A throwaway Prefect API on loopback for in-process flow runs (prefect imported only where used).
+
+    One per session (per xdist worker): starting it takes 15-40 s on 2 cores, and 11 files use it. So the server
+    holds other files' runs: a test reads its artifacts and runs by its own flow run, never by key alone."""
     from prefect.testing.utilities import prefect_test_harness
 
     torch.set_num_threads(1)

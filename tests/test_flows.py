@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 
 from flows.build import build_flow
 from flows.finetune import finetune_flow
@@ -45,9 +51,11 @@ def built(harness, models, root):
     return state
 
 
-def _artifacts(key: str) -> list:
+def _artifacts(key: str, flow_run_id) -> list:
+    """The artifacts ``key`` of one flow run (the session's server holds other modules' runs, some of the same keys)."""
     with get_client(sync_client=True) as c:
-        return c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                                                               flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
@@ -67,16 +75,17 @@ def test_build_flow_completes_and_the_version_verifies(built, root):
 
 
 def test_build_publishes_counts_card_grid_report_and_progress(built):
-    (counts,) = _artifacts("mini-v1-classes")
+    run = built.state_details.flow_run_id
+    (counts,) = _artifacts("mini-v1-classes", run)
     rows = json.loads(counts.data)
     assert len(rows) == 10 and all(r["synthetic"] == r["real train"] for r in rows)
-    (card,) = _artifacts("mini-v1-card")
+    (card,) = _artifacts("mini-v1-card", run)
     assert card.type == "markdown" and "dataset.json" in card.data  # link artifacts are rendered as markdown
-    (grid,) = _artifacts("mini-v1-grid")
+    (grid,) = _artifacts("mini-v1-grid", run)
     assert "grid.png" in grid.data
-    (report,) = _artifacts("mini-v1-report")
+    (report,) = _artifacts("mini-v1-report", run)
     assert "| stage |" in report.data
-    (progress,) = _artifacts("mini-v1-synthesis-progress")
+    (progress,) = _artifacts("mini-v1-synthesis-progress", run)
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert "images/s" in progress.description
 

@@ -440,7 +440,13 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
         gpus = [w for w in gpus if w is not s_victim]
         gpus.append(stack.start_worker("realfake-process", "preempt-gpu-4", queue="gpu", limit=1))
         started.append(gpus[-1])
-        solo = stack.wait_flow_run(solo_id, timeout=900)
+
+        def solo_completed():  # Crashed first (the lost run), then Scheduled again by its rerun-lost run, then run
+            run = stack.flow_run(solo_id)
+            assert run["state"]["type"] not in ("FAILED", "CANCELLED"), stack.run_logs(solo_id)[-4000:]
+            return run if run["state"]["type"] == "COMPLETED" else None
+
+        solo = _until("the measure run by hand Completed after its node was lost", solo_completed, 900, every=1.0)
         history = _state_history(stack, solo_id)
         lost_at = history.index("CRASHED")
         assert history[lost_at + 1] == "SCHEDULED" and history[-1] == "COMPLETED", history

@@ -17,6 +17,7 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
+    ArtifactFilterFlowRunId,
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
@@ -44,9 +45,11 @@ def params(tmp_path_factory) -> PrivacyParams:
     return PrivacyParams(**base, lira=LiraConfig(n_shadows=4), gpu_limit="privacy-test-gpu")
 
 
-def _artifacts(key: str) -> list:
+def _artifacts(key: str, flow_run_id) -> list:
+    """The artifacts ``key`` of one flow run (the session's server holds other modules' runs, some of the same keys)."""
     with get_client(sync_client=True) as c:
-        return c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                                                               flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
 
 def _task_names(flow_run_id) -> list[str]:
@@ -85,11 +88,11 @@ def test_privacy_flow_fans_out_shadows_and_publishes_results(harness, params):
     metrics = out["lira"]["metrics"]
     assert len(metrics) == 4 and all(0.0 <= m["auc"] <= 1.0 for m in metrics.values())
     assert Path(out["lira"]["files"]["roc"]).is_file()
-    (lira,) = _artifacts("mini-privacy-lira")
+    (lira,) = _artifacts("mini-privacy-lira", state.state_details.flow_run_id)
     assert "| real-trained (online) |" in lira.data and "lira_roc.png" in lira.data
-    (roc,) = _artifacts("mini-privacy-lira-roc")
+    (roc,) = _artifacts("mini-privacy-lira-roc", state.state_details.flow_run_id)
     assert "lira_roc.png" in roc.data
-    (copy,) = _artifacts("mini-privacy-copy")
+    (copy,) = _artifacts("mini-privacy-copy", state.state_details.flow_run_id)
     assert "nearest real is the source" in copy.data and "copy_similarity_hist.png" in copy.data
     assert out["copy"]["n_synthetic"] == 10 and out["copy"]["n_real"] == 10
     assert json.loads(Path(out["copy"]["files"]["summary"]).read_text())["n_synthetic"] == 10

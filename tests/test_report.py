@@ -212,7 +212,7 @@ def test_read_runs_lists_a_version_without_runs(tmp_path):
 def test_the_results_table_is_published_as_artifacts_without_secrets(harness, tmp_path):
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from realfake.redact import register_secret
     from tasks.reports import results_task
@@ -228,11 +228,15 @@ def test_the_results_table_is_published_as_artifacts_without_secrets(harness, tm
     def publish() -> dict:
         return results_task(str(root), "toy")
 
-    out = publish()
+    state = publish(return_state=True)
+    out = state.result()
     assert out["rows"] == 2 and out["runs"] == 3 and out["markdown"].endswith("toy/reports/results.md")
+    ran = ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])  # the session's server has other runs
     with get_client(sync_client=True) as c:
-        (table,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["toy-results"])))
-        (md,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["toy-results-table"])))
+        (table,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["toy-results"]),
+                                                                   flow_run_id=ran))
+        (md,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["toy-results-table"]),
+                                                                flow_run_id=ran))
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert rows[0]["training data"] == "real" and rows[0]["top-1 %"] == 91.0 and rows[0]["top-1 std"] == 1.41
     assert rows[1]["imagenet_r top-1 %"] == 30.0 and rows[0]["imagenet_r top-1 %"] is None
