@@ -108,7 +108,10 @@ def publish_build_plan(cfg: BuildConfig, params: BuildParams) -> None:
     from realfake.plan import build_plan, format_plan
     from tasks.gpu import visible_gpus
 
-    gpus = params.fanout.groups or len(visible_gpus()) or 1
+    # GPUs the build runs on at once: a fanned-out build's child runs take one GPU each (fanout.groups of them);
+    # a local build uses this node's GPUs, however many groups share them
+    fanned = params.fanout.groups if params.fanout.mode == "deployment" else None
+    gpus = fanned or len(visible_gpus()) or 1
     try:
         publish_plan(format_plan(build_plan(cfg, gpus=gpus)), cfg.dataset, cfg.version)
     except Exception as e:  # noqa: BLE001 - the plan informs, it never stops a build (e.g. a batch that

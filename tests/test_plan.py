@@ -164,7 +164,8 @@ def test_the_build_flow_publishes_the_plan_before_any_work(harness, tmp_path):
     from flows.params import BuildParams
     from tasks.lease import build_lease
 
-    params = BuildParams(preset="demo", root=str(tmp_path / "out"), measure=False)
+    # four shard groups sharing this node's device (local fan-out): the plan's wall hours are for one GPU, not four
+    params = BuildParams(preset="demo", root=str(tmp_path / "out"), measure=False, fanout={"groups": 4})
     with build_lease(params.to_config()):
         state = build_flow(params, return_state=True)
     assert state.is_failed() and "lease" in (state.message or "").lower()
@@ -176,6 +177,7 @@ def test_the_build_flow_publishes_the_plan_before_any_work(harness, tmp_path):
     assert sorted(a.key for a in published) == ["demo-v1-config", "demo-v1-plan"]  # nothing else ran
     plan = next(a for a in published if a.key == "demo-v1-plan")
     assert "| real images | 2,000 train, 1,000 test, 10 classes | listed " in plan.data
+    assert " 1 GPU(s) |" in plan.data and "4 GPU(s)" not in plan.data
 
 
 def test_batches_are_split_over_the_planned_gpus():
