@@ -157,6 +157,74 @@ def test_only_transient_faults_are_retried():
     assert not is_transient(LeaseHeldError("being written by build 'other'"))
 
 
+@pytest.mark.parametrize("worker_confirms", [True, False], ids=["cancel-confirmed", "node-gone"])
+def test_a_child_past_its_deadline_is_cancelled_then_crashed_if_unconfirmed_and_re_submitted(harness, monkeypatch,
+                                                                                              worker_confirms):
+    """The deadline path of run_child_deployment against a real Prefect API; this test plays the worker (it reports
+    the child Running, then confirms the cancellation or, as a gone node, never answers)."""
+    import threading
+    import time
+
+    from prefect import flow
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.states import Cancelled, Completed, Running
+
+    import tasks.child_runs as child_runs
+
+    # a worker that never answers is given 1 s instead of 60 (what the parent does after it is what is tested)
+    monkeypatch.setattr(child_runs, "CANCEL_GRACE_SECONDS", 600.0 if worker_confirms else 1.0)
+    name = f"lane-{'confirmed' if worker_confirms else 'gone'}"
+
+    @flow(name=f"hangs-{name}")
+    def hangs() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(flow_id=client.create_flow(hangs), name="gpu")
+
+        def runs():
+            ours = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            return client.read_flow_runs(deployment_filter=ours)
+
+        def until(what, predicate):  # observed state; the bound only keeps a broken server from hanging the suite
+            end = time.monotonic() + 300
+            while not (found := predicate()):
+                assert time.monotonic() < end, f"{what}: not seen within 300 s"
+                time.sleep(0.1)
+            return found
+
+        result: dict = {}
+
+        def parent():
+            try:
+                result["run"] = child_runs.run_child_deployment(f"hangs-{name}/gpu", {}, f"group {name}", name,
+                                                                deadline_s=1.0, poll_s=0.1)
+            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                result["error"] = e
+
+        thread = threading.Thread(target=parent, daemon=True)
+        thread.start()
+        (first,) = until("the first child run", runs)
+        client.set_flow_run_state(first.id, Running(), force=True)  # a worker started it; then it hangs
+        until("the parent cancelling the overdue child",
+              lambda: client.read_flow_run(first.id).state.name == "Cancelling")
+        if worker_confirms:
+            client.set_flow_run_state(first.id, Cancelled(), force=True)
+        second = until("the re-submitted child run", lambda: [r for r in runs() if r.id != first.id])[0]
+        assert second.name == f"{name}-run-2"
+        ended = client.read_flow_run(first.id).state
+        if worker_confirms:
+            assert ended.is_cancelled()
+        else:  # nobody confirmed within the grace: the parent marked it Crashed itself, with the reason
+            assert ended.is_crashed() and "no result within its deadline of 1 s" in ended.message
+        client.set_flow_run_state(second.id, Running(), force=True)
+        client.set_flow_run_state(second.id, Completed(), force=True)
+        thread.join(timeout=300)
+        assert "error" not in result, result.get("error")
+        assert result["run"].id == second.id and result["run"].state.is_completed()
+        assert len(runs()) == 2
+
+
 def test_rerun_if_lost_reschedules_a_crashed_top_level_run_at_most_three_times_and_never_a_child(harness):
     from uuid import uuid4
 
