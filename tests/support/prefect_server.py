@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,14 +158,22 @@ class PrefectStack:
         return out
 
     def api(self, method: str, path: str, body: dict | None = None) -> dict | list:
-        """One JSON call to the REST API."""
-        req = urllib.request.Request(
-            f"{self.api_url}{path}", method=method, data=json.dumps(body).encode() if body is not None else None,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            data = r.read()
-        return json.loads(data) if data else {}
+        """One JSON call to the REST API, retried like Prefect's own client on the answers it marks retryable
+        (429, 502, 503: a SQLite database busy under a loaded server), at most 6 tries with growing waits."""
+        for attempt in range(6):
+            req = urllib.request.Request(
+                f"{self.api_url}{path}", method=method, data=json.dumps(body).encode() if body is not None else None,
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    data = r.read()
+                return json.loads(data) if data else {}
+            except urllib.error.HTTPError as e:
+                if e.code not in (429, 502, 503) or attempt == 5:
+                    raise
+                time.sleep(float(e.headers.get("Retry-After") or 2**attempt))
+        raise AssertionError("unreachable")
 
     # -- workers --------------------------------------------------------------------------------------------
     def start_worker(self, pool: str, name: str, queue: str | None = None, limit: int = 1) -> Worker:
