@@ -2,7 +2,8 @@
 
 A classifier trained on real data, one on each version's synthetic data, both tested on the real test split; label
 fidelity and the feature MMD / Frechet distance to the real test split, taken with the real-trained classifier
-(:func:`realfake.build.measure_versions`). The measures are recorded in the version (``runs/measure/measures.json``)
+(:func:`realfake.build.measure_versions`). The measures are recorded in the version
+(``runs/measure/{model}-s{seed}/measures.json``, one file per classifier seed)
 and published as a table artifact.
 
 The build's measure stage runs here. With ``fanout.mode == "local"`` it runs in the build's own process; with

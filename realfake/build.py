@@ -22,7 +22,6 @@ from realfake.data.storage import Store, resolve_storage_options, version_store
 
 __all__ = [
     "BASELINE_PROMPTS",
-    "MEASURES",
     "BaselineKind",
     "Stages",
     "ablation_config",
@@ -34,6 +33,7 @@ __all__ = [
     "finetune_scopes",
     "local_stages",
     "measure_versions",
+    "measures_path",
     "plan_synthesis",
     "prepare",
     "read_measures",
@@ -468,20 +468,24 @@ def measure_versions(configs: dict[str, BuildConfig], progress: bool = False,
     return out
 
 
-MEASURES = ("runs", "measure", "measures.json")
+def measures_path(cfg: BuildConfig) -> tuple[str, ...]:
+    """Where the measures of ``cfg``'s classifier are recorded in the version: one file per classifier model and
+    seed, as its ``runs/`` folders are named, so measures of other seeds taken at the same time (the paper reports
+    three) never overwrite each other or the file a parent reads back."""
+    return "runs", "measure", f"{cfg.classifier.model}-s{cfg.classifier.seed}", "measures.json"
 
 
 def write_measures(cfg: BuildConfig, measures: dict[str, Any], storage_options: dict | None = None) -> str:
-    """Record what :func:`measure_versions` returned in the version (:data:`MEASURES`), for a parent run that
+    """Record what :func:`measure_versions` returned in the version (:func:`measures_path`), for a parent run that
     measured it in a child run on another node; returns its URI."""
     store = store_of(cfg, storage_options)
-    store.write_json(measures, *MEASURES)
-    return store.uri(*MEASURES)
+    store.write_json(measures, *measures_path(cfg))
+    return store.uri(*measures_path(cfg))
 
 
 def read_measures(cfg: BuildConfig, storage_options: dict | None = None) -> dict[str, Any]:
-    """The measures :func:`write_measures` recorded in the version."""
-    return store_of(cfg, storage_options).read_json(*MEASURES)
+    """The measures :func:`write_measures` recorded in the version for ``cfg``'s classifier."""
+    return store_of(cfg, storage_options).read_json(*measures_path(cfg))
 
 
 def _row(m: dict) -> dict:

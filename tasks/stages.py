@@ -225,7 +225,7 @@ def train_eval_task(
 @redacting_errors
 def measure_task(configs: dict[str, BuildConfig], gpu_limit: str = "realfake-gpu") -> dict:
     """The three measures of each built version (accuracy on real test, label fidelity, feature distances),
-    recorded in the first version (``runs/measure/measures.json``)."""
+    recorded in the first version (``runs/measure/{model}-s{seed}/measures.json``)."""
     from realfake.build import measure_versions, write_measures
 
     with gpu_slot(gpu_limit):

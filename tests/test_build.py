@@ -163,3 +163,15 @@ def test_a_measure_lost_after_the_real_classifier_restores_it_instead_of_trainin
     assert (again["top1"], again["per_class"]) == (first["top1"], first["per_class"])
     assert measures["real"]["top1"] == first["top1"]
     assert not any(store.exists("runs", r, "checkpoint") for r in store.listdir("runs"))  # nothing left to resume
+
+
+def test_measures_of_two_classifier_seeds_are_recorded_side_by_side(report):
+    from realfake.build import measures_path, read_measures, write_measures
+
+    cfg, _ = report
+    other = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"seed": cfg.classifier.seed + 1})})
+    write_measures(cfg, {"real": {"top1": 0.5}})
+    write_measures(other, {"real": {"top1": 0.25}})  # a measure of another seed, at the same time: no overwrite
+    assert read_measures(cfg) == {"real": {"top1": 0.5}} and read_measures(other) == {"real": {"top1": 0.25}}
+    assert measures_path(cfg) != measures_path(other)
+    assert measures_path(cfg)[:2] == ("runs", "measure") and measures_path(cfg)[-1] == "measures.json"
