@@ -1,6 +1,7 @@
 """A lost GPU node, end to end: a real Prefect server, the shipped deployments, a build whose fine-tuning, shard
 groups and measures are child runs on two process workers, and a worker SIGKILLed with its flow-run process while
-its child fine-tunes, then another while its child writes shards, then the one whose child trains a classifier.
+its child fine-tunes, then another while its child writes shards, then, at the same time, the one whose child trains
+a classifier and the one running a measure started by hand (a top-level run: re-run by the rerun-lost automation).
 
 What a preempted spot node looks like to Prefect: no final state, no goodbye, the run just stops heartbeating.
 realfake's lost-run automation (:mod:`tasks.lost_runs`, installed by the fan-out parent itself) marks the child
@@ -183,11 +184,13 @@ def _is_finetune(child: dict) -> bool:
     return not _is_shard_group(child) and not _is_measure(child)
 
 
-def _classifier_checkpoint(store) -> tuple[str, int] | None:
-    """(run, epoch) of a committed classifier checkpoint of the measure stage, if one exists."""
+def _classifier_checkpoint(store, seed: int) -> tuple[str, int] | None:
+    """(run, epoch) of a committed checkpoint of a classifier of seed ``seed`` not yet done, if one exists."""
     if not store.exists("runs"):
         return None
     for run in store.listdir("runs"):
+        if not run.endswith(f"-s{seed}"):
+            continue
         state = read_record(store, "runs", run, "checkpoint", CHECKPOINT_STATE)
         if state and not store.exists("runs", run, "metrics.json"):
             return run, int(state["epoch"])
@@ -202,12 +205,15 @@ def _checkpoint_step(store) -> int:
 
 FINETUNE_STEPS = 8  # a checkpoint after each step; the kill lands after the first, ~7 steps (seconds) before the end
 CLASSIFIER_EPOCHS = 30  # a checkpoint after each epoch; the kill lands after the first
+GPU_LIMIT = "realfake-gpu"  # flows.params FanoutParams.gpu_limit, MeasureParams.gpu_limit
 
 
 @pytest.mark.slow
 @pytest.mark.prefect_server
 def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and_the_build_completes_exactly_once(
         tmp_path_factory, request):
+    from flows.params import BuildParams
+    from realfake.build import measures_path
     from tests.support.prefect_server import (
         close_shared_stack,
         miniature_params,
@@ -223,6 +229,13 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
     main = stack.start_worker("realfake-process", "preempt-main", queue="default", limit=2)
     gpus = [stack.start_worker("realfake-process", f"preempt-gpu-{i}", queue="gpu", limit=1) for i in range(2)]
     started = list(gpus)
+    # an operator sizes the GPU limit for the pool (infra/README): two slots, one per GPU worker, so the measure
+    # child and the measure started by hand train at the same time (restored for the next test on this server)
+    before = next((c for c in stack.api("POST", "/v2/concurrency_limits/filter", {}) if c["name"] == GPU_LIMIT), None)
+    if before is None:
+        stack.api("POST", "/v2/concurrency_limits/", {"name": GPU_LIMIT, "limit": 2})
+    else:
+        stack.api("PATCH", f"/v2/concurrency_limits/{GPU_LIMIT}", {"limit": 2})
     try:
         params = miniature_params(
             root, models, "lost",
@@ -235,6 +248,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
                     "measure_deployment": "measure/measure-process"},
         )
         build_id = run_deployment_cli(stack, "build/build", params)
+        params_config = BuildParams(**params).to_config()
         store = version_store(str(root), "mini", "lost")
 
         # 1. a node lost while its child run fine-tunes the adapter (one lane: finetune.scope all)
@@ -326,25 +340,48 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
         for pid in _descendants(survivor.proc.pid):
             os.kill(pid, signal.SIGKILL)
 
-        # 3. the node lost while its child run measures the version (a classifier checkpoint committed)
-        def measuring_child_with_a_checkpoint():
+        # 3. the node lost while its child run measures the version (a classifier checkpoint committed), and at the
+        # same time 4. a top-level GPU run (no parent: a measure started by hand, classifier seed 1) losing its node:
+        # the re-run automation's rerun-lost run puts it back to Scheduled, a worker runs it again and it resumes
+        def measuring_child():
             for c in stack.child_runs(build_id):
-                if c["state"]["type"] == "RUNNING" and _is_measure(c) and (found := _classifier_checkpoint(store)):
-                    return c, found
+                if c["state"]["type"] == "RUNNING" and _is_measure(c):
+                    return c
             assert stack.flow_run(build_id)["state"]["type"] not in ("FAILED", "CRASHED", "COMPLETED"), \
                 stack.run_logs(build_id)[-4000:]
             return None
 
-        m_child, (m_run, epoch_at_kill) = _until("a measure child run with a classifier checkpoint",
-                                                 measuring_child_with_a_checkpoint, 900, every=0.1)
-        (m_victim,) = [w for w in gpus if w.ran(m_child["id"])]
-        m_killed_at = dt.datetime.now(dt.UTC)
-        _kill_node(m_victim.proc.pid)
-        m_victim.proc.wait(timeout=30)
+        m_child = _until("the measure child run Running", measuring_child, 900, every=0.2)
+        live = [survivor, stack.start_worker("realfake-process", "preempt-gpu-3", queue="gpu", limit=1)]
+        started.append(live[-1])  # the pool replaces the node lost in 2: the run by hand takes the free GPU
+        by_hand = {k: v for k, v in params.items() if k != "fanout"}
+        by_hand["overrides"] = [*params["overrides"], "classifier.seed=1"]
+        solo_id = run_deployment_cli(stack, "measure/measure-process", by_hand)
+        kills: dict[str, tuple] = {}  # run id -> (classifier run, epoch at the kill, victim, killed at)
+
+        def kill_each_at_its_first_checkpoint():
+            for run_id, seed in ((m_child["id"], 0), (solo_id, 1)):
+                if run_id in kills:
+                    continue
+                run = stack.flow_run(run_id)
+                assert run["state"]["type"] not in ("FAILED", "CRASHED", "COMPLETED"), stack.run_logs(run_id)[-4000:]
+                if run["state"]["type"] != "RUNNING" or not (found := _classifier_checkpoint(store, seed)):
+                    continue
+                (victim,) = [w for w in live if w.ran(run_id)]
+                kills[run_id] = (*found, victim, dt.datetime.now(dt.UTC))
+                _kill_node(victim.proc.pid)
+                victim.proc.wait(timeout=30)
+                live.remove(victim)
+                live.append(stack.start_worker("realfake-process", f"preempt-gpu-{3 + len(kills)}", queue="gpu",
+                                               limit=1))
+                started.append(live[-1])
+            return len(kills) == 2
+
+        _until("both measure runs killed at a classifier checkpoint", kill_each_at_its_first_checkpoint, 900,
+               every=0.1)
+        m_run, epoch_at_kill, m_victim, m_killed_at = kills[m_child["id"]]
+        s_run, s_epoch, s_victim, s_killed_at = kills[solo_id]
         assert not store.exists("runs", m_run, "metrics.json"), "the classifier was done before the kill"
-        gpus = [w for w in gpus if w is not m_victim]
-        gpus.append(stack.start_worker("realfake-process", "preempt-gpu-3", queue="gpu", limit=1))
-        started.append(gpus[-1])
 
         build = stack.wait_flow_run(build_id, timeout=900)
         m_lost = stack.flow_run(m_child["id"])
@@ -384,12 +421,12 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
         m_runs = [c for c in every_child if _is_measure(c)]
         assert sorted(c["state"]["type"] for c in m_runs) == ["COMPLETED", "CRASHED"], m_runs
         (m_done,) = [c for c in m_runs if c["state"]["type"] == "COMPLETED"]
-        assert gpus[-1].ran(m_done["id"])
+        assert not m_victim.ran(m_done["id"])
         resumed = store.read_json("runs", m_run, "metrics.json")["metrics"]["resumed_from_epoch"]
         assert epoch_at_kill <= resumed <= CLASSIFIER_EPOCHS, (epoch_at_kill, resumed)
-        assert all(not store.exists("runs", r, "checkpoint") for r in store.listdir("runs"))
+        assert all(not store.exists("runs", r, "checkpoint") for r in store.listdir("runs") if r.endswith("-s0"))
         report = store.read_json("report", "report.json")
-        assert report["measures"] == store.read_json("runs", "measure", "measures.json")
+        assert report["measures"] == store.read_json(*measures_path(params_config))
         assert set(report["measures"]) == {"real", "realfake"}
         assert {"top1", "label_fidelity", "mmd", "frechet"} <= set(report["measures"]["realfake"])
         # a healthy long run outside the automation's scope (the build, heartbeating at Prefect's default 180 s,
@@ -419,28 +456,6 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
         keys = [s.key for c in commits for s in iter_shard(store.child("synthetic"), c)]
         assert len(keys) == len(set(keys)) == len(read_manifest(store, "train"))
 
-        # 4. a top-level GPU run (no parent: a measure started by hand, another classifier seed) loses its node; the
-        # re-run automation's rerun-lost run puts it back to Scheduled, a worker runs it again and it resumes
-        by_hand = {k: v for k, v in params.items() if k != "fanout"}
-        by_hand["overrides"] = [*params["overrides"], "classifier.seed=1"]
-        solo_id = run_deployment_cli(stack, "measure/measure-process", by_hand)
-
-        def solo_with_a_checkpoint():
-            run = stack.flow_run(solo_id)
-            found = _classifier_checkpoint(store)
-            assert run["state"]["type"] not in ("FAILED", "CRASHED", "COMPLETED"), stack.run_logs(solo_id)[-4000:]
-            return found if run["state"]["type"] == "RUNNING" and found else None
-
-        s_run, s_epoch = _until("the measure run by hand with a classifier checkpoint", solo_with_a_checkpoint, 900,
-                                every=0.1)
-        (s_victim,) = [w for w in gpus if w.ran(solo_id)]
-        s_killed_at = dt.datetime.now(dt.UTC)
-        _kill_node(s_victim.proc.pid)
-        s_victim.proc.wait(timeout=30)
-        gpus = [w for w in gpus if w is not s_victim]
-        gpus.append(stack.start_worker("realfake-process", "preempt-gpu-4", queue="gpu", limit=1))
-        started.append(gpus[-1])
-
         def solo_completed():  # Crashed first (the lost run), then Scheduled again by its rerun-lost run, then run
             run = stack.flow_run(solo_id)
             assert run["state"]["type"] not in ("FAILED", "CANCELLED"), stack.run_logs(solo_id)[-4000:]
@@ -450,9 +465,15 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
         history = _state_history(stack, solo_id)
         lost_at = history.index("CRASHED")
         assert history[lost_at + 1] == "SCHEDULED" and history[-1] == "COMPLETED", history
-        assert any(w.ran(solo_id) for w in gpus)  # run again on a live node
+        assert any(w.ran(solo_id) for w in live)  # run again on a live node
         resumed = store.read_json("runs", s_run, "metrics.json")["metrics"]["resumed_from_epoch"]
         assert s_epoch <= resumed <= CLASSIFIER_EPOCHS, (s_epoch, resumed)
+        assert all(not store.exists("runs", r, "checkpoint") for r in store.listdir("runs"))
+        # the two measures ran at once on one version: each recorded its own seed's file, and the build's report
+        # holds its own (seed 0), not the one written last
+        solo_measures = store.read_json(*measures_path(BuildParams(**by_hand).to_config()))
+        assert solo_measures["real"]["top1"] >= 0 and solo_measures != report["measures"]
+        assert report["measures"] == store.read_json(*measures_path(params_config))
         reruns = [r for r in stack.api("POST", "/flow_runs/filter", {"limit": 200})
                   if r["parameters"].get("params", {}).get("flow_run", "").endswith(solo_id)]
         assert [r["state"]["type"] for r in reruns] == ["COMPLETED"], reruns
@@ -468,6 +489,10 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
     finally:
         for w in [main, *started]:
             stack.stop_worker(w)
+        if before is None:
+            stack.api("DELETE", f"/v2/concurrency_limits/{GPU_LIMIT}")
+        else:
+            stack.api("PATCH", f"/v2/concurrency_limits/{GPU_LIMIT}", {"limit": before["limit"]})
 
 
 def test_group_deadline_comes_from_the_plan_and_grows_with_the_waves_of_groups():
