@@ -478,9 +478,9 @@ def measures_path(cfg: BuildConfig) -> tuple[str, ...]:
 def write_measures(cfg: BuildConfig, measures: dict[str, Any], storage_options: dict | None = None) -> str:
     """Record what :func:`measure_versions` returned in the version (:func:`measures_path`), for a parent run that
     measured it in a child run on another node; returns its URI."""
-    store = store_of(cfg, storage_options)
-    store.write_json(measures, *measures_path(cfg))
-    return store.uri(*measures_path(cfg))
+    store, path = store_of(cfg, storage_options), measures_path(cfg)
+    store.write_json(measures, *path)
+    return store.uri(*path)
 
 
 def read_measures(cfg: BuildConfig, storage_options: dict | None = None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from realfake.data.storage import version_store
 from tasks.cache import is_transient
 from tasks.gpu import split_groups
 from tasks.versions import promote_latest_task, read_latest
-from tests.support.prefect_server import miniature_params, write_tiny_models
+from tests.support.prefect_server import miniature_params, until, write_tiny_models
 
 pytestmark = pytest.mark.slow
 
@@ -163,7 +163,6 @@ def test_a_child_past_its_deadline_is_cancelled_then_crashed_if_unconfirmed_and_
     """The deadline path of run_child_deployment against a real Prefect API; this test plays the worker (it reports
     the child Running, then confirms the cancellation or, as a gone node, never answers)."""
     import threading
-    import time
 
     from prefect import flow
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -186,13 +185,6 @@ def test_a_child_past_its_deadline_is_cancelled_then_crashed_if_unconfirmed_and_
             ours = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
             return client.read_flow_runs(deployment_filter=ours)
 
-        def until(what, predicate):  # observed state; the bound only keeps a broken server from hanging the suite
-            end = time.monotonic() + 300
-            while not (found := predicate()):
-                assert time.monotonic() < end, f"{what}: not seen within 300 s"
-                time.sleep(0.1)
-            return found
-
         result: dict = {}
 
         def parent():
@@ -204,13 +196,14 @@ def test_a_child_past_its_deadline_is_cancelled_then_crashed_if_unconfirmed_and_
 
         thread = threading.Thread(target=parent, daemon=True)
         thread.start()
-        (first,) = until("the first child run", runs)
+        (first,) = until("the first child run", runs, 300, every=0.1)
         client.set_flow_run_state(first.id, Running(), force=True)  # a worker started it; then it hangs
         until("the parent cancelling the overdue child",
-              lambda: client.read_flow_run(first.id).state.name == "Cancelling")
+              lambda: client.read_flow_run(first.id).state.name == "Cancelling", 300, every=0.1)
         if worker_confirms:
             client.set_flow_run_state(first.id, Cancelled(), force=True)
-        second = until("the re-submitted child run", lambda: [r for r in runs() if r.id != first.id])[0]
+        second = until("the re-submitted child run", lambda: [r for r in runs() if r.id != first.id], 300,
+                       every=0.1)[0]
         assert second.name == f"{name}-run-2"
         ended = client.read_flow_run(first.id).state
         if worker_confirms:

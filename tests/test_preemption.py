@@ -20,7 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from tasks.lost_runs import (
     WATCH_TAG,
     lost_run_automation,
 )
+from tests.support.prefect_server import until
 
 REPO = Path(__file__).resolve().parents[1]
 # Kill -> Crashed: the last heartbeat is at most one period before the kill, the automation fires LOST_AFTER_SECONDS
@@ -144,17 +144,6 @@ def _kill_node(worker_pid: int) -> list[int]:
     return pids
 
 
-def _until(what: str, check, timeout: float, every: float = 0.2):
-    # waits on observed state; the timeout only keeps a broken build from hanging the suite
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not seen within {timeout:.0f} s"
-        time.sleep(every)
-
-
 def _state_history(stack, run_id: str) -> list[str]:
     return [s["type"] for s in stack.api("GET", f"/flow_run_states/?flow_run_id={run_id}")]
 
@@ -192,14 +181,13 @@ def _checkpoint_step(store) -> int:
 
 FINETUNE_STEPS = 8  # a checkpoint after each step; the kill lands after the first, ~7 steps (seconds) before the end
 CLASSIFIER_EPOCHS = 30  # a checkpoint after each epoch; the kill lands after the first
-GPU_LIMIT = "realfake-gpu"  # flows.params FanoutParams.gpu_limit, MeasureParams.gpu_limit
 
 
 @pytest.mark.slow
 @pytest.mark.prefect_server
 def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and_the_build_completes_exactly_once(
         tmp_path_factory, request):
-    from flows.params import BuildParams
+    from flows.params import BuildParams, FanoutParams
     from realfake.build import measures_path
     from tests.support.prefect_server import (
         close_shared_stack,
@@ -216,13 +204,14 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
     main = stack.start_worker("realfake-process", "preempt-main", queue="default", limit=2)
     gpus = [stack.start_worker("realfake-process", f"preempt-gpu-{i}", queue="gpu", limit=1) for i in range(2)]
     started = list(gpus)
+    gpu_limit = FanoutParams().gpu_limit  # the measure's too (MeasureParams.gpu_limit, same default)
     # an operator sizes the GPU limit for the pool (infra/README): two slots, one per GPU worker, so the measure
     # child and the measure started by hand train at the same time (restored for the next test on this server)
-    before = next((c for c in stack.api("POST", "/v2/concurrency_limits/filter", {}) if c["name"] == GPU_LIMIT), None)
+    before = next((c for c in stack.api("POST", "/v2/concurrency_limits/filter", {}) if c["name"] == gpu_limit), None)
     if before is None:
-        stack.api("POST", "/v2/concurrency_limits/", {"name": GPU_LIMIT, "limit": 2})
+        stack.api("POST", "/v2/concurrency_limits/", {"name": gpu_limit, "limit": 2})
     else:
-        stack.api("PATCH", f"/v2/concurrency_limits/{GPU_LIMIT}", {"limit": 2})
+        stack.api("PATCH", f"/v2/concurrency_limits/{gpu_limit}", {"limit": 2})
     try:
         params = miniature_params(
             root, models, "lost",
@@ -249,7 +238,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
                 stack.run_logs(build_id)[-4000:]
             return None
 
-        ft_child, step_at_kill = _until("a fine-tuning child run with a committed checkpoint",
+        ft_child, step_at_kill = until("a fine-tuning child run with a committed checkpoint",
                                         finetuning_child_with_a_checkpoint, 900, every=0.1)
         (ft_victim,) = [w for w in gpus if w.ran(ft_child["id"])]
         ft_killed_at = dt.datetime.now(dt.UTC)
@@ -265,7 +254,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
             run = stack.flow_run(ft_child["id"])
             return run if run["state"]["type"] != "RUNNING" else None
 
-        ft_lost = _until("the killed fine-tune child leaving Running", ft_crashed, CRASHED_BOUND_S + 60, every=0.5)
+        ft_lost = until("the killed fine-tune child leaving Running", ft_crashed, CRASHED_BOUND_S + 60, every=0.5)
         assert ft_lost["state"]["type"] == "CRASHED" and ft_lost["state"]["message"] == CRASHED_MESSAGE, \
             ft_lost["state"]
         ft_crashed_after = dt.datetime.fromisoformat(ft_lost["state"]["timestamp"]) - ft_killed_at
@@ -284,7 +273,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
                 stack.run_logs(build_id)[-4000:]
             return None
 
-        child, group, done_at_kill = _until("a child run with a committed shard", running_child_with_a_commit, 900,
+        child, group, done_at_kill = until("a child run with a committed shard", running_child_with_a_commit, 900,
                                             every=0.1)
         (victim,) = [w for w in gpus if w.ran(child["id"])]
         killed_at = dt.datetime.now(dt.UTC)
@@ -296,7 +285,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
             run = stack.flow_run(child["id"])
             return run if run["state"]["type"] != "RUNNING" else None
 
-        lost = _until("the killed child leaving Running", crashed, CRASHED_BOUND_S + 60, every=0.5)
+        lost = until("the killed child leaving Running", crashed, CRASHED_BOUND_S + 60, every=0.5)
         assert lost["state"]["type"] == "CRASHED" and lost["state"]["message"] == CRASHED_MESSAGE, lost["state"]
         crashed_after = dt.datetime.fromisoformat(lost["state"]["timestamp"]) - killed_at
         assert crashed_after.total_seconds() <= CRASHED_BOUND_S
@@ -310,7 +299,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
             return waiting_line.search("\n".join(a.get("description") or "" for a in found))
 
         progress_key = "mini-lost-synthesis-progress"
-        _until("the progress artifact naming the re-submitted group's run", progress_names_the_lost_group, 600)
+        until("the progress artifact naming the re-submitted group's run", progress_names_the_lost_group, 600)
 
         # lost a second time: the re-submitted run's process dies on the surviving worker (the worker lives on and
         # reports it Crashed); the parent submits the group a third time
@@ -322,7 +311,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
             second = [c for c in runs if c["id"] != child["id"]]
             return second[0] if second and second[0]["state"]["type"] == "RUNNING" else None
 
-        second = _until("the re-submitted run Running", second_run_running, 900, every=0.2)
+        second = until("the re-submitted run Running", second_run_running, 900, every=0.2)
         assert survivor.ran(second["id"])
         for pid in _descendants(survivor.proc.pid):
             os.kill(pid, signal.SIGKILL)
@@ -338,7 +327,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
                 stack.run_logs(build_id)[-4000:]
             return None
 
-        m_child = _until("the measure child run Running", measuring_child, 900, every=0.2)
+        m_child = until("the measure child run Running", measuring_child, 900, every=0.2)
         live = [survivor, stack.start_worker("realfake-process", "preempt-gpu-3", queue="gpu", limit=1)]
         started.append(live[-1])  # the pool replaces the node lost in 2: the run by hand takes the free GPU
         by_hand = {k: v for k, v in params.items() if k != "fanout"}
@@ -364,7 +353,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
                 started.append(live[-1])
             return len(kills) == 2
 
-        _until("both measure runs killed at a classifier checkpoint", kill_each_at_its_first_checkpoint, 900,
+        until("both measure runs killed at a classifier checkpoint", kill_each_at_its_first_checkpoint, 900,
                every=0.1)
         m_run, epoch_at_kill, m_victim, m_killed_at = kills[m_child["id"]]
         s_run, s_epoch, s_victim, s_killed_at = kills[solo_id]
@@ -447,7 +436,7 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
             assert run["state"]["type"] not in ("FAILED", "CANCELLED"), stack.run_logs(solo_id)[-4000:]
             return run if run["state"]["type"] == "COMPLETED" else None
 
-        solo = _until("the measure run by hand Completed after its node was lost", solo_completed, 900, every=1.0)
+        solo = until("the measure run by hand Completed after its node was lost", solo_completed, 900, every=1.0)
         history = _state_history(stack, solo_id)
         lost_at = history.index("CRASHED")
         assert history[lost_at + 1] == "SCHEDULED" and history[-1] == "COMPLETED", history
@@ -476,9 +465,9 @@ def test_sigkilled_workers_mid_finetune_mid_group_and_mid_measure_are_re_run_and
         for w in [main, *started]:
             stack.stop_worker(w)
         if before is None:
-            stack.api("DELETE", f"/v2/concurrency_limits/{GPU_LIMIT}")
+            stack.api("DELETE", f"/v2/concurrency_limits/{gpu_limit}")
         else:
-            stack.api("PATCH", f"/v2/concurrency_limits/{GPU_LIMIT}", {"limit": before["limit"]})
+            stack.api("PATCH", f"/v2/concurrency_limits/{gpu_limit}", {"limit": before["limit"]})
 
 
 def test_group_deadline_comes_from_the_plan_and_grows_with_the_waves_of_groups():

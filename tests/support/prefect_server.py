@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CHROMIUM", "PrefectStack", "Worker", "ensure_chromium", "free_port"]
+__all__ = ["CHROMIUM", "PrefectStack", "Worker", "ensure_chromium", "free_port", "until"]
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -34,6 +34,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def until(what: str, check, timeout: float, every: float = 0.2):
+    """Poll ``check()`` until it returns something truthy and return that: a test waits on observed state (a run's
+    state, a commit seen); ``timeout`` only keeps a broken server or build from hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not seen within {timeout:.0f} s"
+        time.sleep(every)
 
 
 def ensure_chromium() -> str:
